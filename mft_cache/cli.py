@@ -1,0 +1,81 @@
+"""The `mft` console script: `mft cache`, `mft inspect`, `mft train`, `mft sweep`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .config import add_arguments, from_namespace
+
+
+def _parser() -> argparse.ArgumentParser:
+    from mft_cache.pipeline.cache import CacheConfig
+
+    p = argparse.ArgumentParser(prog="mft", description="Minifinetuning from a cached teacher.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("cache", help="stage one: the teacher reads the data once and writes the cache",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(c, CacheConfig)
+
+    i = sub.add_parser("inspect", help="summarise a cache (and verify its checksums)")
+    i.add_argument("cache", help="cache folder")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.add_argument("--verify", action="store_true", help="check every shard's checksum; exit non-zero naming a bad shard")
+
+    try:
+        from mft_cache.trainer.config import TrainConfig
+    except ImportError:  # stage two not installed in this build
+        TrainConfig = None
+    if TrainConfig is not None:
+        t = sub.add_parser("train", help="stage two: minifinetune from the cache")
+        add_arguments(t, TrainConfig)
+        s = sub.add_parser("sweep", help="one training run per tau (and ft) from one cache")
+        add_arguments(s, TrainConfig)
+        s.add_argument("--taus", default="0.1,0.25,0.5,1.0", help="comma-separated tau values")
+        s.add_argument("--no-ft", action="store_true", help="skip the plain finetuning run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("MFT_LOG_LEVEL", "INFO"), format="%(message)s")
+    from mft_cache.storage import CorruptShardError, ManifestError
+
+    try:
+        if args.command == "cache":
+            from mft_cache.pipeline.cache import CacheConfig, build_cache
+
+            build_cache(from_namespace(CacheConfig, args))
+        elif args.command == "inspect":
+            from mft_cache.pipeline.inspect import cache_stats, format_stats
+
+            stats = cache_stats(args.cache, verify=args.verify)
+            print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+        elif args.command == "train":
+            from mft_cache.trainer.config import TrainConfig
+            from mft_cache.trainer.train import train
+
+            train(from_namespace(TrainConfig, args))
+        elif args.command == "sweep":
+            from mft_cache.trainer.config import TrainConfig
+            from mft_cache.trainer.sweep import sweep
+
+            taus = [float(x) for x in args.taus.split(",") if x.strip()]
+            sweep(from_namespace(TrainConfig, args), taus, with_ft=not args.no_ft)
+    except (CorruptShardError, ManifestError) as e:
+        print(f"mft {args.command}: error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"mft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mft {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Loading causal LMs and their tokenizers, splitting them into backbone + output head, fingerprints.
+
+Shared by both stages (the teacher in stage one; the student, and the online teacher baseline, in
+stage two). Logits are always computed as head(final hidden states) in chunks of positions, never
+as one [batch, seq, vocab] tensor; `check_head` proves once per run that this equals the model's
+own logits, so an architecture with an exotic output layer is refused instead of cached wrongly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def _local_folder(model_id: str) -> Path | None:
+    p = Path(model_id).expanduser()
+    return p if p.is_dir() else None
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bar is the one that matters
+    hf_logging.set_verbosity_error()
+
+
+def load_tokenizer(model_id: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+
+    try:
+        return AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ValueError(f"--model {model_id}: cannot load a tokenizer ({str(e).splitlines()[0][:300]})") from None
+
+
+def load_model(model_id: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    if not _local_folder(model_id) and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
+        raise FileNotFoundError(f"--model {model_id}: no such folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {model_id}: cannot load a causal LM ({str(e).splitlines()[0][:300]})") from None
+    return model.to(device)
+
+
+def vocab_size_of(model: nn.Module) -> int:
+    """Rows of the output embedding: the size of the distribution the model predicts."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def max_positions(model: nn.Module) -> int | None:
+    cfg = model.config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def backbone_and_head(model: nn.Module):
+    """(backbone, head): backbone(input_ids, attention_mask) -> final hidden states (B, T, H);
+    head(h (N, H)) -> logits (N, V), including final logit soft-capping where the config has it."""
+    backbone = model.get_decoder()
+    lm_head = model.get_output_embeddings()
+    if backbone is None or lm_head is None:
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder and the output embedding")
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(h)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return backbone, head
+
+
+def hidden_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def check_head(model: nn.Module, backbone: nn.Module, head, input_ids: torch.Tensor) -> None:
+    """Refuse a model whose logits are not head(backbone(x)) (checked on a few positions, eval mode)."""
+    was_training = model.training
+    model.eval()
+    x = input_ids[:1, : min(16, input_ids.shape[1])]
+    ours = head(hidden_states(backbone, x, None)).float()
+    theirs = model(input_ids=x, use_cache=False).logits.float()
+    model.train(was_training)
+    err = (ours - theirs).abs().max().item()
+    scale = theirs.abs().max().item() + 1e-6
+    tol = 1e-4 if ours.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 2e-2
+    if not err <= tol * scale:
+        raise ValueError(
+            f"{type(model).__name__}: its logits are not output_embedding(final hidden state) "
+            f"(max difference {err:.3g}); this architecture's output layer is not supported"
+        )
+
+
+# -- fingerprints ----------------------------------------------------------------------------------
+_VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "_attn_implementation_autoset"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+
+
+def config_fingerprint(model: nn.Module) -> str:
+    d = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_files(model_id: str) -> Path | None:
+    """The folder holding the model's files: the local folder, or its hub snapshot in the local cache."""
+    local = _local_folder(model_id)
+    if local:
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:
+        return None
+
+
+def weights_fingerprint(model_id: str) -> str | None:
+    """sha256 over the weight files (names and bytes): independent of the dtype the model is loaded in."""
+    folder = model_files(model_id)
+    if folder is None:
+        return None
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+_PROBE = "Hello world! Ünïcödé 日本語 1234 <code> def f(x): return x\n\n  tabs\tand  spaces"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what the tokenizer does: its vocabulary, special tokens, and the encoding of a probe text."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": sorted(map(str, tokenizer.all_special_tokens)),
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "probe": list(tokenizer(_PROBE, add_special_tokens=True)["input_ids"]),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def describe_model(model_id: str, model: nn.Module, weights_fp: str | None) -> dict:
+    local = _local_folder(model_id)
+    return {
+        "id": model_id,
+        "path": str(local.resolve()) if local else None,
+        "architecture": type(model).__name__,
+        "config_fingerprint": config_fingerprint(model),
+        "weights_fingerprint": weights_fp,
+        "tied_embeddings": bool(model.get_output_embeddings().weight is model.get_input_embeddings().weight),
+    }

@@ -1,0 +1,187 @@
+"""`mft cache`: the frozen teacher reads the finetuning set once and writes the cache."""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mft_cache import __version__
+from mft_cache.config import opt, to_dict
+from mft_cache.models import (backbone_and_head, check_head, describe_model, load_model, load_tokenizer,
+                              max_positions, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
+                              weights_fingerprint)
+from mft_cache.storage import CacheWriter, build_sequences, cache_schema
+from mft_cache.storage.backends import FORMATS
+from mft_cache.storage.schema import LOGPROB_DTYPES, VALUE_SEMANTICS, row_bytes
+from mft_cache.storage.writer import config_fingerprint
+
+from .teacher import auto_chunk_tokens, teach_batch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "assets/model"
+DEFAULT_DATA = "assets/data/licenses_train.jsonl"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    model: str = opt(DEFAULT_MODEL, "teacher: a hub id or a local folder of a transformers causal LM")
+    data: str = opt(DEFAULT_DATA, "finetuning documents: .txt/.jsonl/.json/.parquet/.csv file or folder, "
+                    "a save_to_disk folder, or a hub dataset id")
+    out: str = opt("caches/demo", "cache folder to write")
+    text_field: str = opt("text", "field (column) holding the document text")
+    split: str = opt("train", "split to read from a hub dataset or a DatasetDict")
+    seq_len: int = opt(256, "tokens per packed sequence")
+    top_k: int = opt(32, "teacher log-probs kept per position")
+    format: str = opt("zarr", "storage backend", choices=FORMATS)
+    logprob_dtype: str = opt("float16", "dtype of the stored top-k log-probs (the label log-prob is always float32)",
+                             choices=LOGPROB_DTYPES)
+    batch_size: int = opt(4, "sequences per teacher forward pass")
+    dtype: str = opt("auto", "teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
+                     choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = opt("auto", "device: auto, cpu, cuda, cuda:1, mps")
+    shard_mb: float = opt(64.0, "bound on a shard's uncompressed size in MiB")
+    chunk_tokens: int = opt(0, "positions per output-head chunk (0: about 256 MiB of fp32 logits)")
+    max_sequences: int = opt(0, "cache only the first N packed sequences (0: all)")
+    overwrite: bool = opt(False, "replace a finished cache in --out")
+    trust_remote_code: bool = opt(False, "allow the model's own code from the hub to run")
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len must be at least 2 (one input and one label), got {self.seq_len}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.shard_mb > 0:
+            raise ValueError(f"--shard-mb must be positive, got {self.shard_mb}")
+        if self.chunk_tokens < 0 or self.max_sequences < 0:
+            raise ValueError("--chunk-tokens and --max-sequences must be >= 0")
+
+
+def _documents_npy(doc_offsets: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, doc_offsets.astype(np.int64), allow_pickle=False)
+    return buf.getvalue()
+
+
+def build_cache(cfg: CacheConfig) -> dict:
+    """Build (or resume, or find complete) the cache described by `cfg`; return its manifest."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    packed, documents = build_sequences(cfg.data, tokenizer, cfg.seq_len, cfg.text_field, cfg.split)
+    if cfg.max_sequences:
+        packed.input_ids, packed.lengths = packed.input_ids[: cfg.max_sequences], packed.lengths[: cfg.max_sequences]
+    log.info("data: %d documents -> %d sequences of %d tokens (%d label positions)",
+             len(documents.texts), packed.num_sequences, cfg.seq_len, packed.num_predictions)
+    if packed.num_predictions == 0:
+        raise ValueError(f"--data {cfg.data}: the documents hold fewer than 2 tokens in all")
+
+    model = load_model(cfg.model, dtype, device, cfg.trust_remote_code)
+    model.eval()
+    vocab = vocab_size_of(model)
+    if cfg.top_k > vocab:
+        raise ValueError(f"--top-k {cfg.top_k} exceeds the model's vocabulary size {vocab}")
+    limit = max_positions(model)
+    if limit is not None and cfg.seq_len > limit:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's maximum of {limit} positions")
+    if int(packed.input_ids.max()) >= vocab:
+        raise ValueError(f"--model {cfg.model}: the tokenizer produces ids beyond the model's vocabulary ({vocab})")
+
+    schema = cache_schema(vocab_size=vocab, top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype)
+    identity = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "overwrite", "device", "dtype")}
+    identity.update(resolved_device=device.type, resolved_dtype=str(dtype).removeprefix("torch."),
+                    data_fingerprint=documents.fingerprint, weights_fingerprint=weights_fingerprint(cfg.model),
+                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    writer = CacheWriter(cfg.out, fmt=cfg.format, schema=schema, identity=identity, overwrite=cfg.overwrite)
+    if writer.state == "complete":
+        log.info("cache in %s is already complete (same configuration); nothing to do (--overwrite rebuilds it)", cfg.out)
+        from mft_cache.storage import load_manifest
+
+        return load_manifest(cfg.out)
+
+    rows_per_shard = max(1, int(cfg.shard_mb * 2**20) // row_bytes(schema))
+    num_shards = math.ceil(packed.num_sequences / rows_per_shard)
+    done = writer.done_shards()
+    if writer.state == "resume":
+        log.info("resuming: %d of %d shards already written", len([i for i in done if i < num_shards]), num_shards)
+
+    backbone, head = backbone_and_head(model)
+    check_head(model, backbone, head, torch.as_tensor(packed.input_ids[:1], device=device))
+    chunk = cfg.chunk_tokens or auto_chunk_tokens(vocab)
+    id_np = np.dtype(schema[0].dtype)
+    lp_np = np.dtype(cfg.logprob_dtype)
+
+    def shard_rows(i: int) -> range:
+        return range(i * rows_per_shard, min(packed.num_sequences, (i + 1) * rows_per_shard))
+
+    preds = np.maximum(packed.lengths - 1, 0)
+    done_tokens = sum(int(preds[shard_rows(i).start: shard_rows(i).stop].sum()) for i in done if i < num_shards)
+    bar = tqdm(total=packed.num_predictions, initial=done_tokens, unit="tok", unit_scale=True, desc="mft cache",
+               dynamic_ncols=True)
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1) as pool:  # writes shard i while the teacher computes shard i+1
+        for i in range(num_shards):
+            if i in done:
+                continue
+            rows = shard_rows(i)
+            out = {"input_ids": packed.input_ids[rows.start: rows.stop].astype(id_np),
+                   "length": packed.lengths[rows.start: rows.stop].astype(np.int32)}
+            parts: dict[str, list] = {"topk_ids": [], "topk_logprobs": [], "label_logprob": []}
+            for b in range(rows.start, rows.stop, cfg.batch_size):
+                e = min(rows.stop, b + cfg.batch_size)
+                ids = torch.as_tensor(packed.input_ids[b:e], device=device)
+                lengths = torch.as_tensor(packed.lengths[b:e], device=device, dtype=torch.long)
+                lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk)
+                parts["topk_ids"].append(top_ids.cpu().numpy().astype(id_np))
+                parts["topk_logprobs"].append(lp.cpu().numpy().astype(lp_np))
+                parts["label_logprob"].append(label_lp.cpu().numpy())
+                bar.update(int(preds[b:e].sum()))
+            out.update({k: np.concatenate(v) for k, v in parts.items()})
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write_shard, i, out)
+        if pending is not None:
+            pending.result()
+    bar.close()
+
+    docs_file = writer.write_file("documents.npy", _documents_npy(packed.doc_offsets))
+    import transformers
+
+    manifest = {
+        "values": VALUE_SEMANTICS,
+        "schema": [f.to_json() for f in schema],
+        "model": {**describe_model(cfg.model, model, identity["weights_fingerprint"]), "dtype": str(dtype).removeprefix("torch.")},
+        "tokenizer": {"fingerprint": identity["tokenizer_fingerprint"], "class": type(tokenizer).__name__,
+                      "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        "vocab_size": vocab,
+        "top_k": cfg.top_k,
+        "seq_len": cfg.seq_len,
+        "data": {"source": cfg.data, "text_field": cfg.text_field, "split": cfg.split,
+                 "fingerprint": documents.fingerprint, "num_documents": len(documents.texts),
+                 "num_empty_skipped": documents.num_empty, "documents_file": docs_file,
+                 "documents_note": "documents.npy: int64 start offset of each document in the packed token "
+                                   "stream (row r holds stream[r*seq_len:(r+1)*seq_len]), then the total"},
+        "num_sequences": packed.num_sequences,
+        "num_tokens": packed.num_predictions,
+        "num_input_tokens": int(packed.lengths.sum()),
+        "rows_per_shard": rows_per_shard,
+        "num_processes": 1,
+        "bytes_per_token": None,
+        "created_by": {"mft_cache": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    manifest = writer.finish(manifest, num_shards)
+    log.info("cache written to %s: %d sequences, %d tokens, %d shards, %.1f bytes/token, %.1f s",
+             cfg.out, manifest["num_sequences"], manifest["num_tokens"], num_shards, manifest["bytes_per_token"],
+             time.perf_counter() - t0)
+    return manifest

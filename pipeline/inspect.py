@@ -1,0 +1,59 @@
+"""`mft inspect CACHE`: what a cache holds and how good its teacher is on the labels."""
+from __future__ import annotations
+
+import numpy as np
+
+from mft_cache.storage import open_cache
+
+
+def cache_stats(folder, verify: bool = False) -> dict:
+    """Summary of a cache, reading it one shard at a time."""
+    cache = open_cache(folder, verify="full" if verify else "none")
+    m = cache.manifest
+    n = correct = 0
+    label_lp_sum = tail_sum = 0.0
+    for arrays in cache.iter_shards():
+        t = arrays["topk_ids"].shape[1]
+        valid = np.arange(t)[None, :] < (arrays["length"][:, None] - 1)  # (R, T-1)
+        labels = arrays["input_ids"][:, 1:].astype(np.int64)
+        top_ids = arrays["topk_ids"].astype(np.int64)
+        top_p = np.exp(arrays["topk_logprobs"].astype(np.float64))
+        label_lp = arrays["label_logprob"].astype(np.float64)
+        in_topk = (top_ids == labels[..., None]).any(-1)
+        mass = top_p.sum(-1) + np.where(in_topk, 0.0, np.exp(label_lp))
+        n += int(valid.sum())
+        correct += int((valid & (top_ids[..., 0] == labels)).sum())
+        label_lp_sum += float(label_lp[valid].sum())
+        tail_sum += float(np.clip(1.0 - mass, 0.0, None)[valid].sum())
+    return {
+        "path": str(cache.folder),
+        "format": m["format"],
+        "schema_version": m["schema_version"],
+        "model": m["model"]["id"],
+        "vocab_size": m["vocab_size"],
+        "top_k": m["top_k"],
+        "seq_len": m["seq_len"],
+        "num_sequences": m["num_sequences"],
+        "num_tokens": m["num_tokens"],
+        "num_shards": len(m["shards"]),
+        "bytes_per_token": m["bytes_per_token"],
+        "top1_accuracy": correct / max(n, 1),
+        "mean_label_logprob": label_lp_sum / max(n, 1),
+        "mean_tail_mass": tail_sum / max(n, 1),
+        "num_processes": m.get("num_processes", 1),
+        "verified": bool(verify),
+    }
+
+
+def format_stats(s: dict) -> str:
+    rows = [
+        ("cache", s["path"]), ("format", s["format"]), ("model", s["model"]), ("vocabulary", f"{s['vocab_size']:,}"),
+        ("top-k", s["top_k"]), ("sequences", f"{s['num_sequences']:,} x {s['seq_len']} tokens"),
+        ("tokens (positions)", f"{s['num_tokens']:,}"), ("shards", s["num_shards"]),
+        ("bytes per token", f"{s['bytes_per_token']:.1f}"), ("teacher top-1 accuracy", f"{s['top1_accuracy']:.4f}"),
+        ("mean label log-prob", f"{s['mean_label_logprob']:.4f}"),
+        ("mean tail mass (outside top-k and label)", f"{s['mean_tail_mass']:.4f}"),
+        ("checksums", "verified" if s["verified"] else "not checked (--verify)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,58 @@
+"""The teacher's pass over one batch: final hidden states -> full-vocabulary log_softmax in chunks of
+positions -> top-k log-probs and ids, and the label's log-prob. Never a [B, T, V] logits tensor."""
+from __future__ import annotations
+
+import torch
+
+from mft_cache.models import hidden_states
+
+
+def auto_chunk_tokens(vocab_size: int, budget_bytes: int = 1 << 28) -> int:
+    """Positions per chunk so one chunk's fp32 logits take about `budget_bytes` (256 MiB)."""
+    return max(1, min(8192, budget_bytes // (4 * vocab_size)))
+
+
+@torch.no_grad()
+def topk_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head, k: int, chunk_tokens: int):
+    """Top-k and label log-probs of the next-token distribution at each position.
+
+    Args:
+        hidden: (N, H) final hidden states of the positions.
+        labels: (N,) the next token of each position.
+        head: callable (n, H) -> (n, V) logits.
+        k: how many of the most likely tokens to keep.
+        chunk_tokens: positions per chunk.
+    Returns:
+        topk_lp (N, k) float32, descending; topk_ids (N, k) int64; label_lp (N,) float32. Log-probs are
+        log_softmax over the full vocabulary at temperature 1, in float32.
+    """
+    n = hidden.shape[0]
+    topk_lp = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+    topk_ids = torch.empty(n, k, dtype=torch.int64, device=hidden.device)
+    label_lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for s in range(0, n, chunk_tokens):
+        e = min(n, s + chunk_tokens)
+        lp = torch.log_softmax(head(hidden[s:e]).float(), dim=-1)  # (n, V) fp32
+        vals, ids = torch.topk(lp, k, dim=-1, sorted=True)
+        topk_lp[s:e], topk_ids[s:e] = vals, ids
+        label_lp[s:e] = lp.gather(1, labels[s:e, None]).squeeze(1)
+    return topk_lp, topk_ids, label_lp
+
+
+@torch.no_grad()
+def teach_batch(backbone, head, input_ids: torch.Tensor, lengths: torch.Tensor, k: int, chunk_tokens: int):
+    """One batch of packed rows (B, T) -> per-position arrays of shape (B, T-1, ...), zero at padding."""
+    b, t = input_ids.shape
+    positions = torch.arange(t, device=input_ids.device)
+    attention_mask = (positions[None, :] < lengths[:, None]).long()  # (B, T)
+    h = hidden_states(backbone, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
+    labels = input_ids[:, 1:]  # (B, T-1)
+    lp, ids, label_lp = topk_logprobs(h.reshape(b * (t - 1), -1), labels.reshape(-1), head, k, chunk_tokens)
+    valid = (positions[None, : t - 1] < (lengths[:, None] - 1)).reshape(-1)  # (B*(T-1),)
+    # where(), not a product: a -inf log-prob times 0 would be NaN
+    lp = torch.where(valid[:, None], lp, 0.0)
+    ids = torch.where(valid[:, None], ids, 0)
+    label_lp = torch.where(valid, label_lp, 0.0)
+    if not torch.isfinite(lp[:, 0]).all() or torch.isnan(label_lp).any():
+        raise FloatingPointError("the teacher produced NaN log-probabilities; try --dtype float32")
+    return lp.view(b, t - 1, k), ids.view(b, t - 1, k), label_lp.view(b, t - 1)

@@ -1,0 +1,160 @@
+"""The two on-disk encodings of a shard, both built from the one schema declaration.
+
+- zarr: a Zarr v3 group per shard, one array per field, zstd-compressed, with the sharding codec so
+  each field is one file and a single row is read without decompressing its neighbours.
+- arrow: an Arrow IPC stream file per shard (the format `datasets` uses on disk: readable with
+  `datasets.Dataset.from_file`), uncompressed, memory-mapped on read (zero-copy).
+
+A backend writes a whole shard from numpy arrays and reads row ranges back as numpy arrays.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .schema import Field
+
+FORMATS = ("zarr", "arrow")
+_CHUNK_BYTES = 64 * 1024  # target uncompressed bytes of one zarr inner chunk
+
+
+def _fsync_tree(path: Path) -> None:
+    paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in paths:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def checksum(path: Path) -> str:
+    """sha256 of a shard: of the file, or of every file of a folder (relative name and bytes, sorted)."""
+    h = hashlib.sha256()
+    if path.is_file():
+        files = [(None, path)]
+    else:
+        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
+    for rel, p in files:
+        if rel is not None:
+            h.update(rel.encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def size_on_disk(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _check_arrays(schema: tuple[Field, ...], arrays: dict[str, np.ndarray]) -> int:
+    rows = {a.shape[0] for a in arrays.values()}
+    assert len(rows) == 1, f"fields disagree on the row count: { {k: v.shape for k, v in arrays.items()} }"
+    n = rows.pop()
+    for f in schema:
+        a = arrays[f.name]
+        assert a.shape == (n, *f.shape) and a.dtype == np.dtype(f.dtype), (f.name, a.shape, a.dtype, f)
+    return n
+
+
+class ZarrBackend:
+    name = "zarr"
+    suffix = ".zarr"
+
+    @staticmethod
+    def write(path: Path, schema: tuple[Field, ...], arrays: dict[str, np.ndarray]) -> None:
+        import zarr
+        from zarr.codecs import ZstdCodec
+
+        n = _check_arrays(schema, arrays)
+        group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
+        for f in schema:
+            chunk_rows = max(1, min(n, _CHUNK_BYTES // max(1, f.row_bytes)))
+            arr = group.create_array(
+                f.name,
+                shape=(n, *f.shape),
+                dtype=f.dtype,
+                chunks=(chunk_rows, *f.shape),
+                shards=(max(n, 1), *f.shape),  # one file per field, rows addressable inside it
+                compressors=ZstdCodec(level=3),
+                fill_value=0,
+            )
+            arr[...] = arrays[f.name]
+        _fsync_tree(path)
+
+    def __init__(self, path: Path, schema: tuple[Field, ...]):
+        import zarr
+
+        self.path = path
+        self.schema = {f.name: f for f in schema}
+        try:
+            self.group = zarr.open_group(store=str(path), mode="r", zarr_format=3)
+            self.arrays = {name: self.group[name] for name in self.schema}
+        except Exception as e:  # zarr raises a zoo of types for a damaged store
+            raise CorruptShardError(path, f"cannot open as a Zarr v3 group ({type(e).__name__}: {e})") from e
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        try:
+            return np.asarray(self.arrays[name][start:stop])
+        except Exception as e:
+            raise CorruptShardError(self.path, f"cannot read field {name!r} rows {start}:{stop} ({type(e).__name__}: {e})") from e
+
+
+def _arrow_type(f: Field) -> pa.DataType:
+    t = pa.from_numpy_dtype(np.dtype(f.dtype))
+    for size in reversed(f.shape):
+        t = pa.list_(t, size)
+    return t
+
+
+class ArrowBackend:
+    name = "arrow"
+    suffix = ".arrow"
+
+    @staticmethod
+    def write(path: Path, schema: tuple[Field, ...], arrays: dict[str, np.ndarray]) -> None:
+        _check_arrays(schema, arrays)
+        columns, fields = [], []
+        for f in schema:
+            a = np.ascontiguousarray(arrays[f.name])
+            col: pa.Array = pa.array(a.reshape(-1))
+            for size in reversed(f.shape):
+                col = pa.FixedSizeListArray.from_arrays(col, size)
+            columns.append(col)
+            fields.append(pa.field(f.name, _arrow_type(f), nullable=False, metadata={"doc": f.doc}))
+        table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        _fsync_tree(path)
+
+    def __init__(self, path: Path, schema: tuple[Field, ...]):
+        self.path = path
+        self.fields = {f.name: f for f in schema}
+        try:
+            table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+            self.columns = {}
+            for name, f in self.fields.items():
+                col = table.column(name).combine_chunks()
+                for _ in f.shape:
+                    col = col.flatten()
+                self.columns[name] = col.to_numpy(zero_copy_only=True).reshape(table.num_rows, *f.shape)
+        except (pa.ArrowException, KeyError, ValueError, OSError) as e:
+            raise CorruptShardError(path, f"cannot read as an Arrow IPC stream ({type(e).__name__}: {e})") from e
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        return self.columns[name][start:stop]
+
+
+BACKENDS = {"zarr": ZarrBackend, "arrow": ArrowBackend}
+
+
+class CorruptShardError(ValueError):
+    """A shard is missing, truncated, altered or unreadable. The message names the shard."""
+
+    def __init__(self, path: Path, why: str):
+        self.path = Path(path)
+        super().__init__(f"corrupt cache shard {self.path}: {why}")

@@ -1,0 +1,76 @@
+"""`manifest.json`: the contract between the two stages, written last.
+
+The manifest carries its own sha256 (over its canonical JSON without that key), so a hand-edited
+manifest is detected like a corrupted shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .schema import FORMAT_NAME, SCHEMA_VERSION
+
+MANIFEST = "manifest.json"
+REQUIRED_KEYS = (
+    "format_name", "schema_version", "format", "values", "schema", "model", "tokenizer", "vocab_size",
+    "top_k", "seq_len", "data", "config", "shards", "num_sequences", "num_tokens", "bytes_per_token",
+)
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, unreadable, of another version, or altered."""
+
+
+def _canonical(d: dict) -> bytes:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def manifest_digest(manifest: dict) -> str:
+    return hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k != "manifest_sha256"})).hexdigest()
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON under a temporary name, fsync, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_manifest(folder: Path, manifest: dict) -> dict:
+    manifest = {**manifest, "format_name": FORMAT_NAME, "schema_version": SCHEMA_VERSION}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    write_json_atomic(Path(folder) / MANIFEST, manifest)
+    return manifest
+
+
+def load_manifest(folder: Path) -> dict:
+    """Read and validate `folder/manifest.json`; raise ManifestError naming the problem."""
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"cache folder {folder} does not exist")
+    if not path.is_file():
+        raise ManifestError(f"{path} not found: {folder} is not a finished mft-cache (unfinished or not a cache)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format_name") != FORMAT_NAME:
+        raise ManifestError(f"{path} is not an mft-cache manifest (format_name != {FORMAT_NAME!r})")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path}: unknown schema_version {version!r}; this mft-cache reads schema version {SCHEMA_VERSION}. "
+            "Rebuild the cache with this version, or use the mft-cache version that wrote it."
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ManifestError(f"{path} lacks required keys {missing}")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise ManifestError(f"{path} was modified after it was written (manifest_sha256 does not match its content)")
+    return manifest

@@ -1,0 +1,153 @@
+"""Reading a cache: `open_cache(path)` validates the manifest and gives per-sequence tensors by index.
+
+Shards are opened lazily and read row by row (Zarr decompresses only the rows' chunks; Arrow is
+memory-mapped), so a cache larger than memory is fine.
+
+Integrity: opening checks the manifest (version, self-checksum) and that every shard exists with
+its recorded size (cheap: catches missing and truncated shards). With `verify="lazy"` (the
+default) each shard's sha256 is checked the first time it is read, so flipped bytes never reach
+training; `verify="full"` checks them all up front; `verify="none"` trusts the files.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backends import BACKENDS, CorruptShardError, checksum, size_on_disk
+from .manifest import load_manifest
+from .schema import Field, schema_from_json
+
+VERIFY_MODES = ("none", "lazy", "full")
+
+
+class Cache:
+    """A finished cache. `len(cache)` sequences; `cache[i]` -> dict of torch tensors for row i.
+
+    Fields of a row (see `manifest["schema"]`): input_ids (T,), length (), topk_ids (T-1, K),
+    topk_logprobs (T-1, K), label_logprob (T-1,). Ids come back as int64, values as stored.
+    """
+
+    def __init__(self, folder: Path, verify: str = "lazy"):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder)
+        self.format = self.manifest["format"]
+        if self.format not in BACKENDS:
+            raise ValueError(f"{self.folder / 'manifest.json'}: unknown format {self.format!r} (known: {tuple(BACKENDS)})")
+        self.schema: tuple[Field, ...] = schema_from_json(self.manifest["schema"])
+        self.shards = self.manifest["shards"]
+        self._starts = [s["first_row"] for s in self.shards]
+        self._open: dict[int, object] = {}
+        self._verified: set[int] = set()
+        self._lock = threading.Lock()
+        self.verify_mode = verify
+        for s in self.shards:  # cheap structural check: every shard present with its size
+            path = self.folder / s["name"]
+            if not path.exists():
+                raise CorruptShardError(path, "missing")
+            if size_on_disk(path) != s["bytes"]:
+                raise CorruptShardError(path, f"size {size_on_disk(path)} bytes, manifest says {s['bytes']} (truncated or replaced)")
+        if verify == "full":
+            self.verify()
+
+    # -- metadata -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.manifest["num_sequences"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.manifest["top_k"])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    # -- integrity ------------------------------------------------------------------------------
+    def verify_shard(self, index: int) -> None:
+        s = self.shards[index]
+        path = self.folder / s["name"]
+        if not path.exists():
+            raise CorruptShardError(path, "missing")
+        got = checksum(path)
+        if got != s["sha256"]:
+            raise CorruptShardError(path, f"sha256 {got[:12]}... does not match the manifest's {s['sha256'][:12]}... (altered, or copied from another cache)")
+        self._verified.add(index)
+
+    def verify(self) -> None:
+        """Check every shard's checksum and the auxiliary files; raise CorruptShardError naming the first bad one."""
+        for i in range(len(self.shards)):
+            self.verify_shard(i)
+        docs = self.manifest["data"].get("documents_file")
+        if docs:
+            path = self.folder / docs["name"]
+            if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != docs["sha256"]:
+                raise CorruptShardError(path, "missing or its sha256 does not match the manifest")
+
+    # -- rows -----------------------------------------------------------------------------------
+    def _shard(self, index: int):
+        with self._lock:
+            if index not in self._open:
+                if self.verify_mode != "none" and index not in self._verified:
+                    self.verify_shard(index)
+                s = self.shards[index]
+                reader = BACKENDS[self.format](self.folder / s["name"], self.schema)
+                self._open[index] = reader
+            return self._open[index]
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(shard index, row within the shard) of a global row."""
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for a cache of {len(self)} sequences")
+        i = bisect.bisect_right(self._starts, row) - 1
+        return i, row - self._starts[i]
+
+    def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of one shard or several, as numpy arrays keyed by field."""
+        parts: dict[str, list[np.ndarray]] = {f.name: [] for f in self.schema}
+        row = start
+        while row < stop:
+            i, local = self.locate(row)
+            n = min(stop - row, self.shards[i]["rows"] - local)
+            reader = self._shard(i)
+            for f in self.schema:
+                parts[f.name].append(reader.read(f.name, local, local + n))
+            row += n
+        return {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+
+    def iter_shards(self):
+        """Yield each shard's rows as numpy arrays (one shard in memory at a time)."""
+        for s in self.shards:
+            yield self.read_rows(s["first_row"], s["first_row"] + s["rows"])
+
+    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
+        arrays = self.read_rows(row, row + 1)
+        return {k: _to_tensor(v[0]) for k, v in arrays.items()}
+
+
+def _to_tensor(a: np.ndarray) -> torch.Tensor:
+    if a.dtype.kind == "u":  # torch has no uint16/uint32 indexing: ids go to int64
+        a = a.astype(np.int64)
+    return torch.from_numpy(np.array(a, copy=True))
+
+
+def open_cache(folder: str | Path, verify: str = "lazy") -> Cache:
+    """Open a finished cache folder.
+
+    Args:
+        folder: a folder written by `mft cache`.
+        verify: "lazy" (default; each shard's sha256 checked when first read), "full" (all now), "none".
+    Returns:
+        Cache. Raises FileNotFoundError, ManifestError (missing, altered, unknown schema version) or
+        CorruptShardError (names the shard).
+    """
+    return Cache(Path(folder), verify=verify)

@@ -1,0 +1,171 @@
+"""Writing a cache folder: shards under temporary names, then renamed; the manifest last.
+
+Folder life cycle:
+- new: created with `.mft-cache-progress.json` (the build's identity: the resolved configuration).
+- each shard: written to `.shard-NNNNN<suffix>.tmp-PID`, fsynced and checksummed; its record
+  `.shard-NNNNN.json` is written; then the data is renamed to `shard-NNNNN<suffix>`. A shard is
+  done only if both its data and its record exist, so a crash at any point loses at most the shard
+  being written.
+- finish: the shard records are gathered into `manifest.json` (written last, atomically), then the
+  progress file and the records are removed.
+Re-running the same build resumes (only missing shards are computed); a finished cache is never
+rebuilt unless `overwrite`; a folder holding anything else is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .backends import BACKENDS, checksum, size_on_disk
+from .manifest import MANIFEST, ManifestError, load_manifest, save_manifest, write_json_atomic
+from .schema import Field
+
+log = logging.getLogger(__name__)
+
+PROGRESS = ".mft-cache-progress.json"
+_OURS = re.compile(r"^(manifest\.json|\.mft-cache-progress\.json|documents\.npy|\.documents\.npy\.tmp-\d+|"
+                   r"shard-\d{5}\.(zarr|arrow)|\.shard-\d{5}\.(json|(zarr|arrow)\.tmp-\d+)|\..+\.tmp-\d+)$")
+
+
+def config_fingerprint(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def shard_name(index: int, fmt: str) -> str:
+    return f"shard-{index:05d}{BACKENDS[fmt].suffix}"
+
+
+class CacheWriter:
+    """Owns one cache folder during a build. `state` is "new", "resume" or "complete".
+
+    Args:
+        folder: the cache folder (created if missing).
+        fmt: "zarr" or "arrow".
+        schema: the fields of a row.
+        identity: everything that determines the cache's content (the resolved config); a folder
+            holding a cache or an unfinished build of another identity is refused unless `overwrite`.
+        overwrite: remove an existing cache (ours only; a folder with foreign files is always refused).
+    """
+
+    def __init__(self, folder: Path, *, fmt: str, schema: tuple[Field, ...], identity: dict, overwrite: bool = False):
+        if fmt not in BACKENDS:
+            raise ValueError(f"--format must be one of {tuple(BACKENDS)}, got {fmt!r}")
+        self.folder = Path(folder)
+        self.fmt, self.schema, self.identity = fmt, schema, identity
+        self.backend = BACKENDS[fmt]
+        self.state = self._prepare(overwrite)
+
+    # -- folder state -------------------------------------------------------------------------
+    def _prepare(self, overwrite: bool) -> str:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"--out {self.folder} is a file, not a folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        names = sorted(os.listdir(self.folder))
+        foreign = [n for n in names if not _OURS.match(n)]
+        if foreign:
+            raise ValueError(
+                f"--out {self.folder} holds files that are not part of an mft-cache (e.g. {foreign[:3]}); "
+                "choose an empty or new folder"
+            )
+        if MANIFEST in names and not overwrite:
+            try:
+                old = load_manifest(self.folder)
+            except ManifestError as e:
+                raise ValueError(f"--out {self.folder} holds a damaged cache ({e}); pass --overwrite to rebuild it") from e
+            if old["config"] == self.identity:
+                return "complete"
+            raise ValueError(
+                f"--out {self.folder} holds a finished cache built with another configuration "
+                f"(differs in {_diff(old['config'], self.identity)}); pass --overwrite to replace it, or choose another folder"
+            )
+        progress = self.folder / PROGRESS
+        if progress.exists() and not overwrite and MANIFEST not in names:
+            old = json.loads(progress.read_text())
+            if old != self.identity:
+                raise ValueError(
+                    f"--out {self.folder} holds an unfinished cache built with another configuration "
+                    f"(differs in {_diff(old, self.identity)}); rerun that command to finish it, or pass --overwrite"
+                )
+            for n in names:  # debris of the interrupted run
+                if ".tmp-" in n:
+                    _remove(self.folder / n)
+            return "resume"
+        if names:
+            log.info("removing the cache in %s (--overwrite)", self.folder)
+            for n in names:
+                _remove(self.folder / n)
+        write_json_atomic(progress, self.identity)
+        return "new"
+
+    # -- shards -------------------------------------------------------------------------------
+    def _record_path(self, index: int) -> Path:
+        return self.folder / f".shard-{index:05d}.json"
+
+    def done_shards(self) -> dict[int, dict]:
+        """Shards already complete: index -> record (name, rows, sha256, bytes)."""
+        done = {}
+        for p in self.folder.glob(".shard-*.json"):
+            index = int(p.name[7:12])
+            record = json.loads(p.read_text())
+            data = self.folder / record["name"]
+            if data.exists() and size_on_disk(data) == record["bytes"]:
+                done[index] = record
+        return done
+
+    def write_shard(self, index: int, arrays: dict) -> dict:
+        """Write one shard (numpy arrays keyed by field name) atomically; return its record."""
+        name = shard_name(index, self.fmt)
+        tmp = self.folder / f".{name}.tmp-{os.getpid()}"
+        _remove(tmp)
+        self.backend.write(tmp, self.schema, arrays)
+        record = {"name": name, "rows": int(arrays[self.schema[0].name].shape[0]), "sha256": checksum(tmp), "bytes": size_on_disk(tmp)}
+        write_json_atomic(self._record_path(index), record)
+        _remove(self.folder / name)
+        os.replace(tmp, self.folder / name)
+        return record
+
+    def write_file(self, name: str, data: bytes) -> dict:
+        """An auxiliary file (e.g. documents.npy), atomically; returns {name, sha256, bytes}."""
+        tmp = self.folder / f".{name}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.folder / name)
+        return {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    def finish(self, manifest: dict, num_shards: int) -> dict:
+        """Write manifest.json (last) from the shard records and `manifest`; clean up; return it."""
+        done = self.done_shards()
+        missing = [i for i in range(num_shards) if i not in done]
+        assert not missing, f"finish() with shards still missing: {missing[:10]}"
+        shards, first = [], 0
+        for i in range(num_shards):
+            shards.append({**done[i], "first_row": first})
+            first += done[i]["rows"]
+        total = sum(s["bytes"] for s in shards)
+        manifest = {**manifest, "format": self.fmt, "config": self.identity, "shards": shards,
+                    "shard_bytes": total}
+        if manifest.get("num_tokens"):
+            manifest["bytes_per_token"] = round(total / manifest["num_tokens"], 3)
+        manifest = save_manifest(self.folder, manifest)
+        for i in range(num_shards):
+            _remove(self._record_path(i))
+        _remove(self.folder / PROGRESS)
+        return manifest

@@ -1,0 +1,1 @@
+"""Stage two: minifinetuning from the cache."""
