@@ -44,6 +44,15 @@ def _local_folder(model_id: str) -> Path | None:
     return p if p.is_dir() else None
 
 
+def _check_model_source(model_id: str) -> None:
+    """A local path must be a model folder; anything else is taken as a hub id."""
+    local = _local_folder(model_id)
+    if local is None and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or Path(model_id).exists()):
+        raise FileNotFoundError(f"--model {model_id}: no such folder")
+    if local is not None and not (local / "config.json").exists():
+        raise ValueError(f"--model {model_id}: the folder holds no config.json; expected a transformers model folder")
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -55,10 +64,10 @@ def load_tokenizer(model_id: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     _quiet_transformers()
-
+    _check_model_source(model_id)
     try:
         return AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise ValueError(f"--model {model_id}: cannot load a tokenizer ({str(e).splitlines()[0][:300]})") from None
 
 
@@ -66,8 +75,7 @@ def load_model(model_id: str, dtype: torch.dtype, device: torch.device, trust_re
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    if not _local_folder(model_id) and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
-        raise FileNotFoundError(f"--model {model_id}: no such folder")
+    _check_model_source(model_id)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -12,6 +12,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread is faster, and subprocesses inherit it
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 WORDS = ("licence software copyright permission warranty liability notice redistribution source binary "
          "the a of to and in is that for with as without any distribute modify use copy merge publish grant "

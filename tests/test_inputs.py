@@ -1,0 +1,167 @@
+"""Inputs of stage one: every data format, the shared packing, and clear errors for bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_texts, write_jsonl
+from mft_cache.cli import main
+from mft_cache.models import load_tokenizer
+from mft_cache.storage import build_sequences, open_cache, pack, read_documents
+
+TEXTS = make_texts(6, seed=7)
+
+
+def test_every_format_reads_the_same_documents(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    write_jsonl(tmp_path / "d.jsonl", TEXTS)
+    (tmp_path / "d.json").write_text(json.dumps([{"text": t} for t in TEXTS]))
+    pq.write_table(pa.table({"text": TEXTS, "other": list(range(6))}), tmp_path / "d.parquet")
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        import csv
+
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerows(enumerate(TEXTS))
+    txt = tmp_path / "txt"
+    for i, t in enumerate(TEXTS):  # a folder of .txt files, one document each, in sorted order (nested too)
+        (txt / ("b" if i >= 3 else "a")).mkdir(parents=True, exist_ok=True)
+        (txt / ("b" if i >= 3 else "a") / f"{i:02d}.txt").write_text(t)
+    Dataset.from_dict({"text": TEXTS}).save_to_disk(str(tmp_path / "saved"))
+    for source in ("d.jsonl", "d.json", "d.parquet", "d.csv", "txt", "saved"):
+        docs = read_documents(tmp_path / source)
+        assert docs.texts == TEXTS, source
+        assert docs.fingerprint == read_documents(tmp_path / "d.jsonl").fingerprint
+
+
+def test_text_field_and_empty_documents(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ["", "  ", *TEXTS], field="body")
+    docs = read_documents(tmp_path / "d.jsonl", text_field="body")
+    assert docs.texts == TEXTS and docs.num_empty == 2
+
+
+def test_packing_records_boundaries_and_uses_bos_eos(llama, gpt2, tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", TEXTS)
+    for model in (llama, gpt2):
+        tok = load_tokenizer(str(model))
+        packed, docs = build_sequences(tmp_path / "d.jsonl", tok, seq_len=32)
+        stream = packed.input_ids.reshape(-1)[: packed.doc_offsets[-1]]
+        for d in range(len(TEXTS)):
+            doc = stream[packed.doc_offsets[d]: packed.doc_offsets[d + 1]]
+            assert doc[-1] == tok.eos_token_id
+            assert (doc[0] == tok.bos_token_id) == (model == llama)  # the Llama-style tokenizer wants BOS
+            assert tok.decode(doc, skip_special_tokens=True).strip() == TEXTS[d]
+        again, _ = build_sequences(tmp_path / "d.jsonl", tok, seq_len=32)
+        np.testing.assert_array_equal(packed.input_ids, again.input_ids)
+        assert packed.lengths[:-1].min() == 32 and 0 < packed.lengths[-1] <= 32
+
+
+def test_pack_small_cases():
+    p = pack([[1, 2, 3], [4, 5]], seq_len=2, pad_id=0)
+    assert p.input_ids.tolist() == [[1, 2], [3, 4], [5, 0]]
+    assert p.lengths.tolist() == [2, 2, 1] and p.doc_offsets.tolist() == [0, 3, 5] and p.num_predictions == 2
+    with pytest.raises(ValueError, match="--seq-len"):
+        pack([[1, 2]], seq_len=1)
+
+
+def test_stage_two_rebuilds_the_cache_sequences_from_raw_data(llama, docs_jsonl, tmp_path):
+    assert main(["cache", "--model", str(llama), "--data", str(docs_jsonl), "--out", str(tmp_path / "c"),
+                 "--seq-len", "40", "--top-k", "4"]) == 0
+    cache = open_cache(tmp_path / "c")
+    packed, _ = build_sequences(docs_jsonl, load_tokenizer(str(llama)), seq_len=40)
+    np.testing.assert_array_equal(cache.read_rows(0, len(cache))["input_ids"], packed.input_ids)
+
+
+def _bad(tmp_path: Path, **files) -> Path:
+    for name, content in files.items():
+        p = tmp_path / name
+        p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("missing file", ["--data", "{tmp}/nope.jsonl"], "nope.jsonl: no such file"),
+    ("empty data", ["--data", "{tmp}/empty.jsonl"], "no non-empty documents"),
+    ("missing field", ["--data", "{tmp}/docs.jsonl", "--text-field", "body"], "no field 'body'"),
+    ("non-UTF-8", ["--data", "{tmp}/latin1.txt"], "latin1.txt: not valid UTF-8"),
+    ("bad JSON line", ["--data", "{tmp}/broken.jsonl"], "broken.jsonl:2: not valid JSON"),
+    ("k < 1", ["--top-k", "0"], "--top-k must be at least 1"),
+    ("k > vocab", ["--top-k", "301"], "--top-k 301 exceeds the model's vocabulary size 300"),
+    ("seq len < 2", ["--seq-len", "1"], "--seq-len must be at least 2"),
+    ("seq len > max", ["--seq-len", "257"], "--seq-len 257 exceeds the model's maximum of 256"),
+    ("missing model", ["--model", "{tmp}/no-model"], "no-model"),
+])
+def test_bad_input_gives_a_clear_error_and_no_cache(case, args, message, llama, tmp_path, capsys):
+    _bad(tmp_path, **{"empty.jsonl": "", "docs.jsonl": json.dumps({"text": "hello"}) + "\n",
+                      "latin1.txt": "caf\xe9 cr\xe8me".encode("latin-1"),
+                      "broken.jsonl": '{"text": "a"}\n{"text": \n'})
+    argv = ["cache", "--model", str(llama), "--data", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "out")]
+    argv += [a.format(tmp=tmp_path) for a in args]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse-level errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, (case, err)
+    assert message in err, (case, err)
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_out_folder_with_foreign_files_is_refused(llama, docs_jsonl, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("precious")
+    for extra in ([], ["--overwrite"]):
+        code = main(["cache", "--model", str(llama), "--data", str(docs_jsonl), "--out", str(tmp_path / "out"), *extra])
+        assert code == 2
+        assert "not part of an mft-cache" in capsys.readouterr().err
+        assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["thesis.tex"]
+
+
+def test_cli_error_has_no_traceback_in_a_real_process(llama, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mft_cache.cli", "cache", "--data", str(tmp_path / "missing.jsonl"),
+                        "--model", str(llama), "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "missing.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mft_cache.cli", "cache", "--model", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "holds no config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspect_reports_the_required_keys(llama, docs_jsonl, tmp_path, capsys):
+    assert main(["cache", "--model", str(llama), "--data", str(docs_jsonl), "--out", str(tmp_path / "c"),
+                 "--seq-len", "40", "--top-k", "300", "--logprob-dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "c"), "--json", "--verify"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    for key in ("num_sequences", "num_tokens", "bytes_per_token", "top_k", "vocab_size", "top1_accuracy",
+                "mean_label_logprob", "mean_tail_mass"):
+        assert key in stats
+    assert stats["top_k"] == stats["vocab_size"] == 300
+    assert stats["mean_tail_mass"] < 1e-4  # k = vocabulary: nothing outside top-k
+    assert 0 <= stats["top1_accuracy"] <= 1 and stats["mean_label_logprob"] < 0
+    # the text form names the same things
+    assert main(["inspect", str(tmp_path / "c")]) == 0
+    assert "teacher top-1 accuracy" in capsys.readouterr().out
+
+
+def test_inspect_verify_names_the_bad_shard(llama, docs_jsonl, tmp_path, capsys):
+    assert main(["cache", "--model", str(llama), "--data", str(docs_jsonl), "--out", str(tmp_path / "c"),
+                 "--format", "arrow", "--shard-mb", "0.02"]) == 0
+    shard = sorted((tmp_path / "c").glob("shard-*.arrow"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "c"), "--verify"]) == 3
+    assert shard.name in capsys.readouterr().err
