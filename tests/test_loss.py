@@ -1,0 +1,399 @@
+"""sparse_mft_loss and chunked_mft_loss against brute-force dense references written out row by row."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mft_cache.trainer.loss import chunked_mft_loss, sparse_mft_loss, token_nll_sum
+
+SEEDS = [0, 1, 2]
+
+
+def make_case(seed, n=13, v=37, k=5, sharpness=3.0):
+    """Random student logits, a full teacher, its top-k, labels (half the teacher's argmax), w, mask."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=g) * 2  # (N, V)
+    full = torch.log_softmax(torch.randn(n, v, generator=g) * sharpness, dim=-1)  # (N, V) teacher
+    random_labels = torch.randint(0, v, (n,), generator=g)
+    labels = torch.where(torch.rand(n, generator=g) < 0.5, full.argmax(-1), random_labels)  # (N,)
+    weight = torch.rand(n, generator=g)  # (N,)
+    mask = torch.rand(n, generator=g) > 0.25  # (N,)
+    mask[0] = True
+    lp, ids = full.topk(k, dim=-1)  # (N, K)
+    label_lp = full.gather(1, labels[:, None])[:, 0]  # (N,)
+    return SimpleNamespace(logits=logits, full=full, labels=labels, weight=weight, mask=mask, ids=ids, lp=lp,
+                           label_lp=label_lp, n=n, v=v)
+
+
+def support_sets(c):
+    """S = top-k ids ∪ {label}, per row."""
+    return [set(ids) | {y} for ids, y in zip(c.ids.tolist(), c.labels.tolist())]
+
+
+def dense_reference(logits, pc, mask):
+    """-Σ_j p^C_j log q_j per row, float64; 0 on masked rows."""
+    logq = torch.log_softmax(logits.double(), dim=-1)
+    return -(pc.double() * logq).sum(-1) * mask
+
+
+def coarse_reference(logits, full, labels, weight, mask, s_sets):
+    """(1-w)·CE(p, q) coarsened to S plus one tail bucket, + w·(-log q_l), row by row in float64.
+
+    The tail bucket's teacher mass is summed from the full teacher, the student's from q directly.
+    """
+    rows = []
+    for i in range(logits.shape[0]):
+        z = logits[i].double()
+        if not mask[i]:
+            rows.append(z.sum() * 0)
+            continue
+        q = torch.softmax(z, -1)
+        logq = torch.log_softmax(z, -1)
+        p = full[i].double().exp()
+        s = sorted(s_sets[i])
+        tail = [j for j in range(len(z)) if j not in s_sets[i]]
+        ce = -(p[s] * logq[s]).sum()
+        if tail:
+            ce = ce - p[tail].sum() * torch.log(q[tail].sum())
+        w = float(weight[i])
+        rows.append((1 - w) * ce - w * logq[labels[i]])
+    return torch.stack(rows)
+
+
+def loss_and_grad(fn, logits):
+    x = logits.detach().clone().requires_grad_()
+    loss = fn(x)
+    loss.sum().backward()
+    return loss.detach(), x.grad
+
+
+def pc_dense(full, labels, weight):
+    w = weight.double()[:, None]
+    return (1 - w) * full.double().exp() + w * F.one_hot(labels, full.shape[1]).double()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_k_equals_dense_reference(seed, dtype):
+    c = make_case(seed, k=37)  # teacher_ids: the whole vocabulary, sorted like topk
+    logits = c.logits.to(dtype)
+    loss, grad = loss_and_grad(
+        lambda z: sparse_mft_loss(z, c.labels, c.weight, c.mask, c.ids, c.lp, c.label_lp), logits)
+    ref, ref_grad = loss_and_grad(lambda z: dense_reference(z, pc_dense(c.full, c.labels, c.weight), c.mask),
+                                  logits.double())
+    assert loss.dtype == torch.float32
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)  # the loss itself is fp32 either way
+    torch.testing.assert_close(grad.double(), ref_grad, **tol)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_small_k_equals_coarsened_ce(seed, k):
+    c = make_case(seed, k=k)
+    s_sets = support_sets(c)
+    label_in_topk = (c.ids == c.labels[:, None]).any(-1)
+    assert label_in_topk.any() and (~label_in_topk).any()  # both ways of building S are exercised
+    for weight in (torch.zeros(c.n), c.weight):
+        loss, grad = loss_and_grad(
+            lambda z: sparse_mft_loss(z, c.labels, weight, c.mask, c.ids, c.lp, c.label_lp), c.logits)
+        ref, ref_grad = loss_and_grad(
+            lambda z: coarse_reference(z, c.full, c.labels, weight, c.mask, s_sets), c.logits.double())
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+    # Log-sum inequality: the coarsened CE is a lower bound on the dense CE (w = 0), strict here.
+    zero = torch.zeros(c.n)
+    loss = sparse_mft_loss(c.logits, c.labels, zero, c.mask, c.ids, c.lp, c.label_lp)
+    dense = dense_reference(c.logits, c.full.exp(), c.mask)
+    assert (loss.double() <= dense + 1e-5).all()
+    assert (loss.double() < dense - 1e-3)[c.mask].any()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.float16])
+def test_gradient_is_q_minus_t(seed, k, teacher_dtype):
+    c = make_case(seed, k=k)
+    lp, label_lp = c.lp.to(teacher_dtype), c.label_lp.to(teacher_dtype)  # as read from a fp16 cache
+    _, grad = loss_and_grad(lambda z: sparse_mft_loss(z, c.labels, c.weight, c.mask, c.ids, lp, label_lp), c.logits)
+    q = torch.softmax(c.logits.double(), -1)
+    expected = torch.zeros(c.n, c.v, dtype=torch.float64)
+    for i, s in enumerate(support_sets(c)):
+        if not c.mask[i]:
+            continue
+        w, y = float(c.weight[i]), int(c.labels[i])
+        p = {j: float(x) for j, x in zip(c.ids[i].tolist(), lp[i].double().exp())}
+        p.setdefault(y, float(label_lp[i].double().exp()))
+        m = max(0.0, 1 - sum(p.values()))
+        tail = [j for j in range(c.v) if j not in s]
+        t = torch.zeros(c.v, dtype=torch.float64)
+        for j in s:
+            t[j] = (1 - w) * p[j] + w * (j == y)
+        for j in tail:
+            t[j] = (1 - w) * m * q[i, j] / q[i, tail].sum()
+        expected[i] = q[i] - t
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_stationary_at_target_whatever_the_tail_shape(seed):
+    """q_S = t_S and Σ_tail q = (1-w)·m make the gradient 0 for any shape of q inside the tail."""
+    c = make_case(seed, k=4)
+    g = torch.Generator().manual_seed(100 + seed)
+    z = torch.empty(c.n, c.v)
+    for i, s in enumerate(support_sets(c)):
+        w, y = float(c.weight[i]), int(c.labels[i])
+        p = c.full[i].double().exp()
+        s = sorted(s)
+        tail = [j for j in range(c.v) if j not in s]
+        q = torch.zeros(c.v, dtype=torch.float64)
+        q[s] = (1 - w) * p[s]
+        q[y] += w
+        shape = torch.rand(len(tail), generator=g, dtype=torch.float64) + 0.01
+        q[tail] = (1 - w) * p[tail].sum() * shape / shape.sum()
+        z[i] = q.log().float()
+    _, grad = loss_and_grad(lambda x: sparse_mft_loss(x, c.labels, c.weight, c.mask, c.ids, c.lp, c.label_lp), z)
+    torch.testing.assert_close(grad, torch.zeros_like(grad), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_nearly_all_mass_on_s(seed):
+    """Teacher top-1 at 1 - 1e-7 (etc.) and very peaked students: finite and equal to a float64 reference."""
+    n, v, k = 12, 37, 3
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.tensor([1e-7, 1e-6, 1e-4, 1e-7] * 3, dtype=torch.float64)[:, None]  # (N, 1) teacher mass off top-1
+    top = torch.randint(0, v, (n,), generator=g)
+    full = (eps / (v - 1)).log().expand(n, v).clone()
+    full.scatter_(1, top[:, None], torch.log1p(-eps))
+    full = full.float()  # (N, V)
+    logits = torch.randn(n, v, generator=g) * 5
+    peak = torch.where(torch.arange(n) % 2 == 0, top, torch.randint(0, v, (n,), generator=g))
+    logits.scatter_add_(1, peak[:, None], torch.full((n, 1), 60.0))  # right or confidently elsewhere
+    labels = torch.where(torch.arange(n) % 3 == 0, torch.randint(0, v, (n,), generator=g), top)
+    weight = torch.tensor([0.0, 0.3, 1.0, 0.0] * 3)
+    mask = torch.ones(n, dtype=torch.bool)
+    lp, ids = full.topk(k, -1)
+    label_lp = full.gather(1, labels[:, None])[:, 0]
+    s_sets = [set(a) | {b} for a, b in zip(ids.tolist(), labels.tolist())]
+    loss, grad = loss_and_grad(lambda z: sparse_mft_loss(z, labels, weight, mask, ids, lp, label_lp), logits)
+    ref, ref_grad = loss_and_grad(lambda z: coarse_reference(z, full, labels, weight, mask, s_sets), logits.double())
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_weight_one_is_cross_entropy(seed):
+    c = make_case(seed)
+    ones = torch.ones(c.n)
+    expected = F.cross_entropy(c.logits, c.labels, reduction="none") * c.mask
+    for ids, lp in ((c.ids, c.lp), (None, c.full), (None, None)):
+        torch.testing.assert_close(sparse_mft_loss(c.logits, c.labels, ones, c.mask, ids, lp, c.label_lp), expected)
+    # Without a teacher the weight is ignored, whatever it holds.
+    no_teacher = sparse_mft_loss(c.logits, c.labels, torch.full((c.n,), float("nan")), c.mask)
+    torch.testing.assert_close(no_teacher, expected)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dense_teacher_equals_full_k(seed):
+    c = make_case(seed, k=37)
+    dense, dense_grad = loss_and_grad(lambda z: sparse_mft_loss(z, c.labels, c.weight, c.mask, None, c.full), c.logits)
+    sparse, sparse_grad = loss_and_grad(
+        lambda z: sparse_mft_loss(z, c.labels, c.weight, c.mask, c.ids, c.lp, c.label_lp), c.logits)
+    torch.testing.assert_close(dense, sparse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dense_grad, sparse_grad, rtol=1e-6, atol=1e-7)
+
+
+def teacher_variants(c):
+    """(name, teacher_ids, teacher_logprobs, label_logprob) for the sparse, dense and no-teacher paths."""
+    return [("sparse", c.ids, c.lp, c.label_lp), ("dense", None, c.full, None), ("none", None, None, None)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_all_masked_is_zero(seed):
+    c = make_case(seed)
+    none = torch.zeros(c.n, dtype=torch.bool)
+    for _, ids, lp, label_lp in teacher_variants(c):
+        loss, grad = loss_and_grad(lambda z: sparse_mft_loss(z, c.labels, c.weight, none, ids, lp, label_lp), c.logits)
+        assert (loss == 0).all() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_masked_garbage_does_not_leak(seed):
+    c = make_case(seed)
+    assert (~c.mask).sum() >= 2
+    off = ~c.mask
+    nan = float("nan")
+    huge = torch.arange(c.n) % 2 == 0
+    labels = torch.where(off, torch.where(huge, 10**9, -100), c.labels)
+    weight = torch.where(off, nan, c.weight)
+    ids = torch.where(off[:, None], torch.where(huge, 10**9, -1)[:, None], c.ids)
+    lp = torch.where(off[:, None], nan, c.lp)
+    full = torch.where(off[:, None], nan, c.full)
+    label_lp = torch.where(off, nan, c.label_lp)
+    for (_, ids_c, lp_c, lbl_c), (_, ids_g, lp_g, lbl_g) in zip(
+            teacher_variants(c), [("", ids, lp, label_lp), ("", None, full, None), ("", None, None, None)]):
+        clean, clean_grad = loss_and_grad(
+            lambda z: sparse_mft_loss(z, c.labels, c.weight, c.mask, ids_c, lp_c, lbl_c), c.logits)
+        dirty, dirty_grad = loss_and_grad(lambda z: sparse_mft_loss(z, labels, weight, c.mask, ids_g, lp_g, lbl_g),
+                                          c.logits)
+        assert torch.isfinite(dirty).all() and torch.isfinite(dirty_grad).all()
+        assert (dirty[off] == 0).all() and (dirty_grad[off] == 0).all()
+        torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
+        torch.testing.assert_close(dirty_grad, clean_grad, rtol=0, atol=0)
+
+
+def test_empty_tail_has_finite_gradient():
+    """top-k = V - 1 plus a label outside it: S is the whole vocabulary, the tail term must vanish."""
+    c = make_case(3, k=36)
+    labels = c.full.argmin(-1)  # the one id outside the top-36
+    label_lp = c.full.gather(1, labels[:, None])[:, 0]
+    loss, grad = loss_and_grad(lambda z: sparse_mft_loss(z, labels, c.weight, c.mask, c.ids, c.lp, label_lp), c.logits)
+    ref, ref_grad = loss_and_grad(lambda z: dense_reference(z, pc_dense(c.full, labels, c.weight), c.mask),
+                                  c.logits.double())
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_overfull_support_has_no_tail_term():
+    """Rounded cache values can put more than 1 on S: m clamps to 0, so the tail is not pushed up."""
+    c = make_case(4, k=3)
+    in_topk = (c.ids == c.labels[:, None]).any(-1)
+    mass_s = c.lp.exp().sum(-1) + torch.where(in_topk, 0.0, c.label_lp.exp())  # (N,) Σ_S p
+    shift = 0.02 - mass_s.log()  # (N,) puts Σ_S p at e^0.02 > 1
+    lp, label_lp = c.lp + shift[:, None], c.label_lp + shift
+    loss = sparse_mft_loss(c.logits, c.labels, c.weight, c.mask, c.ids, lp, label_lp)
+    expected = torch.zeros(c.n, dtype=torch.float64)
+    for i, s in enumerate(support_sets(c)):
+        if not c.mask[i]:
+            continue
+        p = {j: float(x) for j, x in zip(c.ids[i].tolist(), lp[i].double().exp())}
+        p.setdefault(int(c.labels[i]), float(label_lp[i].double().exp()))
+        assert sum(p.values()) > 1
+        logq = torch.log_softmax(c.logits[i].double(), -1)
+        w = float(c.weight[i])
+        expected[i] = -(1 - w) * sum(p[j] * logq[j] for j in s) - w * logq[c.labels[i]]
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----- chunked -----
+
+H = 8
+
+
+class CountingHead(torch.nn.Module):
+    """A head that counts its calls: checkpointing must call it again in the backward."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.calls = head, 0
+
+    def forward(self, h):
+        self.calls += 1
+        return self.head(h)
+
+
+def make_heads(seed, v):
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(H, v)
+    embedding = torch.nn.Embedding(v, H)  # tied: the output embedding is the input embedding
+    return {"linear": (linear, linear), "tied": (lambda h: h @ embedding.weight.T, embedding)}
+
+
+def sum_and_grads(fn, hidden, params):
+    h = hidden.detach().clone().requires_grad_()
+    for p in params:
+        p.grad = None
+    total = fn(h)
+    total.backward()
+    return total.detach(), h.grad, [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("head_kind", ["linear", "tied"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 13, 20])
+def test_chunked_equals_unchunked(seed, head_kind, chunk_size):
+    c = make_case(seed)
+    if seed == 1:
+        c.mask[:7] = False  # a whole chunk masked: skipped
+        c.mask[8] = True
+    head, module = make_heads(seed, c.v)[head_kind]
+    params = list(module.parameters())
+    hidden = torch.randn(c.n, H, generator=torch.Generator().manual_seed(seed))
+    for _, ids, lp, label_lp in teacher_variants(c):
+        rows = (c.labels, c.weight, c.mask, ids, lp, label_lp)
+        total, h_grad, p_grads = sum_and_grads(
+            lambda h: chunked_mft_loss(h, head, *rows, chunk_size=chunk_size), hidden, params)
+        ref, ref_h_grad, ref_p_grads = sum_and_grads(lambda h: sparse_mft_loss(head(h), *rows).sum(), hidden, params)
+        assert total.shape == () and total.dtype == torch.float32
+        torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h_grad, ref_h_grad, rtol=1e-5, atol=1e-6)
+        for got, want in zip(p_grads, ref_p_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation
+        nll = token_nll_sum(hidden, head, c.labels, c.mask, chunk_size=chunk_size)
+        expected = (F.cross_entropy(head(hidden), c.labels, reduction="none") * c.mask).sum()
+    torch.testing.assert_close(nll, expected)
+
+
+def test_chunked_recomputes_logits_in_backward():
+    c = make_case(0)
+    c.mask[:4] = False  # the first chunk of 4 is skipped
+    head = CountingHead(torch.nn.Linear(H, c.v))
+    hidden = torch.randn(c.n, H, requires_grad=True)
+    total = chunked_mft_loss(hidden, head, c.labels, c.weight, c.mask, c.ids, c.lp, c.label_lp, chunk_size=4)
+    live = 3  # chunks [4:8], [8:12], [12:13]
+    assert head.calls == 1 + live  # the empty call, then one per live chunk
+    total.backward()
+    assert head.calls == 1 + 2 * live  # each live chunk's logits recomputed once in the backward
+
+
+@pytest.mark.parametrize("head_kind", ["linear", "tied"])
+def test_chunked_all_masked_is_zero(head_kind):
+    c = make_case(0)
+    head, module = make_heads(0, c.v)[head_kind]
+    params = list(module.parameters())
+    none = torch.zeros(c.n, dtype=torch.bool)
+    for _, ids, lp, label_lp in teacher_variants(c):
+        total, h_grad, p_grads = sum_and_grads(
+            lambda h: chunked_mft_loss(h, head, c.labels, c.weight, none, ids, lp, label_lp, chunk_size=5),
+            torch.randn(c.n, H), params)
+        assert total.item() == 0.0 and (h_grad == 0).all()
+        assert all((g == 0).all() for g in p_grads)  # present (every parameter gets a gradient), and zero
+
+
+def test_chunked_bad_chunk_size():
+    c = make_case(0)
+    with pytest.raises(ValueError, match="--chunk-size"):
+        chunked_mft_loss(torch.randn(c.n, H), torch.nn.Linear(H, c.v), c.labels, None, c.mask, chunk_size=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("head_kind", ["linear", "tied"])
+def test_chunked_under_bf16_autocast(seed, head_kind):
+    c = make_case(seed)
+    head, module = make_heads(seed, c.v)[head_kind]
+    params = list(module.parameters())
+    hidden = torch.randn(c.n, H, generator=torch.Generator().manual_seed(seed))
+    rows = (c.labels, c.weight, c.mask, c.ids, c.lp, c.label_lp)
+
+    def chunked(h):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return chunked_mft_loss(h, head, *rows, chunk_size=4)
+
+    def autocast_ref(h):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return sparse_mft_loss(head(h), *rows).sum()
+
+    total, h_grad, p_grads = sum_and_grads(chunked, hidden, params)
+    bf16, bf16_h_grad, _ = sum_and_grads(autocast_ref, hidden, params)
+    fp32, fp32_h_grad, fp32_p_grads = sum_and_grads(lambda h: sparse_mft_loss(head(h), *rows).sum(), hidden, params)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total, bf16, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(h_grad, bf16_h_grad, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(total, fp32, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(h_grad, fp32_h_grad, rtol=5e-2, atol=2e-2)
+    for got, want in zip(p_grads, fp32_p_grads):
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=2e-2)
