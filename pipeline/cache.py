@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from mft_cache import __version__
 from mft_cache.config import opt, to_dict
+from mft_cache.faults import fault_point
 from mft_cache.models import (backbone_and_head, check_head, describe_model, load_model, load_tokenizer,
                               max_positions, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
                               weights_fingerprint)
@@ -149,10 +150,10 @@ def build_cache(cfg: CacheConfig) -> dict:
                 bar.update(int(preds[b:e].sum()))
             out.update({k: np.concatenate(v) for k, v in parts.items()})
             if pending is not None:
-                pending.result()
+                fault_point(f"cache:shard-{pending.result()['index']}")
             pending = pool.submit(writer.write_shard, i, out)
         if pending is not None:
-            pending.result()
+            fault_point(f"cache:shard-{pending.result()['index']}")
     bar.close()
 
     docs_file = writer.write_file("documents.npy", _documents_npy(packed.doc_offsets))

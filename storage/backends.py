@@ -74,12 +74,13 @@ class ZarrBackend:
         group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
         for f in schema:
             chunk_rows = max(1, min(n, _CHUNK_BYTES // max(1, f.row_bytes)))
+            shard_rows = -(-max(n, 1) // chunk_rows) * chunk_rows  # a multiple of the inner chunk, >= n
             arr = group.create_array(
                 f.name,
                 shape=(n, *f.shape),
                 dtype=f.dtype,
                 chunks=(chunk_rows, *f.shape),
-                shards=(max(n, 1), *f.shape),  # one file per field, rows addressable inside it
+                shards=(shard_rows, *f.shape),  # one file per field, rows addressable inside it
                 compressors=ZstdCodec(level=3),
                 fill_value=0,
             )

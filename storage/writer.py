@@ -21,6 +21,8 @@ import re
 import shutil
 from pathlib import Path
 
+from mft_cache.faults import fault_point
+
 from .backends import BACKENDS, checksum, size_on_disk
 from .manifest import MANIFEST, ManifestError, load_manifest, save_manifest, write_json_atomic
 from .schema import Field
@@ -136,9 +138,10 @@ class CacheWriter:
         self.backend.write(tmp, self.schema, arrays)
         record = {"name": name, "rows": int(arrays[self.schema[0].name].shape[0]), "sha256": checksum(tmp), "bytes": size_on_disk(tmp)}
         write_json_atomic(self._record_path(index), record)
+        fault_point("cache:shard-write")
         _remove(self.folder / name)
         os.replace(tmp, self.folder / name)
-        return record
+        return {**record, "index": index}
 
     def write_file(self, name: str, data: bytes) -> dict:
         """An auxiliary file (e.g. documents.npy), atomically; returns {name, sha256, bytes}."""

@@ -107,3 +107,13 @@ def gemma_big(models_dir) -> Path:
 @pytest.fixture(scope="session")
 def docs_jsonl(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "docs.jsonl", make_texts(24, seed=1))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one state per process; each in-process training run gets a fresh one."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -1,0 +1,346 @@
+"""`mft train`: minifinetuning from the cache with Accelerate.
+
+The loop reads like the accelerate examples; setting up, evaluating, saving and resuming live in
+functions of their own. Loss normalisation: each micro-batch contributes its SUM of per-token
+losses divided by the number of label tokens of the whole optimiser step (all micro-batches, all
+processes), so accumulation and data parallelism give the loss of one big batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mft_cache.config import to_dict
+from mft_cache.faults import fault_point
+from mft_cache.models import load_model, load_tokenizer
+from mft_cache.storage import build_sequences, open_cache
+from mft_cache.storage.manifest import write_json_atomic
+
+from .config import TrainConfig
+from .data import CacheRows, PackedRows, Prefetcher, micro_batches, step_rows
+from .evaluate import degeneralization, perplexity, ratio, specialization
+from .report import plot_s_dg
+from .student import StudentLoss, cache_weight, check_student, online_targets, position_mask
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEQ_LEN = 256
+_IGNORED_ON_RESUME = ("resume", "overwrite", "log_every")
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint remembers besides weights, optimiser, scheduler and RNG."""
+
+    step: int = 0
+    tokens: int = 0
+    wall_time_s: float = 0.0  # the whole run: steps, evaluations, saving (summed over resumed sessions)
+    train_time_s: float = 0.0  # optimiser steps only
+    metrics_bytes: int = 0  # length of metrics.jsonl when saved: a resumed run truncates to it
+    evals: list = field(default_factory=list)
+    best: dict | None = None
+
+
+# -- setting up -------------------------------------------------------------------------------------
+def prepare_run_folder(out: Path, resolved: dict, cfg: TrainConfig) -> Path | None:
+    """Check --out; return the checkpoint to resume from (or None)."""
+    config_path = out / "config.json"
+    if out.exists() and any(out.iterdir()):
+        if not config_path.exists():
+            raise ValueError(f"--out {out} holds files that are not an mft run; choose an empty or new folder")
+        if cfg.overwrite:
+            shutil.rmtree(out)
+        elif not cfg.resume:
+            raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        else:
+            old = json.loads(config_path.read_text())
+            keys = [k for k in set(old) | set(resolved) if k not in _IGNORED_ON_RESUME and old.get(k) != resolved.get(k)]
+            if keys:
+                raise ValueError(f"--resume: the run in {out} was started with another configuration (differs in {sorted(keys)})")
+            ckpt = latest_checkpoint(out)
+            if ckpt is None:
+                log.info("--resume: no complete checkpoint in %s; starting from step 0", out)
+            return ckpt
+    return None
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "trainer_state.json").exists())
+    return done[-1] if done else None
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:  # linear warm-up, then cosine decay to min_lr_ratio
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def open_training_rows(cfg: TrainConfig):
+    """(rows, manifest or None, student model id, seq_len)."""
+    if cfg.teacher == "online":
+        return None, None, cfg.model, cfg.seq_len or DEFAULT_SEQ_LEN
+    cache = open_cache(cfg.cache)  # validated; shards checksummed on first read
+    m = cache.manifest
+    model_id = cfg.model or (m["model"]["path"] if m["model"].get("path") and Path(m["model"]["path"]).is_dir()
+                             else m["model"]["id"])
+    if cfg.seq_len and cfg.seq_len != cache.seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} differs from the cache's {cache.seq_len}; leave it unset with a cache")
+    return CacheRows(cache), m, model_id, cache.seq_len
+
+
+# -- evaluating and saving --------------------------------------------------------------------------
+def evaluate(module, eval_sets: dict, cfg: TrainConfig, accelerator, state: TrainState) -> dict:
+    record = {"step": state.step, "tokens": state.tokens}
+    for name, rows in eval_sets.items():
+        record[f"ppl_{name}"] = perplexity(module, rows, cfg.eval_batch_size, accelerator)
+    base = state.evals[0] if state.evals else record
+    if "ppl_specialized" in record:
+        record["S"] = specialization(base["ppl_specialized"], record["ppl_specialized"])
+    if "ppl_general" in record:
+        record["DG"] = degeneralization(base["ppl_general"], record["ppl_general"])
+    record["ratio"] = ratio(record.get("DG"), record.get("S"))
+    state.evals.append(record)
+    return record
+
+
+def save_pretrained(accelerator, module, tokenizer, path: Path) -> None:
+    """A folder that AutoModelForCausalLM.from_pretrained loads, written under a temporary name."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(module).model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator, out: Path, state: TrainState, keep: int = 2) -> None:
+    final = out / "checkpoints" / f"step-{state.step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    fault_point(f"train:checkpoint-{state.step}")
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "trainer_state.json", state.__dict__)  # last: marks the checkpoint complete
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted((out / "checkpoints").glob("step-??????"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, out: Path, ckpt: Path) -> TrainState:
+    accelerator.load_state(str(ckpt))
+    state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+    if accelerator.is_main_process:  # forget metrics written after the checkpoint: they will be written again
+        with open(out / "metrics.jsonl", "r+b") as f:
+            f.truncate(state.metrics_bytes)
+    log.info("resumed from %s (step %d)", ckpt, state.step)
+    return state
+
+
+# -- one optimiser step -----------------------------------------------------------------------------
+def train_step(module, optimizer, scheduler, micro: list[dict], targets, accelerator, cfg: TrainConfig, step: int):
+    """Forward/backward over the micro-batches of one step, then clip and step. Returns (loss, tokens)."""
+    dev = accelerator.device
+    micro = [{k: v.to(dev, non_blocking=True) for k, v in mb.items()} for mb in micro]
+    local = sum(position_mask(mb["length"], mb["input_ids"].shape[1] - 1).sum() for mb in micro)
+    n_step = accelerator.reduce(torch.as_tensor(local, device=dev, dtype=torch.float64), "sum")  # all processes
+    scale = accelerator.num_processes / max(n_step.item(), 1.0)  # DDP averages gradients over processes
+    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    for i, mb in enumerate(micro):
+        sync = i == len(micro) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(module):
+            loss, _ = module(**targets(mb))
+            accelerator.backward(loss * scale)
+        loss_sum += loss.detach().double()
+    loss_value = (accelerator.reduce(loss_sum, "sum") / max(n_step.item(), 1.0)).item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step + 1}; the weights were not updated. "
+                                 "Check the cache (mft inspect --verify) or lower --lr")
+    if cfg.max_grad_norm:
+        accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]  # the rate this step uses
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, int(n_step.item()), lr
+
+
+def make_targets(cfg: TrainConfig, teacher):
+    """micro-batch -> the keyword arguments of StudentLoss.forward for the chosen objective."""
+    def targets(mb: dict) -> dict:
+        inputs = {"input_ids": mb["input_ids"], "length": mb["length"]}
+        if cfg.objective == "ft":
+            return inputs
+        if teacher is not None:
+            return {**inputs, **online_targets(teacher, mb, cfg.objective, cfg.tau)}
+        return {**inputs, "weight": cache_weight(mb, cfg.objective, cfg.tau), "topk_ids": mb["topk_ids"],
+                "topk_logprobs": mb["topk_logprobs"], "label_logprob": mb["label_logprob"]}
+
+    return targets
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    out = Path(cfg.out)
+    rows, manifest, model_id, seq_len = open_training_rows(cfg)
+    P, G = accelerator.num_processes, cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    resolved = {**to_dict(cfg), "resolved_model": model_id, "seq_len": seq_len, "num_processes": P,
+                "global_batch": G, "cache_manifest_sha256": manifest["manifest_sha256"] if manifest else None}
+    ckpt = prepare_run_folder(out, resolved, cfg)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(model_id, cfg.trust_remote_code)
+    model = load_model(model_id, torch.float32, accelerator.device, cfg.trust_remote_code)
+    model.config.use_cache = False
+    teacher = None
+    if manifest is not None:
+        check_student(manifest, tokenizer, model, model_id)
+        log.info("targets from the cache %s: the teacher is not loaded", cfg.cache)
+    else:
+        teacher = load_model(cfg.model, torch.float32, accelerator.device, cfg.trust_remote_code).eval().requires_grad_(False)
+        rows = PackedRows(build_sequences(cfg.data, tokenizer, seq_len, cfg.text_field)[0])
+        log.info("online teacher %s: a teacher forward pass every micro-batch (the paper's Algorithm 1)", cfg.model)
+    eval_sets = {}
+    for name, path in (("specialized", cfg.eval_specialized), ("general", cfg.eval_general)):
+        if path:
+            packed = build_sequences(path, tokenizer, seq_len, cfg.text_field)[0]
+            n = cfg.eval_max_sequences or packed.num_sequences
+            packed.input_ids, packed.lengths = packed.input_ids[:n], packed.lengths[:n]
+            eval_sets[name] = PackedRows(packed)
+
+    module = StudentLoss(model, cfg.chunk_size)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped once per step, any P
+    module, optimizer = accelerator.prepare(module, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        write_json_atomic(out / "config.json", resolved)
+        (out / "metrics.jsonl").touch()
+    if ckpt:
+        state = load_checkpoint(accelerator, out, ckpt)
+    else:
+        state = TrainState()
+        if accelerator.is_main_process:  # a fresh start forgets what an interrupted one wrote
+            (out / "metrics.jsonl").write_text("")
+            for stale in ("best", "final", "summary.json"):
+                shutil.rmtree(out / stale, ignore_errors=True) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+    t_run, wall_before = time.perf_counter(), state.wall_time_s
+    metrics = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
+
+    def emit(record: dict) -> None:
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    if not state.evals and eval_sets:
+        emit({"type": "eval", **evaluate(module, eval_sets, cfg, accelerator, state)})
+    targets = make_targets(cfg, teacher)
+    prefetch = Prefetcher(rows, range(state.step, cfg.steps), lambda s: micro_batches(
+        step_rows(s, G, len(rows), cfg.seed), cfg.batch_size, cfg.grad_accum, accelerator.process_index, P))
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"mft train ({cfg.objective})", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    module.train()
+    for step, micro in prefetch:
+        t0 = time.perf_counter()
+        loss, tokens, lr = train_step(module, optimizer, scheduler, micro, targets, accelerator, cfg, step)
+        dt = time.perf_counter() - t0
+        state.step, state.tokens, state.train_time_s = step + 1, state.tokens + tokens, state.train_time_s + dt
+        state.wall_time_s = wall_before + time.perf_counter() - t_run
+        record = {"type": "train", "step": state.step, "loss": loss, "lr": lr,
+                  "tokens": state.tokens, "step_time_s": dt, "tokens_per_s": tokens / dt}
+        emit(record)
+        fault_point(f"train:step-{state.step}")
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}")
+        bar.update(1)
+        if state.step % cfg.log_every == 0 and accelerator.is_main_process:
+            bar.write(f"step {state.step} | loss {loss:.4f} | {cfg.objective} tau {cfg.tau:g} | lr {record['lr']:.2e} "
+                      f"| {dt * 1000:.0f} ms | {tokens / dt:,.0f} tok/s")
+        if eval_sets and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+            ev = evaluate(module, eval_sets, cfg, accelerator, state)
+            emit({"type": "eval", **ev})
+            bar.write(" | ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float)))
+            if "ppl_specialized" in ev and (state.best is None or ev["ppl_specialized"] < state.best["ppl_specialized"]):
+                state.best = ev
+                save_pretrained(accelerator, module, tokenizer, out / "best")
+            if accelerator.is_main_process:
+                plot_s_dg(state.evals, out / "s_dg.png", f"{cfg.objective} (tau {cfg.tau:g})")
+        if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
+            if metrics:
+                state.metrics_bytes = metrics.tell()
+            save_checkpoint(accelerator, out, state)
+    bar.close()
+    save_pretrained(accelerator, module, tokenizer, out / "final")
+    state.wall_time_s = wall_before + time.perf_counter() - t_run
+    summary = summarize(cfg, state, resolved, teacher is not None)
+    if accelerator.is_main_process:
+        write_json_atomic(out / "summary.json", summary)
+        metrics.close()
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: resume state no longer needed
+    accelerator.wait_for_everyone()
+    log.info("run written to %s: S %s, DG %s, DG/S %s", out, _fmt(summary["S"]), _fmt(summary["DG"]), _fmt(summary["ratio"]))
+    return summary
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def summarize(cfg: TrainConfig, state: TrainState, resolved: dict, online: bool) -> dict:
+    base = state.evals[0] if state.evals else {}
+    best = state.best or {}
+    last = state.evals[-1] if state.evals else {}
+    return {
+        "objective": cfg.objective,
+        "tau": cfg.tau,
+        "teacher": "online" if online else "cache",
+        "teacher_loaded": online,
+        "S": best.get("S"),
+        "DG": best.get("DG"),
+        "ratio": best.get("ratio"),
+        "best_step": best.get("step"),
+        "base_ppl_specialized": base.get("ppl_specialized"),
+        "base_ppl_general": base.get("ppl_general"),
+        "best_ppl_specialized": best.get("ppl_specialized"),
+        "best_ppl_general": best.get("ppl_general"),
+        "final_ppl_specialized": last.get("ppl_specialized"),
+        "final_ppl_general": last.get("ppl_general"),
+        "final_S": last.get("S"),
+        "final_DG": last.get("DG"),
+        "final_ratio": last.get("ratio"),
+        "steps": state.step,
+        "tokens": state.tokens,
+        "wall_time_s": state.wall_time_s,
+        "train_time_s": state.train_time_s,
+        "num_processes": resolved["num_processes"],
+        "global_batch": resolved["global_batch"],
+        "seq_len": resolved["seq_len"],
+        "model": resolved["resolved_model"],
+    }
