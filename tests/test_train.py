@@ -175,3 +175,35 @@ def test_existing_run_is_not_overwritten_by_accident(full_cache, tmp_path, capsy
     code = main(["train", "--cache", str(full_cache), "--out", str(tmp_path / "r"), "--steps", "3", "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and "started with another configuration" in err and "'steps'" in err
+
+
+def test_sweep_reuses_one_cache_and_never_loads_the_teacher(full_cache, data, tmp_path, caplog, monkeypatch):
+    import logging
+
+    import mft_cache.models as models
+    from mft_cache.trainer.sweep import sweep
+
+    loaded = []
+    real = models.load_model
+    monkeypatch.setattr("mft_cache.trainer.train.load_model", lambda mid, *a, **k: loaded.append(mid) or real(mid, *a, **k))
+    caplog.set_level(logging.INFO)
+    cfg = TrainConfig(cache=str(full_cache), out=str(tmp_path / "s"), steps=2, batch_size=2, eval_every=2,
+                      save_every=0, eval_specialized=str(data["spec"]), eval_general=str(data["gen"]))
+    rows = sweep(cfg, [0.25, 1.0], with_ft=True)
+    assert [r["run"] for r in rows] == ["mft-tau0.25", "mft-tau1", "ft"]
+    assert len(loaded) == 3  # one student per run, never a teacher: every load is the student (the cache's model)
+    assert not any(r["teacher_loaded"] for r in rows)
+    assert "the teacher was loaded 0 times" in caplog.text
+    out = tmp_path / "s"
+    assert json.loads((out / "sweep.json").read_text())["teacher_loads"] == 0
+    assert (out / "sweep.csv").read_text().splitlines()[0].startswith("run,objective,tau,S,DG,ratio")
+    assert (out / "sweep.md").read_text().count("\n") == 5 and (out / "dg_vs_s.png").stat().st_size > 1000
+    # tau = 1 and ft see the same data and give the same result
+    assert rows[1]["best_ppl_specialized"] == pytest.approx(rows[2]["best_ppl_specialized"], rel=1e-5)
+
+
+def test_resume_of_a_finished_run_does_nothing(full_cache, tmp_path):
+    summary, _ = run(tmp_path, "r", cache=str(full_cache), steps=2)
+    before = (tmp_path / "r" / "metrics.jsonl").read_bytes()
+    again, _ = run(tmp_path, "r", cache=str(full_cache), steps=2, resume=True)
+    assert again == summary and (tmp_path / "r" / "metrics.jsonl").read_bytes() == before

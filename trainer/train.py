@@ -52,8 +52,8 @@ class TrainState:
 
 
 # -- setting up -------------------------------------------------------------------------------------
-def prepare_run_folder(out: Path, resolved: dict, cfg: TrainConfig) -> Path | None:
-    """Check --out; return the checkpoint to resume from (or None)."""
+def prepare_run_folder(out: Path, resolved: dict, cfg: TrainConfig) -> Path | str | None:
+    """Check --out; return the checkpoint to resume from, None (fresh start), or "finished"."""
     config_path = out / "config.json"
     if out.exists() and any(out.iterdir()):
         if not config_path.exists():
@@ -67,6 +67,8 @@ def prepare_run_folder(out: Path, resolved: dict, cfg: TrainConfig) -> Path | No
             keys = [k for k in set(old) | set(resolved) if k not in _IGNORED_ON_RESUME and old.get(k) != resolved.get(k)]
             if keys:
                 raise ValueError(f"--resume: the run in {out} was started with another configuration (differs in {sorted(keys)})")
+            if (out / "summary.json").exists():
+                return "finished"
             ckpt = latest_checkpoint(out)
             if ckpt is None:
                 log.info("--resume: no complete checkpoint in %s; starting from step 0", out)
@@ -213,6 +215,9 @@ def train(cfg: TrainConfig) -> dict:
                 "global_batch": G, "cache_manifest_sha256": manifest["manifest_sha256"] if manifest else None}
     ckpt = prepare_run_folder(out, resolved, cfg)
     accelerator.wait_for_everyone()
+    if ckpt == "finished":
+        log.info("the run in %s is already finished (same configuration); --overwrite reruns it", out)
+        return json.loads((out / "summary.json").read_text())
     set_seed(cfg.seed)
 
     tokenizer = load_tokenizer(model_id, cfg.trust_remote_code)
