@@ -18,6 +18,7 @@ EVAL_SPECIALIZED ?= assets/data/licenses_val_full.jsonl
 EVAL_GENERAL ?= assets/data/bbc_val_full.jsonl
 LR ?= 1e-5
 MIXED_PRECISION ?= bf16
+EVAL_MAX ?= 0
 CACHE ?= caches/gpu
 RUN ?= runs/gpu
 endif
@@ -37,6 +38,7 @@ LR ?= 1e-4
 TAU ?= 0.25
 OBJECTIVE ?= mft
 EVAL_EVERY ?= 20
+EVAL_MAX ?= 32
 MIXED_PRECISION ?= no
 TAUS ?= 0.1,0.25,0.5
 CACHE_ARGS ?=
@@ -65,13 +67,15 @@ cache: setup $(if $(filter assets/%,$(MODEL) $(DATA)),assets)
 train: setup $(if $(filter assets/%,$(EVAL_SPECIALIZED) $(EVAL_GENERAL)),assets)
 	$(BIN)/mft train --cache $(CACHE) --out $(RUN) --objective $(OBJECTIVE) --tau $(TAU) --steps $(STEPS) \
 		--batch-size $(BATCH) --lr $(LR) --eval-every $(EVAL_EVERY) --mixed-precision $(MIXED_PRECISION) \
-		--eval-specialized $(EVAL_SPECIALIZED) --eval-general $(EVAL_GENERAL) --resume $(TRAIN_ARGS)
+		--eval-specialized $(EVAL_SPECIALIZED) --eval-general $(EVAL_GENERAL) --eval-max-sequences $(EVAL_MAX) \
+		--resume $(TRAIN_ARGS)
 
 # One run per tau plus plain finetuning, all from the one cache; the teacher is never loaded.
 sweep: setup $(if $(filter assets/%,$(EVAL_SPECIALIZED) $(EVAL_GENERAL)),assets)
 	$(BIN)/mft sweep --cache $(CACHE) --out $(SWEEP) --taus $(TAUS) --steps $(STEPS) --batch-size $(BATCH) \
 		--lr $(LR) --eval-every $(EVAL_EVERY) --mixed-precision $(MIXED_PRECISION) \
-		--eval-specialized $(EVAL_SPECIALIZED) --eval-general $(EVAL_GENERAL) --resume $(TRAIN_ARGS)
+		--eval-specialized $(EVAL_SPECIALIZED) --eval-general $(EVAL_GENERAL) --eval-max-sequences $(EVAL_MAX) \
+		--resume $(TRAIN_ARGS)
 
 test: setup
 	$(BIN)/pytest -q -m "not slow"

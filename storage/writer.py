@@ -91,6 +91,9 @@ class CacheWriter:
             except ManifestError as e:
                 raise ValueError(f"--out {self.folder} holds a damaged cache ({e}); pass --overwrite to rebuild it") from e
             if old["config"] == self.identity:
+                for n in names:  # leftovers of a run stopped inside finish(), after the manifest was written
+                    if n.startswith("."):  # progress file, shard records, *.tmp-PID (all ours: _OURS matched)
+                        _remove(self.folder / n)
                 return "complete"
             raise ValueError(
                 f"--out {self.folder} holds a finished cache built with another configuration "
@@ -109,7 +112,7 @@ class CacheWriter:
                     _remove(self.folder / n)
             return "resume"
         if names:
-            log.info("removing the cache in %s (--overwrite)", self.folder)
+            log.info("removing %s in %s", "the cache (--overwrite)" if overwrite else "an unfinished start", self.folder)
             for n in names:
                 _remove(self.folder / n)
         write_json_atomic(progress, self.identity)
