@@ -5,8 +5,9 @@ memory-mapped), so a cache larger than memory is fine.
 
 Integrity: opening checks the manifest (version, self-checksum) and that every shard exists with
 its recorded size (cheap: catches missing and truncated shards). With `verify="lazy"` (the
-default) each shard's sha256 is checked the first time it is read, so flipped bytes never reach
-training; `verify="full"` checks them all up front; `verify="none"` trusts the files.
+default) each shard's sha256 and values (ids in the vocabulary, no NaN log-probs, ...) are checked
+the first time it is read, so flipped bytes never reach training; `verify="full"` checks them all
+up front; `verify="none"` trusts the files.
 """
 from __future__ import annotations
 
@@ -19,10 +20,34 @@ import numpy as np
 import torch
 
 from .backends import BACKENDS, CorruptShardError, checksum, size_on_disk
-from .manifest import load_manifest
+from .manifest import ManifestError, load_manifest
 from .schema import Field, schema_from_json
 
 VERIFY_MODES = ("none", "lazy", "full")
+REQUIRED_FIELDS = ("input_ids", "length", "topk_ids", "topk_logprobs", "label_logprob")
+_LOGPROB_SLACK = 1e-3  # log_softmax can round a hair above 0; anything more is not a log-probability
+
+
+def validate_values(arrays: dict[str, np.ndarray], *, vocab_size: int, seq_len: int, path: Path) -> None:
+    """Refuse values no teacher can produce: ids outside the vocabulary, lengths outside [0, seq_len],
+    NaN or +inf or positive log-probs (-inf is a legal log-prob: probability 0)."""
+    def bad(field: str, what: str, mask: np.ndarray):
+        row = int(np.argwhere(mask)[0][0])
+        raise CorruptShardError(path, f"field {field!r} holds {what} (row {row} of the shard)")
+
+    length = arrays["length"]
+    if ((length < 0) | (length > seq_len)).any():
+        bad("length", f"a length outside [0, {seq_len}]", (length < 0) | (length > seq_len))
+    for name in ("input_ids", "topk_ids"):
+        a = arrays[name].astype(np.int64, copy=False)
+        out = (a < 0) | (a >= vocab_size)
+        if out.any():
+            bad(name, f"ids outside [0, {vocab_size})", out.reshape(len(a), -1).any(1))
+    for name in ("topk_logprobs", "label_logprob"):
+        a = arrays[name].astype(np.float32, copy=False)
+        wrong = np.isnan(a) | (a > _LOGPROB_SLACK)
+        if wrong.any():
+            bad(name, "NaN, +inf or positive log-probabilities", wrong.reshape(len(a), -1).any(1))
 
 
 class Cache:
@@ -41,6 +66,9 @@ class Cache:
         if self.format not in BACKENDS:
             raise ValueError(f"{self.folder / 'manifest.json'}: unknown format {self.format!r} (known: {tuple(BACKENDS)})")
         self.schema: tuple[Field, ...] = schema_from_json(self.manifest["schema"])
+        missing = [f for f in REQUIRED_FIELDS if f not in {x.name for x in self.schema}]
+        if missing:
+            raise ManifestError(f"{self.folder / 'manifest.json'}: the schema lacks the fields {missing}")
         self.shards = self.manifest["shards"]
         self._starts = [s["first_row"] for s in self.shards]
         self._open: dict[int, object] = {}
@@ -74,6 +102,7 @@ class Cache:
 
     # -- integrity ------------------------------------------------------------------------------
     def verify_shard(self, index: int) -> None:
+        """Check one shard's sha256 against the manifest, then its values (validate_values)."""
         s = self.shards[index]
         path = self.folder / s["name"]
         if not path.exists():
@@ -81,10 +110,13 @@ class Cache:
         got = checksum(path)
         if got != s["sha256"]:
             raise CorruptShardError(path, f"sha256 {got[:12]}... does not match the manifest's {s['sha256'][:12]}... (altered, or copied from another cache)")
+        reader = BACKENDS[self.format](path, self.schema)
+        validate_values({f.name: reader.read(f.name, 0, s["rows"]) for f in self.schema},
+                        vocab_size=self.vocab_size, seq_len=self.seq_len, path=path)
         self._verified.add(index)
 
     def verify(self) -> None:
-        """Check every shard's checksum and the auxiliary files; raise CorruptShardError naming the first bad one."""
+        """Check every shard's checksum and values, and the auxiliary files; raise CorruptShardError naming the first bad one."""
         for i in range(len(self.shards)):
             self.verify_shard(i)
         docs = self.manifest["data"].get("documents_file")
@@ -98,10 +130,8 @@ class Cache:
         with self._lock:
             if index not in self._open:
                 if self.verify_mode != "none" and index not in self._verified:
-                    self.verify_shard(index)
-                s = self.shards[index]
-                reader = BACKENDS[self.format](self.folder / s["name"], self.schema)
-                self._open[index] = reader
+                    self.verify_shard(index)  # checksum before any parser touches the bytes
+                self._open[index] = BACKENDS[self.format](self.folder / self.shards[index]["name"], self.schema)
             return self._open[index]
 
     def locate(self, row: int) -> tuple[int, int]:
