@@ -1,4 +1,12 @@
-"""`mft cache`: the frozen teacher reads the finetuning set once and writes the cache."""
+"""`mft cache`: the frozen teacher reads the finetuning set once and writes the cache.
+
+On N processes (`torchrun --nproc_per_node N -m mft_cache.cli cache ...`, or `accelerate launch`) the
+first process prepares the folder (or finds it complete, or resumes it) and tells the others which
+shards are missing; the missing shards are dealt out round-robin, each process computes and writes
+whole shards of its own, and once every process is done the first writes documents.npy and the
+manifest. A shard's bytes depend only on its rows, so the cache is the one a single process writes,
+and a build stopped on N processes resumes on any number.
+"""
 from __future__ import annotations
 
 import io
@@ -14,14 +22,14 @@ from tqdm.auto import tqdm
 
 from mft_cache import __version__
 from mft_cache.config import opt, to_dict
+from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_point
 from mft_cache.models import (backbone_and_head, check_head, describe_model, load_model, load_tokenizer,
                               max_positions, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
                               weights_fingerprint)
-from mft_cache.storage import CacheWriter, build_sequences, cache_schema
+from mft_cache.storage import CacheWriter, build_sequences, cache_schema, load_manifest
 from mft_cache.storage.backends import FORMATS
 from mft_cache.storage.schema import LOGPROB_DTYPES, VALUE_SEMANTICS, row_bytes
-from mft_cache.storage.writer import config_fingerprint
 
 from .teacher import auto_chunk_tokens, teach_batch
 
@@ -73,11 +81,28 @@ def _documents_npy(doc_offsets: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def process_state(device: torch.device):
+    """Accelerate's view of this process: one of several under torchrun / accelerate launch, else alone.
+    A process group is created only when the launcher started several processes (WORLD_SIZE > 1)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu_launch(device.type))
+    if state.num_processes > 1:
+        leave_process_group_at_exit()
+    return state
+
+
 def build_cache(cfg: CacheConfig) -> dict:
     """Build (or resume, or find complete) the cache described by `cfg`; return its manifest."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    dist = process_state(device)
+    if dist.num_processes > 1:
+        if device.type != "cpu" and device.index is None:
+            device = dist.device  # this process's own GPU (cuda:LOCAL_RANK)
+        if not dist.is_main_process:  # one log, from the first process
+            logging.getLogger("mft_cache").setLevel(logging.WARNING)
 
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     packed, documents = build_sequences(cfg.data, tokenizer, cfg.seq_len, cfg.text_field, cfg.split)
@@ -104,18 +129,19 @@ def build_cache(cfg: CacheConfig) -> dict:
     identity.update(resolved_device=device.type, resolved_dtype=str(dtype).removeprefix("torch."),
                     data_fingerprint=documents.fingerprint, weights_fingerprint=weights_fingerprint(cfg.model),
                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
-    writer = CacheWriter(cfg.out, fmt=cfg.format, schema=schema, identity=identity, overwrite=cfg.overwrite)
-    if writer.state == "complete":
+    writer, state, done = _open_writer(cfg, schema, identity, dist)
+    if state == "complete":
         log.info("cache in %s is already complete (same configuration); nothing to do (--overwrite rebuilds it)", cfg.out)
-        from mft_cache.storage import load_manifest
-
         return load_manifest(cfg.out)
 
     rows_per_shard = max(1, int(cfg.shard_mb * 2**20) // row_bytes(schema))
     num_shards = math.ceil(packed.num_sequences / rows_per_shard)
-    done = writer.done_shards()
-    if writer.state == "resume":
+    if state == "resume":
         log.info("resuming: %d of %d shards already written", len([i for i in done if i < num_shards]), num_shards)
+    missing = [i for i in range(num_shards) if i not in done]
+    mine = missing[dist.process_index::dist.num_processes]  # any process count can finish any build
+    if dist.num_processes > 1:
+        log.info("%d processes: %d shards to compute, about %d each", dist.num_processes, len(missing), len(mine))
 
     backbone, head = backbone_and_head(model)
     check_head(model, backbone, head, torch.as_tensor(packed.input_ids[:1], device=device))
@@ -127,14 +153,19 @@ def build_cache(cfg: CacheConfig) -> dict:
         return range(i * rows_per_shard, min(packed.num_sequences, (i + 1) * rows_per_shard))
 
     preds = np.maximum(packed.lengths - 1, 0)
-    done_tokens = sum(int(preds[shard_rows(i).start: shard_rows(i).stop].sum()) for i in done if i < num_shards)
+    shard_tokens = [int(preds[shard_rows(i).start: shard_rows(i).stop].sum()) for i in range(num_shards)]
+    done_tokens = sum(shard_tokens[i] for i in done if i < num_shards)
     bar = tqdm(total=packed.num_predictions, initial=done_tokens, unit="tok", unit_scale=True, desc="mft cache",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not dist.is_main_process)
+
+    def sync_bar() -> None:  # several processes: count every shard on disk, not only the first process's
+        if dist.num_processes > 1 and not bar.disable:
+            bar.n = max(bar.n, sum(shard_tokens[i] for i in writer.recorded_shards() if i < num_shards))
+            bar.refresh()
+
     pending: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as pool:  # writes shard i while the teacher computes shard i+1
-        for i in range(num_shards):
-            if i in done:
-                continue
+        for i in mine:
             rows = shard_rows(i)
             out = {"input_ids": packed.input_ids[rows.start: rows.stop].astype(id_np),
                    "length": packed.lengths[rows.start: rows.stop].astype(np.int32)}
@@ -151,10 +182,16 @@ def build_cache(cfg: CacheConfig) -> dict:
             out.update({k: np.concatenate(v) for k, v in parts.items()})
             if pending is not None:
                 fault_point(f"cache:shard-{pending.result()['index']}")
+                sync_bar()
             pending = pool.submit(writer.write_shard, i, out)
         if pending is not None:
             fault_point(f"cache:shard-{pending.result()['index']}")
+    dist.wait_for_everyone()  # every shard is on disk
+    sync_bar()
     bar.close()
+    if not dist.is_main_process:
+        dist.wait_for_everyone()  # the first process writes the manifest
+        return load_manifest(cfg.out)
 
     docs_file = writer.write_file("documents.npy", _documents_npy(packed.doc_offsets))
     import transformers
@@ -177,12 +214,28 @@ def build_cache(cfg: CacheConfig) -> dict:
         "num_tokens": packed.num_predictions,
         "num_input_tokens": int(packed.lengths.sum()),
         "rows_per_shard": rows_per_shard,
-        "num_processes": 1,
+        "num_processes": dist.num_processes,  # of the run that finished the cache; not part of its identity
         "bytes_per_token": None,
         "created_by": {"mft_cache": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
     }
     manifest = writer.finish(manifest, num_shards)
-    log.info("cache written to %s: %d sequences, %d tokens, %d shards, %.1f bytes/token, %.1f s",
+    log.info("cache written to %s: %d sequences, %d tokens, %d shards, %.1f bytes/token, %.1f s%s",
              cfg.out, manifest["num_sequences"], manifest["num_tokens"], num_shards, manifest["bytes_per_token"],
-             time.perf_counter() - t0)
+             time.perf_counter() - t0, f", {dist.num_processes} processes" if dist.num_processes > 1 else "")
+    dist.wait_for_everyone()
     return manifest
+
+
+def _open_writer(cfg: CacheConfig, schema, identity: dict, dist) -> tuple[CacheWriter, str, set[int]]:
+    """(writer, folder state, indices of the shards already written). The first process checks the folder
+    (refusing, wiping or resuming it) while the others wait; then all of them see its verdict."""
+    prepared = {}
+
+    def decide():
+        prepared["writer"] = CacheWriter(cfg.out, fmt=cfg.format, schema=schema, identity=identity, overwrite=cfg.overwrite)
+        return prepared["writer"].state, sorted(prepared["writer"].done_shards())
+
+    state, done = decide_on_main(dist, decide)
+    writer = prepared.get("writer") or CacheWriter(cfg.out, fmt=cfg.format, schema=schema, identity=identity,
+                                                   prepare=False)
+    return writer, state, set(done)

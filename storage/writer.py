@@ -10,6 +10,11 @@ Folder life cycle:
   progress file and the records are removed.
 Re-running the same build resumes (only missing shards are computed); a finished cache is never
 rebuilt unless `overwrite`; a folder holding anything else is refused.
+
+Several processes (one build on N processes, possibly N machines sharing the folder): one of them
+prepares the folder (`prepare=True`) and finishes it; the others attach with `prepare=False` once it
+has, and each writes only its own shards. Every file a shard owns is named after its index, so
+processes never write the same file.
 """
 from __future__ import annotations
 
@@ -63,15 +68,18 @@ class CacheWriter:
         identity: everything that determines the cache's content (the resolved config); a folder
             holding a cache or an unfinished build of another identity is refused unless `overwrite`.
         overwrite: remove an existing cache (ours only; a folder with foreign files is always refused).
+        prepare: check (and if needed wipe) the folder and set `state`. False: attach to a folder another
+            process of the same build has prepared; `state` is None and only `write_shard` is meant to be used.
     """
 
-    def __init__(self, folder: Path, *, fmt: str, schema: tuple[Field, ...], identity: dict, overwrite: bool = False):
+    def __init__(self, folder: Path, *, fmt: str, schema: tuple[Field, ...], identity: dict, overwrite: bool = False,
+                 prepare: bool = True):
         if fmt not in BACKENDS:
             raise ValueError(f"--format must be one of {tuple(BACKENDS)}, got {fmt!r}")
         self.folder = Path(folder)
         self.fmt, self.schema, self.identity = fmt, schema, identity
         self.backend = BACKENDS[fmt]
-        self.state = self._prepare(overwrite)
+        self.state = self._prepare(overwrite) if prepare else None
 
     # -- folder state -------------------------------------------------------------------------
     def _prepare(self, overwrite: bool) -> str:
@@ -132,6 +140,10 @@ class CacheWriter:
             if data.exists() and size_on_disk(data) == record["bytes"]:
                 done[index] = record
         return done
+
+    def recorded_shards(self) -> list[int]:
+        """Indices of the shards whose record exists (done or about to be renamed): a cheap progress count."""
+        return [int(p.name[7:12]) for p in self.folder.glob(".shard-*.json")]
 
     def write_shard(self, index: int, arrays: dict) -> dict:
         """Write one shard (numpy arrays keyed by field name) atomically; return its record."""

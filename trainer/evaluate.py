@@ -10,13 +10,23 @@ from .data import PackedRows
 
 @torch.no_grad()
 def perplexity(loss_module, rows: PackedRows, batch_size: int, accelerator) -> float:
-    """exp(mean next-token NLL) over every label token of `rows`, split across processes."""
+    """exp(mean next-token NLL) over every label token of `rows`, split across processes.
+
+    Process r takes rows r, r+P, r+2P, ...; every process runs the same number of forward passes
+    (a process short of rows runs one on a row cut to a single token, which has no label), since
+    DDP and FSDP forward passes hold collectives that must match across processes.
+    """
     loss_module.eval()
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
-    for s in range(0, len(mine), batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in rows.batch(mine[s:s + batch_size]).items()}
+    num_batches = math.ceil(math.ceil(len(rows) / accelerator.num_processes) / batch_size)  # the same everywhere
+    for s in range(0, num_batches * batch_size, batch_size):
+        part = mine[s:s + batch_size]
+        batch = rows.batch(part or [0])
+        if not part:
+            batch["length"] = torch.ones_like(batch["length"])  # no label token: adds 0 to both sums
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             loss, n = loss_module(**batch)
         total += loss.double()

@@ -6,7 +6,6 @@ times, and the log and sweep.json say so.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path

@@ -4,6 +4,10 @@ The loop reads like the accelerate examples; setting up, evaluating, saving and 
 functions of their own. Loss normalisation: each micro-batch contributes its SUM of per-token
 losses divided by the number of label tokens of the whole optimiser step (all micro-batches, all
 processes), so accumulation and data parallelism give the loss of one big batch.
+
+Several processes (torchrun, accelerate launch; DDP or FSDP): every process runs the same number of
+forward passes per step and per evaluation (collectives stay matched), the first process decides
+the run folder's fate and writes every run file; Accelerate's save_state runs on all of them.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mft_cache.config import to_dict
+from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_point
 from mft_cache.models import load_model, load_tokenizer
 from mft_cache.storage import build_sequences, open_cache
@@ -121,11 +126,18 @@ def evaluate(module, eval_sets: dict, cfg: TrainConfig, accelerator, state: Trai
 
 def save_pretrained(accelerator, module, tokenizer, path: Path) -> None:
     """A folder that AutoModelForCausalLM.from_pretrained loads, written under a temporary name."""
+    from accelerate.utils import DistributedType
+
     accelerator.wait_for_everyone()
+    state_dict = None  # the model's own
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # sharded weights: every process takes part in gathering them; StudentLoss keeps the model as .model
+        full = accelerator.get_state_dict(module)
+        state_dict = {k.removeprefix("model."): v for k, v in full.items()} if accelerator.is_main_process else None
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(module).model.save_pretrained(tmp, safe_serialization=True)
+        accelerator.unwrap_model(module).model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
@@ -202,23 +214,34 @@ def make_targets(cfg: TrainConfig, teacher):
 
 
 # -- the run ----------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> dict:
+def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+
+    gpu = torch.accelerator.current_accelerator()  # None without one
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_launch(gpu.type if gpu else None))
+    if accelerator.num_processes > 1:
+        leave_process_group_at_exit()
+    return accelerator
+
+
+def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import set_seed
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg)
+    if not accelerator.is_main_process:  # one log, from the first process
+        logging.getLogger("mft_cache").setLevel(logging.WARNING)
     out = Path(cfg.out)
     rows, manifest, model_id, seq_len = open_training_rows(cfg)
     P, G = accelerator.num_processes, cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     resolved = {**to_dict(cfg), "resolved_model": model_id, "seq_len": seq_len, "num_processes": P,
                 "global_batch": G, "cache_manifest_sha256": manifest["manifest_sha256"] if manifest else None}
-    ckpt = prepare_run_folder(out, resolved, cfg)
+    ckpt = decide_on_main(accelerator, lambda: prepare_run_folder(out, resolved, cfg))  # may wipe --out
     accelerator.wait_for_everyone()
     if ckpt == "finished":
         log.info("the run in %s is already finished (same configuration); --overwrite reruns it", out)
         return json.loads((out / "summary.json").read_text())
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, device_specific=True)  # seed + process index: each process its own dropout masks
 
     tokenizer = load_tokenizer(model_id, cfg.trust_remote_code)
     model = load_model(model_id, torch.float32, accelerator.device, cfg.trust_remote_code)
@@ -240,6 +263,8 @@ def train(cfg: TrainConfig) -> dict:
             eval_sets[name] = PackedRows(packed)
 
     module = StudentLoss(model, cfg.chunk_size)
+    # FSDP's auto-wrap reads the decoder-layer classes from the prepared module: the model's own list
+    module._no_split_modules = getattr(model, "_no_split_modules", None)
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped once per step, any P
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -291,7 +316,8 @@ def train(cfg: TrainConfig) -> dict:
         if eval_sets and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
             ev = evaluate(module, eval_sets, cfg, accelerator, state)
             emit({"type": "eval", **ev})
-            bar.write(" | ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float)))
+            if accelerator.is_main_process:
+                bar.write(" | ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float)))
             if "ppl_specialized" in ev and (state.best is None or ev["ppl_specialized"] < state.best["ppl_specialized"]):
                 state.best = ev
                 save_pretrained(accelerator, module, tokenizer, out / "best")
