@@ -27,7 +27,7 @@ from mft_cache.trainer.train import train
 
 SEQ = 48
 CACHE_ARGS = dict(seq_len=SEQ, top_k=8, shard_mb=0.01, batch_size=2)  # ~22 shards of 5 rows
-TIMEOUT_S = 240
+TIMEOUT_S = 600
 SHARD = re.compile(r"^shard-\d{5}\.zarr$")
 
 

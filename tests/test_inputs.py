@@ -129,11 +129,11 @@ def test_out_folder_with_foreign_files_is_refused(llama, docs_jsonl, tmp_path, c
 
 def test_cli_error_has_no_traceback_in_a_real_process(llama, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mft_cache.cli", "cache", "--data", str(tmp_path / "missing.jsonl"),
-                        "--model", str(llama), "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120)
+                        "--model", str(llama), "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2
     assert "missing.jsonl: no such file" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "mft_cache.cli", "cache", "--model", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 2
     assert "holds no config.json" in r.stderr and "Traceback" not in r.stderr
 

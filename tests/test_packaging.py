@@ -24,7 +24,7 @@ import mft_cache
 ROOT = Path(mft_cache.__file__).resolve().parent.parent  # the repository root
 STAGES = ("pipeline", "storage", "trainer")
 OUR_DIRS = ("mft_cache", *STAGES)
-TIMEOUT_S = 120
+TIMEOUT_S = 600
 
 # Runs in the subprocess. Our modules are imported FIRST, and only then the top-level names, so a
 # stray `import storage` (etc.) anywhere in our code would show up in `leaked`.

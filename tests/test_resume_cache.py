@@ -21,7 +21,7 @@ from mft_cache.storage import ManifestError, open_cache
 NUM_DOCS = 40  # ~220 sequences of 48 tokens -> ~45 shards of 5 rows at --shard-mb 0.01; a few seconds on CPU
 MIN_SHARDS_BEFORE_SIGNAL = 2
 SHARD = re.compile(r"^shard-\d{5}\.(zarr|arrow)$")
-RUN_TIMEOUT_S = 180
+RUN_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")

@@ -130,13 +130,13 @@ def _train_cmd(cache: Path, out: Path, *extra: str) -> list[str]:
 def test_resume_after_sigkill_matches_an_uninterrupted_run(fault, full_cache, data, tmp_path):
     evals = ["--eval-specialized", str(data["spec"]), "--eval-general", str(data["gen"])]
     env = {**os.environ, "MFT_FAULT": fault}
-    killed = subprocess.run(_train_cmd(full_cache, tmp_path / "r", *evals), env=env, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(_train_cmd(full_cache, tmp_path / "r", *evals), env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL, mid-run
     assert not (tmp_path / "r" / "summary.json").exists()
-    resumed = subprocess.run(_train_cmd(full_cache, tmp_path / "r", *evals, "--resume"), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_train_cmd(full_cache, tmp_path / "r", *evals, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
-    clean = subprocess.run(_train_cmd(full_cache, tmp_path / "u", *evals), capture_output=True, text=True, timeout=300)
+    clean = subprocess.run(_train_cmd(full_cache, tmp_path / "u", *evals), capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-2000:]
 
     def metrics(name):
