@@ -133,6 +133,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(fault, full_cache, da
     killed = subprocess.run(_train_cmd(full_cache, tmp_path / "r", *evals), env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL, mid-run
     assert not (tmp_path / "r" / "summary.json").exists()
+    saved = sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("step-??????/*"))
+    assert "trainer_state.json" in saved and "model.safetensors" in saved
+    assert not [n for n in saved if n.startswith("custom_checkpoint")]  # nothing restored with weights_only=False
     resumed = subprocess.run(_train_cmd(full_cache, tmp_path / "r", *evals, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr

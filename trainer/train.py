@@ -54,6 +54,7 @@ class TrainState:
     metrics_bytes: int = 0  # length of metrics.jsonl when saved: a resumed run truncates to it
     evals: list = field(default_factory=list)
     best: dict | None = None
+    scheduler: dict | None = None  # LambdaLR state (numbers): kept here, in JSON, not in a pickle
 
 
 # -- setting up -------------------------------------------------------------------------------------
@@ -268,7 +269,8 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped once per step, any P
     module, optimizer = accelerator.prepare(module, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    # The scheduler is not registered with Accelerate: it would be pickled and restored with
+    # torch.load(weights_only=False). Its state is a few numbers, saved in trainer_state.json.
 
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
@@ -276,6 +278,7 @@ def train(cfg: TrainConfig) -> dict:
         (out / "metrics.jsonl").touch()
     if ckpt:
         state = load_checkpoint(accelerator, out, ckpt)
+        scheduler.load_state_dict(state.scheduler)
     else:
         state = TrainState()
         if accelerator.is_main_process:  # a fresh start forgets what an interrupted one wrote
@@ -326,6 +329,7 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
             if metrics:
                 state.metrics_bytes = metrics.tell()
+            state.scheduler = scheduler.state_dict()  # numbers only (lr_lambdas is [None] for a function)
             save_checkpoint(accelerator, out, state)
     bar.close()
     save_pretrained(accelerator, module, tokenizer, out / "final")
