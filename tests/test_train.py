@@ -60,7 +60,8 @@ def test_cache_with_k_equal_vocabulary_matches_the_online_teacher(llama, data, f
 
 def test_tau_one_from_the_cache_is_plain_finetuning(full_cache, tmp_path):
     _, mft1 = run(tmp_path, "tau1", cache=str(full_cache), tau=1.0)
-    _, ft = run(tmp_path, "ft", cache=str(full_cache), objective="ft")
+    ft_summary, ft = run(tmp_path, "ft", cache=str(full_cache), objective="ft")
+    assert ft_summary["tau"] == 1.0  # ft is MFT at tau = 1, whatever --tau says
     torch.testing.assert_close(losses(mft1), losses(ft), rtol=1e-6, atol=0)
     _, mft = run(tmp_path, "tau025", cache=str(full_cache), tau=0.25)
     assert not torch.allclose(losses(mft), losses(ft), rtol=1e-3)  # the comparison can fail
@@ -113,6 +114,7 @@ def test_outputs_best_checkpoint_summary_and_plot(llama, data, tmp_path):
 def test_ablations_train(objective, full_cache, tmp_path):
     summary, lines = run(tmp_path, objective, cache=str(full_cache), objective=objective, steps=3)
     assert summary["objective"] == objective and len(lines) == 3
+    assert summary["tau"] == (None if objective == "corrective-ft" else 0.25)
     assert all(torch.isfinite(losses(lines)))
 
 

@@ -314,7 +314,7 @@ def train(cfg: TrainConfig) -> dict:
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}")
         bar.update(1)
         if state.step % cfg.log_every == 0 and accelerator.is_main_process:
-            bar.write(f"step {state.step} | loss {loss:.4f} | {cfg.objective} tau {cfg.tau:g} | lr {record['lr']:.2e} "
+            bar.write(f"step {state.step} | loss {loss:.4f} | {run_label(cfg)} | lr {record['lr']:.2e} "
                       f"| {dt * 1000:.0f} ms | {tokens / dt:,.0f} tok/s")
         if eval_sets and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
             ev = evaluate(module, eval_sets, cfg, accelerator, state)
@@ -325,7 +325,7 @@ def train(cfg: TrainConfig) -> dict:
                 state.best = ev
                 save_pretrained(accelerator, module, tokenizer, out / "best")
             if accelerator.is_main_process:
-                plot_s_dg(state.evals, out / "s_dg.png", f"{cfg.objective} (tau {cfg.tau:g})")
+                plot_s_dg(state.evals, out / "s_dg.png", run_label(cfg))
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
             if metrics:
                 state.metrics_bytes = metrics.tell()
@@ -344,6 +344,16 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+def effective_tau(cfg: TrainConfig) -> float | None:
+    """The tau a run actually used: ft is MFT at tau = 1; corrective-ft does not use tau."""
+    return {"ft": 1.0, "corrective-ft": None}.get(cfg.objective, cfg.tau)
+
+
+def run_label(cfg: TrainConfig) -> str:
+    tau = effective_tau(cfg)
+    return cfg.objective if cfg.objective in ("ft", "corrective-ft") else f"{cfg.objective} tau {tau:g}"
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
@@ -354,7 +364,7 @@ def summarize(cfg: TrainConfig, state: TrainState, resolved: dict, online: bool)
     last = state.evals[-1] if state.evals else {}
     return {
         "objective": cfg.objective,
-        "tau": cfg.tau,
+        "tau": effective_tau(cfg),
         "teacher": "online" if online else "cache",
         "teacher_loaded": online,
         "S": best.get("S"),
