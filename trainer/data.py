@@ -69,7 +69,8 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     key = (seed, epoch, n)
     if key not in _PERM_CACHE:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        _PERM_CACHE.clear() if len(_PERM_CACHE) > 8 else None
+        if len(_PERM_CACHE) > 8:
+            _PERM_CACHE.clear()
         _PERM_CACHE[key] = torch.randperm(n, generator=g).numpy()
     return _PERM_CACHE[key]
 
