@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 from mft_cache.config import opt
 
-from .targets import OBJECTIVES
+from .adapters import PEFT_METHODS
+from .targets import OBJECTIVES, TAIL_MODES
 
 
 @dataclass(frozen=True)
@@ -15,12 +16,31 @@ class TrainConfig:
     model: str = opt("", "student to start from (default: the teacher recorded in the cache's manifest)")
     teacher: str = opt("cache", "where the teacher's targets come from: the cache, or an online teacher "
                        "(the paper's Algorithm 1: teacher in memory, full distribution every step)", choices=("cache", "online"))
-    data: str = opt("", "with --teacher online: the finetuning documents (same formats as `mft cache`)")
+    data: str = opt("", "the finetuning documents: required with --teacher online; with a cache, optional and "
+                    "checked against the documents the cache was made from")
     text_field: str = opt("text", "field holding the text in --data / --eval-* files")
     seq_len: int = opt(0, "with --teacher online: tokens per packed sequence (default: 256)")
     objective: str = opt("mft", "mft (corrected distillation), ft (plain cross-entropy), or the paper's ablations",
                          choices=OBJECTIVES)
     tau: float = opt(0.25, "MFT target margin in [0, 1]; 1 is plain finetuning")
+    top_k: int = opt(0, "use only the first K of the cache's top-k log-probs (0: all of them); the rest joins the tail")
+    tail: str = opt("bucket", "teacher mass outside top-k and the label: one tail bucket (exact), renormalize the "
+                    "kept log-probs to sum to 1, or drop it (the ablations other distillation tools make)",
+                    choices=TAIL_MODES)
+    allow_different_student: bool = opt(False, "train a --model whose weights differ from the cache's teacher "
+                                        "(same tokenizer and vocabulary required)")
+    replay: str = opt("", "general-domain replay data mixed into every batch: documents (objective ft), or a cache "
+                      "of them made by `mft cache` with the same teacher (any objective)")
+    replay_fraction: float = opt(0.5, "fraction of every batch taken from --replay (the paper uses 0.5)")
+    peft: str = opt("none", "train an adapter instead of all weights (peft library); the base stays frozen",
+                    choices=PEFT_METHODS)
+    lora_rank: int = opt(8, "LoRA/DoRA rank")
+    lora_alpha: float = opt(16.0, "LoRA/DoRA scaling alpha")
+    lora_dropout: float = opt(0.0, "LoRA/DoRA dropout")
+    peft_targets: str = opt("", "comma-separated module names to adapt (default: every attention and MLP projection)")
+    merge_adapter: bool = opt(False, "with --peft: best/ and final/ hold the merged full model instead of the adapter")
+    skip_nonfinite: int = opt(0, "skip up to N steps whose loss is NaN/inf (counted in summary.json) instead of "
+                              "stopping at the first; the weights are never updated from such a step")
     steps: int = opt(60, "optimiser steps")
     batch_size: int = opt(4, "sequences per micro-batch (per process)")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
@@ -49,7 +69,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "log_every", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "eval_max_sequences", "seq_len"):
+        for name in ("warmup_steps", "save_every", "eval_max_sequences", "seq_len", "top_k", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
         if not self.lr > 0:
@@ -58,5 +78,11 @@ class TrainConfig:
             raise ValueError(f"--min-lr-ratio must be in [0, 1]; got {self.min_lr_ratio}")
         if self.teacher == "online" and not (self.data and self.model):
             raise ValueError("--teacher online needs --model (the teacher, also the student's start) and --data")
-        if self.teacher == "cache" and self.data:
-            raise ValueError("--data is only for --teacher online; the cache already holds the sequences")
+        if not 0.0 < self.replay_fraction < 1.0:
+            raise ValueError(f"--replay-fraction must be in (0, 1); got {self.replay_fraction}")
+        if self.lora_rank < 1 or not self.lora_alpha > 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("--lora-rank must be >= 1, --lora-alpha > 0 and --lora-dropout in [0, 1)")
+        if self.merge_adapter and self.peft == "none":
+            raise ValueError("--merge-adapter needs --peft")
+        if self.teacher == "online" and (self.top_k or self.tail != "bucket"):
+            raise ValueError("--top-k and --tail choose how a cache is read; --teacher online uses the full distribution")

@@ -75,6 +75,43 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return _PERM_CACHE[key]
 
 
+class MixedRows:
+    """Finetuning rows then replay rows in one index space: row i < len(main) is main's, the rest replay's.
+
+    A batch holds the fields both sources have (tokens only when replay is raw documents)."""
+
+    def __init__(self, main, replay):
+        self.main, self.replay, self.num_main = main, replay, len(main)
+
+    def __len__(self) -> int:
+        return self.num_main + len(self.replay)
+
+    def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        ours = [r for r in rows if r < self.num_main]
+        theirs = [r - self.num_main for r in rows if r >= self.num_main]
+        parts = [src.batch(r) for src, r in ((self.main, ours), (self.replay, theirs)) if r]
+        keys = [k for k in parts[0] if all(k in p for p in parts)]
+        order = torch.as_tensor(np.argsort([r >= self.num_main for r in rows], kind="stable"))  # main first
+        back = torch.empty_like(order)
+        back[order] = torch.arange(len(rows))
+        return {k: torch.cat([p[k] for p in parts])[back] for k in keys}
+
+
+def replay_layout(global_batch: int, num_replay: int) -> list[bool]:
+    """Which positions of a global batch are replay: `num_replay` of them, spread evenly, so every
+    micro-batch (of every process) holds the fraction as closely as its size allows."""
+    return [(i + 1) * num_replay // global_batch > i * num_replay // global_batch for i in range(global_batch)]
+
+
+def mixed_step_rows(step: int, global_batch: int, num_main: int, num_replay_rows: int, fraction: float,
+                    seed: int) -> list[int]:
+    """step_rows over MixedRows: round(fraction * G) replay rows per step from a stream of their own."""
+    r = max(1, min(global_batch - 1, round(fraction * global_batch)))
+    main = iter(step_rows(step, global_batch - r, num_main, seed))
+    replay = iter(num_main + i for i in step_rows(step, r, num_replay_rows, seed + 1))
+    return [next(replay) if is_replay else next(main) for is_replay in replay_layout(global_batch, r)]
+
+
 def micro_batches(rows: list[int], batch_size: int, grad_accum: int, rank: int, world: int) -> list[list[int]]:
     """This process's micro-batches of one global batch laid out as [accum][process][batch]."""
     return [rows[(a * world + rank) * batch_size:(a * world + rank + 1) * batch_size] for a in range(grad_accum)]

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 OBJECTIVES = ("mft", "ft", "distill-partial", "corrective-ft")
+TAIL_MODES = ("bucket", "renormalize", "drop")
 
 
 def correction_weight(
@@ -79,3 +80,37 @@ def corrected_targets(teacher_logprobs: Tensor, labels: Tensor, w: Tensor) -> Te
     w = w.float()[:, None]  # (N, 1)
     p = teacher_logprobs.float().exp()  # (N, V)
     return ((1 - w) * p).scatter_add(1, labels[:, None], w)  # (N, V)
+
+
+def sparse_teacher(
+    topk_ids: Tensor, topk_logprobs: Tensor, label_logprob: Tensor, labels: Tensor, *, top_k: int = 0, tail: str = "bucket"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The cached sparse teacher as the loss will see it: the first `top_k` columns, and the tail's treatment.
+
+    Args:
+        topk_ids: (..., K) ids, by descending log-prob.
+        topk_logprobs: (..., K) their log-probs over the full vocabulary.
+        label_logprob: (...) the label's log-prob.
+        labels: (...) the label ids.
+        top_k: keep the first top_k columns (0: all); being sorted, they are the teacher's top-k exactly.
+        tail: "bucket" or "drop": values unchanged (the loss keeps or ignores the mass outside S);
+            "renormalize": log-probs shifted so the probabilities on S = top-k ∪ {label} sum to 1.
+
+    Returns:
+        (topk_ids, topk_logprobs float32, label_logprob float32) of shapes (..., k), (..., k), (...).
+    """
+    if tail not in TAIL_MODES:
+        raise ValueError(f"--tail must be one of {TAIL_MODES}; got {tail!r}")
+    k = topk_ids.shape[-1]
+    if top_k > k:
+        raise ValueError(f"--top-k {top_k} exceeds the cache's top-k of {k}")
+    if top_k:
+        topk_ids, topk_logprobs = topk_ids[..., :top_k], topk_logprobs[..., :top_k]
+    lp, label_lp = topk_logprobs.float(), label_logprob.float()
+    if tail == "renormalize":
+        in_topk = (topk_ids == labels[..., None]).any(-1)  # (...)
+        extra = torch.where(in_topk, float("-inf"), label_lp)  # the label counts once
+        log_z = torch.logsumexp(torch.cat([lp, extra[..., None]], dim=-1), dim=-1)  # (...) log sum_S p
+        log_z = torch.where(torch.isfinite(log_z), log_z, 0.0)  # padding rows stay finite
+        lp, label_lp = lp - log_z[..., None], label_lp - log_z
+    return topk_ids, lp, label_lp

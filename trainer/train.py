@@ -27,15 +27,17 @@ from tqdm.auto import tqdm
 from mft_cache.config import to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_point
-from mft_cache.models import load_model, load_tokenizer
-from mft_cache.storage import build_sequences, open_cache
+from mft_cache.models import load_model, load_tokenizer, weights_fingerprint
+from mft_cache.storage import build_sequences, open_cache, read_documents
 from mft_cache.storage.manifest import write_json_atomic
 
 from .config import TrainConfig
-from .data import CacheRows, PackedRows, Prefetcher, micro_batches, step_rows
+from .adapters import add_adapter, is_adapted, save_adapted
+from .data import CacheRows, MixedRows, PackedRows, Prefetcher, micro_batches, mixed_step_rows, step_rows
 from .evaluate import degeneralization, perplexity, ratio, specialization
 from .report import plot_s_dg
 from .student import StudentLoss, cache_weight, check_student, online_targets, position_mask
+from .targets import sparse_teacher
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class TrainState:
     wall_time_s: float = 0.0  # the whole run: steps, evaluations, saving (summed over resumed sessions)
     train_time_s: float = 0.0  # optimiser steps only
     metrics_bytes: int = 0  # length of metrics.jsonl when saved: a resumed run truncates to it
+    skipped_steps: list = field(default_factory=list)  # steps whose loss was not finite (--skip-nonfinite)
     evals: list = field(default_factory=list)
     best: dict | None = None
     scheduler: dict | None = None  # LambdaLR state (numbers): kept here, in JSON, not in a pickle
@@ -107,7 +110,64 @@ def open_training_rows(cfg: TrainConfig):
                              else m["model"]["id"])
     if cfg.seq_len and cfg.seq_len != cache.seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} differs from the cache's {cache.seq_len}; leave it unset with a cache")
+    if cfg.top_k > cache.top_k:
+        raise ValueError(f"--top-k {cfg.top_k} exceeds the cache's top-k of {cache.top_k} ({cfg.cache})")
+    if cfg.data:  # the cache holds the sequences; --data only names what the user believes they are
+        fp = read_documents(cfg.data, text_field=cfg.text_field, split=m["data"]["split"]).fingerprint
+        if fp != m["data"]["fingerprint"]:
+            raise ValueError(f"--data {cfg.data} is not the data the cache {cfg.cache} was made from "
+                             f"({m['data']['source']}); rebuild the cache with `mft cache --data {cfg.data}`")
+    check_teacher_revision(cfg, m, model_id)
     return CacheRows(cache), m, model_id, cache.seq_len
+
+
+def check_teacher_revision(cfg: TrainConfig, manifest: dict, model_id: str) -> None:
+    """The student is the cache's teacher unless --allow-different-student says otherwise (same tokenizer and
+    vocabulary are checked once the student is loaded). The weight files are compared, so another
+    revision of the same model, or a teacher folder changed since caching, is caught."""
+    cached = manifest["model"].get("weights_fingerprint")
+    current = weights_fingerprint(model_id)
+    if cached is None or current is None:
+        log.warning("cannot compare the weights of %s with the cache's teacher %s (no local weight files)",
+                    model_id, manifest["model"]["id"])
+        return
+    if current == cached:
+        return
+    if not cfg.allow_different_student:
+        raise ValueError(f"--model {model_id}: its weights differ from those of the teacher the cache was made with "
+                         f"({manifest['model']['id']}, weights sha256 {cached[:12]}); another revision or another model. "
+                         "Rebuild the cache with this model, or pass --allow-different-student to train it against "
+                         "the cached teacher's targets")
+    log.warning("--allow-different-student: the student %s is not the cache's teacher %s; it is trained against the "
+                "teacher's cached targets (same tokenizer and vocabulary)", model_id, manifest["model"]["id"])
+
+
+def open_replay(cfg: TrainConfig, manifest: dict | None, tokenizer, seq_len: int, top_k: int):
+    """--replay: a cache of general-domain rows made by the same teacher, or raw documents (ft, online)."""
+    source = Path(cfg.replay)
+    if (source / "manifest.json").exists():
+        replay = open_cache(source)
+        rm = replay.manifest
+        if manifest is not None:
+            for key, what in ((("tokenizer", "fingerprint"), "tokenizer"), (("vocab_size",), "vocabulary"),
+                              (("model", "weights_fingerprint"), "teacher weights"), (("seq_len",), "seq len")):
+                a, b = manifest, rm
+                for k in key:
+                    a, b = a[k], b[k]
+                if a != b:
+                    raise ValueError(f"--replay {cfg.replay}: made with another {what} than --cache {cfg.cache} "
+                                     f"({b} vs {a}); build the replay cache with the same teacher and --seq-len")
+            if replay.top_k < top_k:
+                raise ValueError(f"--replay {cfg.replay}: its top-k {replay.top_k} is below the {top_k} used from "
+                                 f"--cache; pass --top-k {replay.top_k} or rebuild it")
+        elif replay.seq_len != seq_len:
+            raise ValueError(f"--replay {cfg.replay}: seq len {replay.seq_len}, not {seq_len}")
+        return CacheRows(replay)
+    if cfg.teacher == "cache" and cfg.objective != "ft":
+        raise ValueError(f"--replay {cfg.replay}: with --objective {cfg.objective}, replay rows need the teacher's "
+                         f"targets too; cache them first (`mft cache --data {cfg.replay} --out REPLAY_CACHE "
+                         f"--seq-len {seq_len}` with the same teacher) and pass --replay REPLAY_CACHE")
+    return PackedRows(build_sequences(cfg.replay, tokenizer, seq_len, cfg.text_field)[0])
 
 
 # -- evaluating and saving --------------------------------------------------------------------------
@@ -125,8 +185,9 @@ def evaluate(module, eval_sets: dict, cfg: TrainConfig, accelerator, state: Trai
     return record
 
 
-def save_pretrained(accelerator, module, tokenizer, path: Path) -> None:
-    """A folder that AutoModelForCausalLM.from_pretrained loads, written under a temporary name."""
+def save_pretrained(accelerator, module, tokenizer, path: Path, merged: bool = False) -> None:
+    """A folder that AutoModelForCausalLM.from_pretrained loads (or peft's PeftModel.from_pretrained with an
+    adapter), written under a temporary name."""
     from accelerate.utils import DistributedType
 
     accelerator.wait_for_everyone()
@@ -138,7 +199,11 @@ def save_pretrained(accelerator, module, tokenizer, path: Path) -> None:
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(module).model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        model = accelerator.unwrap_model(module).model
+        if is_adapted(model):
+            save_adapted(model, tmp, merged, state_dict)
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
@@ -173,8 +238,12 @@ def load_checkpoint(accelerator, out: Path, ckpt: Path) -> TrainState:
 
 
 # -- one optimiser step -----------------------------------------------------------------------------
-def train_step(module, optimizer, scheduler, micro: list[dict], targets, accelerator, cfg: TrainConfig, step: int):
-    """Forward/backward over the micro-batches of one step, then clip and step. Returns (loss, tokens)."""
+def train_step(module, optimizer, scheduler, micro: list[dict], targets, accelerator, cfg: TrainConfig, step: int,
+               state: TrainState, rows_of_step):
+    """Forward/backward over the micro-batches of one step, then clip and step. Returns (loss, tokens, lr).
+
+    A non-finite loss (the same on every process: it is reduced) stops the run naming the step and its
+    rows, or with --skip-nonfinite N is skipped: gradients dropped, weights and optimiser untouched."""
     dev = accelerator.device
     micro = [{k: v.to(dev, non_blocking=True) for k, v in mb.items()} for mb in micro]
     local = sum(position_mask(mb["length"], mb["input_ids"].shape[1] - 1).sum() for mb in micro)
@@ -188,12 +257,20 @@ def train_step(module, optimizer, scheduler, micro: list[dict], targets, acceler
             accelerator.backward(loss * scale)
         loss_sum += loss.detach().double()
     loss_value = (accelerator.reduce(loss_sum, "sum") / max(n_step.item(), 1.0)).item()
+    lr = scheduler.get_last_lr()[0]  # the rate this step uses
     if not math.isfinite(loss_value):
-        raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step + 1}; the weights were not updated. "
-                                 "Check the cache (mft inspect --verify) or lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        where = f"step {step + 1} (global batch of cache rows {rows_of_step(step)})"
+        if len(state.skipped_steps) >= cfg.skip_nonfinite:
+            raise FloatingPointError(f"non-finite loss ({loss_value}) at {where}; the weights were not updated. "
+                                     "Check the cache (mft inspect --verify), lower --lr, or pass --skip-nonfinite N")
+        state.skipped_steps.append(step + 1)
+        log.warning("non-finite loss (%s) at %s: skipped (%d of --skip-nonfinite %d)", loss_value, where,
+                    len(state.skipped_steps), cfg.skip_nonfinite)
+        scheduler.step()  # the schedule follows the step index; the weights stay as they were
+        return loss_value, int(n_step.item()), lr
     if cfg.max_grad_norm:
         accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-    lr = scheduler.get_last_lr()[0]  # the rate this step uses
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -208,8 +285,11 @@ def make_targets(cfg: TrainConfig, teacher):
             return inputs
         if teacher is not None:
             return {**inputs, **online_targets(teacher, mb, cfg.objective, cfg.tau)}
-        return {**inputs, "weight": cache_weight(mb, cfg.objective, cfg.tau), "topk_ids": mb["topk_ids"],
-                "topk_logprobs": mb["topk_logprobs"], "label_logprob": mb["label_logprob"]}
+        ids, lp, label_lp = sparse_teacher(mb["topk_ids"], mb["topk_logprobs"], mb["label_logprob"],
+                                           mb["input_ids"][:, 1:], top_k=cfg.top_k, tail=cfg.tail)
+        # the weight from the exact cached p_max and p_label, whatever happens to the distribution
+        return {**inputs, "weight": cache_weight(mb, cfg.objective, cfg.tau), "topk_ids": ids,
+                "topk_logprobs": lp, "label_logprob": label_lp}
 
     return targets
 
@@ -236,7 +316,8 @@ def train(cfg: TrainConfig) -> dict:
     rows, manifest, model_id, seq_len = open_training_rows(cfg)
     P, G = accelerator.num_processes, cfg.batch_size * cfg.grad_accum * accelerator.num_processes
     resolved = {**to_dict(cfg), "resolved_model": model_id, "seq_len": seq_len, "num_processes": P,
-                "global_batch": G, "cache_manifest_sha256": manifest["manifest_sha256"] if manifest else None}
+                "global_batch": G, "cache_manifest_sha256": manifest["manifest_sha256"] if manifest else None,
+                "cache_top_k": manifest["top_k"] if manifest else None}
     ckpt = decide_on_main(accelerator, lambda: prepare_run_folder(out, resolved, cfg))  # may wipe --out
     accelerator.wait_for_everyone()
     if ckpt == "finished":
@@ -255,6 +336,16 @@ def train(cfg: TrainConfig) -> dict:
         teacher = load_model(cfg.model, torch.float32, accelerator.device, cfg.trust_remote_code).eval().requires_grad_(False)
         rows = PackedRows(build_sequences(cfg.data, tokenizer, seq_len, cfg.text_field)[0])
         log.info("online teacher %s: a teacher forward pass every micro-batch (the paper's Algorithm 1)", cfg.model)
+    rows_of_step = lambda s: step_rows(s, G, len(rows), cfg.seed)
+    if cfg.replay:
+        if G < 2:
+            raise ValueError("--replay needs a global batch of at least 2 sequences (--batch-size x --grad-accum)")
+        num_main, replay = len(rows), open_replay(cfg, manifest, tokenizer, seq_len, cfg.top_k or (manifest or {}).get("top_k", 0))
+        rows = MixedRows(rows, replay)
+        rows_of_step = lambda s: mixed_step_rows(s, G, num_main, len(replay), cfg.replay_fraction, cfg.seed)
+        log.info("replay: %d sequences from %s, %.0f%% of every batch", len(replay), cfg.replay, 100 * cfg.replay_fraction)
+    if cfg.peft != "none":
+        model = add_adapter(model, cfg.peft, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.peft_targets)
     eval_sets = {}
     for name, path in (("specialized", cfg.eval_specialized), ("general", cfg.eval_general)):
         if path:
@@ -266,7 +357,8 @@ def train(cfg: TrainConfig) -> dict:
     module = StudentLoss(model, cfg.chunk_size)
     # FSDP's auto-wrap reads the decoder-layer classes from the prepared module: the model's own list
     module._no_split_modules = getattr(model, "_no_split_modules", None)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped once per step, any P
     module, optimizer = accelerator.prepare(module, optimizer)
     # The scheduler is not registered with Accelerate: it would be pickled and restored with
@@ -297,18 +389,20 @@ def train(cfg: TrainConfig) -> dict:
         emit({"type": "eval", **evaluate(module, eval_sets, cfg, accelerator, state)})
     targets = make_targets(cfg, teacher)
     prefetch = Prefetcher(rows, range(state.step, cfg.steps), lambda s: micro_batches(
-        step_rows(s, G, len(rows), cfg.seed), cfg.batch_size, cfg.grad_accum, accelerator.process_index, P))
+        rows_of_step(s), cfg.batch_size, cfg.grad_accum, accelerator.process_index, P))
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"mft train ({cfg.objective})", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     module.train()
     for step, micro in prefetch:
         t0 = time.perf_counter()
-        loss, tokens, lr = train_step(module, optimizer, scheduler, micro, targets, accelerator, cfg, step)
+        loss, tokens, lr = train_step(module, optimizer, scheduler, micro, targets, accelerator, cfg, step, state,
+                                      rows_of_step)
         dt = time.perf_counter() - t0
         state.step, state.tokens, state.train_time_s = step + 1, state.tokens + tokens, state.train_time_s + dt
         state.wall_time_s = wall_before + time.perf_counter() - t_run
         record = {"type": "train", "step": state.step, "loss": loss, "lr": lr,
-                  "tokens": state.tokens, "step_time_s": dt, "tokens_per_s": tokens / dt}
+                  "tokens": state.tokens, "step_time_s": dt, "tokens_per_s": tokens / dt,
+                  **({"skipped": True} if state.skipped_steps and state.skipped_steps[-1] == state.step else {})}
         emit(record)
         fault_point(f"train:step-{state.step}")
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}")
@@ -323,7 +417,7 @@ def train(cfg: TrainConfig) -> dict:
                 bar.write(" | ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float)))
             if "ppl_specialized" in ev and (state.best is None or ev["ppl_specialized"] < state.best["ppl_specialized"]):
                 state.best = ev
-                save_pretrained(accelerator, module, tokenizer, out / "best")
+                save_pretrained(accelerator, module, tokenizer, out / "best", cfg.merge_adapter)
             if accelerator.is_main_process:
                 plot_s_dg(state.evals, out / "s_dg.png", run_label(cfg))
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
@@ -332,7 +426,7 @@ def train(cfg: TrainConfig) -> dict:
             state.scheduler = scheduler.state_dict()  # numbers only (lr_lambdas is [None] for a function)
             save_checkpoint(accelerator, out, state)
     bar.close()
-    save_pretrained(accelerator, module, tokenizer, out / "final")
+    save_pretrained(accelerator, module, tokenizer, out / "final", cfg.merge_adapter)
     state.wall_time_s = wall_before + time.perf_counter() - t_run
     summary = summarize(cfg, state, resolved, teacher is not None)
     if accelerator.is_main_process:
@@ -381,7 +475,13 @@ def summarize(cfg: TrainConfig, state: TrainState, resolved: dict, online: bool)
         "final_DG": last.get("DG"),
         "final_ratio": last.get("ratio"),
         "steps": state.step,
+        "skipped_steps": state.skipped_steps,
         "tokens": state.tokens,
+        "peft": cfg.peft,
+        "replay": cfg.replay or None,
+        "replay_fraction": cfg.replay_fraction if cfg.replay else None,
+        "top_k": cfg.top_k or (None if online else resolved.get("cache_top_k")),
+        "tail": None if online else cfg.tail,
         "wall_time_s": state.wall_time_s,
         "train_time_s": state.train_time_s,
         "num_processes": resolved["num_processes"],
