@@ -29,7 +29,7 @@ from mft_cache.models import (backbone_and_head, check_head, describe_model, loa
                               weights_fingerprint)
 from mft_cache.storage import CacheWriter, build_sequences, cache_schema, load_manifest
 from mft_cache.storage.backends import FORMATS
-from mft_cache.storage.schema import LOGPROB_DTYPES, VALUE_SEMANTICS, row_bytes
+from mft_cache.storage.schema import LOGPROB_DTYPES, encode_logprobs, row_bytes, value_semantics
 
 from .teacher import auto_chunk_tokens, teach_batch
 
@@ -50,8 +50,9 @@ class CacheConfig:
     seq_len: int = opt(256, "tokens per packed sequence")
     top_k: int = opt(32, "teacher log-probs kept per position")
     format: str = opt("zarr", "storage backend", choices=FORMATS)
-    logprob_dtype: str = opt("float16", "dtype of the stored top-k log-probs (the label log-prob is always float32)",
-                             choices=LOGPROB_DTYPES)
+    logprob_dtype: str = opt("float16", "storage of the top-k log-probs: float16, float32, or q8 (exact float32 top-1 "
+                             "plus uint8 codes of the gaps below it, decoded on read; the smallest) "
+                             "(the label log-prob is always float32)", choices=LOGPROB_DTYPES)
     batch_size: int = opt(4, "sequences per teacher forward pass")
     dtype: str = opt("auto", "teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
                      choices=("auto", "float32", "bfloat16", "float16"))
@@ -147,7 +148,6 @@ def build_cache(cfg: CacheConfig) -> dict:
     check_head(model, backbone, head, torch.as_tensor(packed.input_ids[:1], device=device))
     chunk = cfg.chunk_tokens or auto_chunk_tokens(vocab)
     id_np = np.dtype(schema[0].dtype)
-    lp_np = np.dtype(cfg.logprob_dtype)
 
     def shard_rows(i: int) -> range:
         return range(i * rows_per_shard, min(packed.num_sequences, (i + 1) * rows_per_shard))
@@ -169,14 +169,15 @@ def build_cache(cfg: CacheConfig) -> dict:
             rows = shard_rows(i)
             out = {"input_ids": packed.input_ids[rows.start: rows.stop].astype(id_np),
                    "length": packed.lengths[rows.start: rows.stop].astype(np.int32)}
-            parts: dict[str, list] = {"topk_ids": [], "topk_logprobs": [], "label_logprob": []}
+            parts: dict[str, list] = {f.name: [] for f in schema if f.name not in out}
             for b in range(rows.start, rows.stop, cfg.batch_size):
                 e = min(rows.stop, b + cfg.batch_size)
                 ids = torch.as_tensor(packed.input_ids[b:e], device=device)
                 lengths = torch.as_tensor(packed.lengths[b:e], device=device, dtype=torch.long)
                 lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk)
                 parts["topk_ids"].append(top_ids.cpu().numpy().astype(id_np))
-                parts["topk_logprobs"].append(lp.cpu().numpy().astype(lp_np))
+                for name, a in encode_logprobs(lp.cpu().numpy(), cfg.logprob_dtype).items():  # cast or q8-encode
+                    parts[name].append(a)
                 parts["label_logprob"].append(label_lp.cpu().numpy())
                 bar.update(int(preds[b:e].sum()))
             out.update({k: np.concatenate(v) for k, v in parts.items()})
@@ -197,7 +198,7 @@ def build_cache(cfg: CacheConfig) -> dict:
     import transformers
 
     manifest = {
-        "values": VALUE_SEMANTICS,
+        "values": value_semantics(cfg.logprob_dtype),
         "schema": [f.to_json() for f in schema],
         "model": {**describe_model(cfg.model, model, identity["weights_fingerprint"]), "dtype": str(dtype).removeprefix("torch.")},
         "tokenizer": {"fingerprint": identity["tokenizer_fingerprint"], "class": type(tokenizer).__name__,

@@ -10,9 +10,10 @@ def cache_stats(folder, verify: bool = False) -> dict:
     """Summary of a cache, reading it one shard at a time."""
     cache = open_cache(folder, verify="full" if verify else "none")
     m = cache.manifest
+    lp_field = next(f for f in cache.schema if f.name == "topk_logprobs")
     n = correct = 0
     label_lp_sum = tail_sum = 0.0
-    for arrays in cache.iter_shards():
+    for arrays in cache.iter_shards():  # encoded log-probs come decoded: the values the trainer sees
         t = arrays["topk_ids"].shape[1]
         valid = np.arange(t)[None, :] < (arrays["length"][:, None] - 1)  # (R, T-1)
         labels = arrays["input_ids"][:, 1:].astype(np.int64)
@@ -37,6 +38,7 @@ def cache_stats(folder, verify: bool = False) -> dict:
         "num_tokens": m["num_tokens"],
         "num_shards": len(m["shards"]),
         "bytes_per_token": m["bytes_per_token"],
+        "logprob_storage": lp_field.encoding["name"] if lp_field.encoding else lp_field.dtype,
         "top1_accuracy": correct / max(n, 1),
         "mean_label_logprob": label_lp_sum / max(n, 1),
         "mean_tail_mass": tail_sum / max(n, 1),
@@ -50,7 +52,8 @@ def format_stats(s: dict) -> str:
         ("cache", s["path"]), ("format", s["format"]), ("model", s["model"]), ("vocabulary", f"{s['vocab_size']:,}"),
         ("top-k", s["top_k"]), ("sequences", f"{s['num_sequences']:,} x {s['seq_len']} tokens"),
         ("tokens (positions)", f"{s['num_tokens']:,}"), ("shards", s["num_shards"]),
-        ("bytes per token", f"{s['bytes_per_token']:.1f}"), ("teacher top-1 accuracy", f"{s['top1_accuracy']:.4f}"),
+        ("bytes per token", f"{s['bytes_per_token']:.1f}"), ("top-k log-probs stored as", s["logprob_storage"]),
+        ("teacher top-1 accuracy", f"{s['top1_accuracy']:.4f}"),
         ("mean label log-prob", f"{s['mean_label_logprob']:.4f}"),
         ("mean tail mass (outside top-k and label)", f"{s['mean_tail_mass']:.4f}"),
         ("checksums", "verified" if s["verified"] else "not checked (--verify)"),

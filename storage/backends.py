@@ -10,6 +10,7 @@ A backend writes a whole shard from numpy arrays and reads row ranges back as nu
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -126,7 +127,10 @@ class ArrowBackend:
             for size in reversed(f.shape):
                 col = pa.FixedSizeListArray.from_arrays(col, size)
             columns.append(col)
-            fields.append(pa.field(f.name, _arrow_type(f), nullable=False, metadata={"doc": f.doc}))
+            metadata = {"doc": f.doc}
+            if f.encoding is not None:  # so a reader of the bare file (datasets) sees the values are codes
+                metadata["encoding"] = json.dumps(f.encoding, sort_keys=True)
+            fields.append(pa.field(f.name, _arrow_type(f), nullable=False, metadata=metadata))
         table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)

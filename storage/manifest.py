@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from .schema import FORMAT_NAME, SCHEMA_VERSION
+from .schema import ENCODINGS, FORMAT_NAME, READABLE_SCHEMA_VERSIONS, schema_version_of
 
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = (
@@ -43,7 +43,9 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def save_manifest(folder: Path, manifest: dict) -> dict:
-    manifest = {**manifest, "format_name": FORMAT_NAME, "schema_version": SCHEMA_VERSION}
+    """Stamp the format name, the schema version (2 once a field is encoded, see schema.py) and the
+    manifest's own sha256, then write it atomically."""
+    manifest = {**manifest, "format_name": FORMAT_NAME, "schema_version": schema_version_of(manifest.get("schema", []))}
     manifest["manifest_sha256"] = manifest_digest(manifest)
     write_json_atomic(Path(folder) / MANIFEST, manifest)
     return manifest
@@ -63,9 +65,10 @@ def load_manifest(folder: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format_name") != FORMAT_NAME:
         raise ManifestError(f"{path} is not an mft-cache manifest (format_name != {FORMAT_NAME!r})")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise ManifestError(
-            f"{path}: unknown schema_version {version!r}; this mft-cache reads schema version {SCHEMA_VERSION}. "
+            f"{path}: unknown schema_version {version!r}; this mft-cache reads schema versions "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}. "
             "Rebuild the cache with this version, or use the mft-cache version that wrote it."
         )
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
@@ -73,4 +76,11 @@ def load_manifest(folder: Path) -> dict:
         raise ManifestError(f"{path} lacks required keys {missing}")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise ManifestError(f"{path} was modified after it was written (manifest_sha256 does not match its content)")
+    for field in manifest["schema"]:
+        name = (field.get("encoding") or {}).get("name")
+        if field.get("encoding") is not None and name not in ENCODINGS:
+            raise ManifestError(f"{path}: field {field.get('name')!r} has the unknown encoding {name!r} "
+                                f"(this mft-cache decodes {ENCODINGS}); use the mft-cache version that wrote it")
+    if version != schema_version_of(manifest["schema"]):
+        raise ManifestError(f"{path}: schema_version {version} does not match its fields (encoded fields need version 2)")
     return manifest
