@@ -44,7 +44,7 @@ TAUS ?= 0.1,0.25,0.5
 CACHE_ARGS ?=
 TRAIN_ARGS ?=
 
-.PHONY: setup assets cache train sweep test bench clean
+.PHONY: setup assets cache train sweep study test bench clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -76,6 +76,17 @@ sweep: setup $(if $(filter assets/%,$(EVAL_SPECIALIZED) $(EVAL_GENERAL)),assets)
 		--lr $(LR) --eval-every $(EVAL_EVERY) --mixed-precision $(MIXED_PRECISION) \
 		--eval-specialized $(EVAL_SPECIALIZED) --eval-general $(EVAL_GENERAL) --eval-max-sequences $(EVAL_MAX) \
 		--resume $(TRAIN_ARGS)
+
+# The paper's compositions and ablations (issue 6): one k=256 teacher pass, ~25 short runs, STUDIES.md.
+STUDY ?= runs/study
+STUDY_STEPS ?= 20
+STUDY_LR ?= 5e-4
+STUDY_PARTS ?= abcd
+study: setup $(if $(filter assets/%,$(MODEL) $(DATA)),assets)
+	$(BIN)/mft study --model $(MODEL) --data $(DATA) --out $(STUDY) --seq-len $(SEQ_LEN) --steps $(STUDY_STEPS) \
+		--batch-size $(BATCH) --lr $(STUDY_LR) --tau $(TAU) --eval-every $(STUDY_STEPS) --save-every 5 \
+		--eval-specialized $(EVAL_SPECIALIZED) --eval-general $(EVAL_GENERAL) --eval-max-sequences 16 \
+		--parts $(STUDY_PARTS) --report STUDIES.md $(TRAIN_ARGS)
 
 test: setup
 	$(BIN)/pytest -q -m "not slow"

@@ -1,4 +1,4 @@
-"""The `mft` console script: `mft cache`, `mft inspect`, `mft train`, `mft sweep`."""
+"""The `mft` console script: `mft cache`, `mft inspect`, `mft train`, `mft sweep`, `mft study`."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
         add_arguments(s, TrainConfig)
         s.add_argument("--taus", default="0.1,0.25,0.5,1.0", help="comma-separated tau values")
         s.add_argument("--no-ft", action="store_true", help="skip the plain finetuning run")
+        from mft_cache.study import StudyConfig
+
+        st = sub.add_parser("study", help="the paper's compositions and ablations on one cache (writes STUDIES.md)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_arguments(st, TrainConfig)
+        add_arguments(st, StudyConfig)
     return p
 
 
@@ -65,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
 
             taus = [float(x) for x in args.taus.split(",") if x.strip()]
             sweep(from_namespace(TrainConfig, args), taus, with_ft=not args.no_ft)
+        elif args.command == "study":
+            from mft_cache.study import StudyConfig, study
+            from mft_cache.trainer.config import TrainConfig
+
+            study(from_namespace(StudyConfig, args), from_namespace(TrainConfig, args))
     except (CorruptShardError, ManifestError) as e:
         print(f"mft {args.command}: error: {e}", file=sys.stderr)
         return 3

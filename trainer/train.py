@@ -118,7 +118,7 @@ def open_training_rows(cfg: TrainConfig):
             raise ValueError(f"--data {cfg.data} is not the data the cache {cfg.cache} was made from "
                              f"({m['data']['source']}); rebuild the cache with `mft cache --data {cfg.data}`")
     check_teacher_revision(cfg, m, model_id)
-    return CacheRows(cache), m, model_id, cache.seq_len
+    return CacheRows(cache, cfg.top_k), m, model_id, cache.seq_len
 
 
 def check_teacher_revision(cfg: TrainConfig, manifest: dict, model_id: str) -> None:
@@ -162,7 +162,7 @@ def open_replay(cfg: TrainConfig, manifest: dict | None, tokenizer, seq_len: int
                                  f"--cache; pass --top-k {replay.top_k} or rebuild it")
         elif replay.seq_len != seq_len:
             raise ValueError(f"--replay {cfg.replay}: seq len {replay.seq_len}, not {seq_len}")
-        return CacheRows(replay)
+        return CacheRows(replay, top_k or replay.top_k)
     if cfg.teacher == "cache" and cfg.objective != "ft":
         raise ValueError(f"--replay {cfg.replay}: with --objective {cfg.objective}, replay rows need the teacher's "
                          f"targets too; cache them first (`mft cache --data {cfg.replay} --out REPLAY_CACHE "

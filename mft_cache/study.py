@@ -1,0 +1,183 @@
+"""`mft study` (`make study`): the paper's compositions and ablations on the demo, tables written by one command.
+
+a) FT, MFT and the two ablations (the paper's Table 3);
+b) MFT and FT x {none, LoRA, DoRA, IA3} and x replay (Tables 2 and 4);
+c) cached top-k for k in {1, 4, 16, 64, 256} against the online full-vocabulary teacher, and the tail
+   bucket against renormalising the top-k and against dropping the tail;
+d) tau in {0, 0.1, 0.25, 0.5, 0.75, 1} from one cache.
+
+One teacher pass writes a k=256 cache; every cached run reads it, smaller k through `--top-k`
+(top-k is sorted, so its first k columns ARE the top-k cache). Replay documents are general-domain
+documents disjoint from the general-domain validation set, cached once by the same teacher. Every
+run resumes: rerunning the command after a crash redoes only what is missing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mft_cache.config import opt
+from mft_cache.storage import read_documents
+from mft_cache.storage.manifest import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+PARTS = "abcd"
+K_VALUES = (1, 4, 16, 64, 256)
+TAUS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+ADAPTERS = ("lora", "dora", "ia3")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    report: str = opt("STUDIES.md", "markdown report to write (tables and plots)")
+    parts: str = opt(PARTS, "which parts to run: any of a, b, c, d")
+    replay_source: str = opt("assets/data/bbc_val_full.jsonl", "general-domain documents to draw replay data from "
+                             "(those also in --eval-general are left out)")
+    replay_documents: int = opt(90, "how many replay documents to take")
+    adapter_lr: float = opt(2e-3, "learning rate of the adapter runs (--peft trains far fewer weights)")
+    cache_batch_size: int = opt(4, "teacher batch size of the study's caches")
+
+
+def _write_replay(cfg: StudyConfig, tcfg, path: Path) -> Path:
+    if path.exists():
+        return path
+    held_out = set(read_documents(tcfg.eval_general, text_field=tcfg.text_field).texts) if tcfg.eval_general else set()
+    docs = [t for t in read_documents(cfg.replay_source, text_field=tcfg.text_field).texts if t not in held_out]
+    if len(docs) < cfg.replay_documents:
+        raise ValueError(f"--replay-source {cfg.replay_source}: {len(docs)} documents outside --eval-general, "
+                         f"fewer than --replay-documents {cfg.replay_documents}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[: cfg.replay_documents]))
+    tmp.replace(path)
+    return path
+
+
+def plan(cfg: StudyConfig, tcfg, caches: dict) -> list[tuple[str, str, dict]]:
+    """(part, run name, TrainConfig overrides) of every run, each run once (shared runs listed first)."""
+    main = {"cache": str(caches["main"]), "top_k": 32}
+    runs: list[tuple[str, str, dict]] = []
+    if "a" in cfg.parts:
+        for obj in ("ft", "mft", "distill-partial", "corrective-ft"):
+            runs.append(("a", obj, {**main, "objective": obj}))
+    if "b" in cfg.parts:
+        for obj in ("ft", "mft"):
+            runs.append(("b", obj, {**main, "objective": obj}))
+            for method in ADAPTERS:
+                runs.append(("b", f"{obj}-{method}", {**main, "objective": obj, "peft": method, "lr": cfg.adapter_lr}))
+            runs.append(("b", f"{obj}-replay", {**main, "objective": obj, "replay": str(caches["replay"]),
+                                                "replay_fraction": tcfg.replay_fraction}))
+    if "c" in cfg.parts:
+        runs.append(("c", "mft-online", {"teacher": "online", "cache": ""}))
+        for k in K_VALUES:
+            runs.append(("c", f"mft-k{k}", {**main, "top_k": k}))
+        for tail in ("renormalize", "drop"):
+            runs.append(("c", f"mft-k16-{tail}", {**main, "top_k": 16, "tail": tail}))
+    if "d" in cfg.parts:
+        for tau in TAUS:
+            runs.append(("d", "mft" if tau == 0.25 else f"mft-tau{tau:g}", {**main, "objective": "mft", "tau": tau}))
+    return runs
+
+
+def study(cfg: StudyConfig, tcfg) -> dict:
+    """Run the study; `tcfg` (a TrainConfig) holds the shared training settings, the teacher (--model), the
+    finetuning documents (--data) and the study folder (--out)."""
+    from mft_cache.pipeline.cache import DEFAULT_DATA, DEFAULT_MODEL, CacheConfig, build_cache
+    from mft_cache.trainer.train import train
+
+    bad = set(cfg.parts) - set(PARTS)
+    if bad or not cfg.parts:
+        raise ValueError(f"--parts must be letters of {PARTS!r}; got {cfg.parts!r}")
+    out = Path(tcfg.out)
+    model, data, seq_len = tcfg.model or DEFAULT_MODEL, tcfg.data or DEFAULT_DATA, tcfg.seq_len or 256
+    # every run names the teacher, the data and the seq len: cached runs check them against the cache
+    tcfg = replace(tcfg, model=model, data=data, seq_len=seq_len)
+    caches = {"main": out / "caches" / "k256", "replay": out / "caches" / "replay"}
+    log.info("study: teacher pass for the k=256 cache (%s)", caches["main"])
+    build_cache(CacheConfig(model=model, data=data, out=str(caches["main"]), seq_len=seq_len, top_k=max(K_VALUES),
+                            batch_size=cfg.cache_batch_size))
+    if "b" in cfg.parts:
+        replay_docs = _write_replay(cfg, tcfg, out / "data" / "replay.jsonl")
+        build_cache(CacheConfig(model=model, data=str(replay_docs), out=str(caches["replay"]), seq_len=seq_len,
+                                top_k=32, batch_size=cfg.cache_batch_size))
+    results: dict[str, dict] = {}
+    parts: dict[str, list[str]] = {p: [] for p in cfg.parts}
+    todo = plan(cfg, tcfg, caches)
+    for i, (part, name, overrides) in enumerate(todo, 1):
+        parts[part].append(name)
+        if name in results:
+            continue
+        log.info("study run %d/%d: %s (part %s)", i, len(todo), name, part)
+        run_cfg = replace(tcfg, out=str(out / "runs" / name), resume=True, **overrides)
+        summary = train(run_cfg)
+        lines = [json.loads(x) for x in (Path(run_cfg.out) / "metrics.jsonl").read_text().splitlines()]
+        losses = [x["loss"] for x in lines if x["type"] == "train"]
+        tail = losses[-5:]
+        results[name] = {**summary, "final_loss": sum(tail) / len(tail) if tail else None}
+    record = {"config": dict(cfg.__dict__), "train": dict(tcfg.__dict__), "parts": parts,
+              "runs": results}
+    write_json_atomic(out / "study.json", record)
+    write_report(record, Path(cfg.report), out)
+    return record
+
+
+# -- the report ------------------------------------------------------------------------------------
+def _f(v, pct: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    return f"{100 * v:+.1f}%" if pct else f"{v:.3f}"
+
+
+def _table(names: list[str], runs: dict, extra: tuple = ()) -> str:
+    head = ["run", "S", "DG", "DG/S", "ppl spec.", "ppl gen.", *[h for h, _ in extra]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        r = runs[n]
+        cells = [n, _f(r["S"], True), _f(r["DG"], True), _f(r["ratio"]), _f(r["best_ppl_specialized"]),
+                 _f(r["best_ppl_general"]), *[fn(r) for _, fn in extra]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(record: dict, path: Path, out: Path) -> None:
+    from mft_cache.trainer.sweep import plot_dg_vs_s
+
+    runs, parts, t = record["runs"], record["parts"], record["train"]
+    plots = path.parent / "docs"
+    plots.mkdir(parents=True, exist_ok=True)
+    base = next(iter(runs.values()))
+    doc = [
+        "# Studies",
+        "",
+        "Produced by `make study` (`mft study`); every number below comes from "
+        f"`{out / 'study.json'}` of that run. Settings shared by every run: {t['steps']} steps of "
+        f"{t['batch_size']} x {base['seq_len']} tokens, lr {t['lr']:g} (adapters {record['config']['adapter_lr']:g}), "
+        f"tau {t['tau']:g}, evaluated on {t['eval_max_sequences'] or 'all'} sequences of each validation set. "
+        "S = relative drop of specialized-domain perplexity, DG = relative rise of general-domain perplexity, both at "
+        "the best specialized checkpoint; lower DG/S is better. Base perplexities: "
+        f"specialized {_f(base['base_ppl_specialized'])}, general {_f(base['base_ppl_general'])}.",
+        "",
+    ]
+    titles = {"a": "a) Objectives and the paper's ablations (Table 3)",
+              "b": "b) Compositions: adapters and replay (Tables 2 and 4)",
+              "c": "c) How many logits a cache needs, and the tail",
+              "d": "d) tau from one cache"}
+    for part in PARTS:
+        if part not in parts:
+            continue
+        names = list(dict.fromkeys(parts[part]))
+        extra = ()
+        if part == "c":
+            online = runs.get("mft-online", {}).get("final_loss")
+            extra = (("final loss", lambda r: _f(r["final_loss"])),
+                     ("gap to online", lambda r: _f(None if online is None or r["final_loss"] is None
+                                                    else r["final_loss"] - online)))
+        doc += [f"## {titles[part]}", "", _table(names, runs, extra), ""]
+        png = plots / f"study_{part}.png"
+        if plot_dg_vs_s([{**runs[n], "run": n} for n in names], png):
+            doc += [f"![DG vs S, part {part}](docs/{png.name})", ""]
+    path.write_text("\n".join(doc) + "\n")
+    log.info("study report written to %s", path)
