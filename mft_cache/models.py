@@ -115,6 +115,18 @@ def backbone_and_head(model: nn.Module):
     return backbone, head
 
 
+def output_linear(model: nn.Module) -> tuple[nn.Linear | None, float | None]:
+    """(linear, softcap): the output layer when it is a plain nn.Linear (tied or not) whose weight is
+    an ordinary tensor, else None (a head the fused loss cannot read: fall back to backbone_and_head's
+    callable); and the final logit soft-capping value, or None. head(h) = softcap·tanh(linear(h)/softcap)."""
+    lm_head = model.get_output_embeddings()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None) or None
+    # type(), not isinstance: subclasses (quantized layers) and sharded weights (FSDP2's DTensor,
+    # gathered only by the module's own forward) keep the callable path.
+    plain = type(lm_head) is nn.Linear and type(lm_head.weight) in (torch.Tensor, nn.Parameter)
+    return (lm_head if plain else None), cap
+
+
 def hidden_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mft_cache.trainer.loss import chunked_mft_loss, sparse_mft_loss, token_nll_sum
+from mft_cache.trainer.loss import chunked_mft_loss, fused_linear_mft_loss, sparse_mft_loss, token_nll_sum
 
 SEEDS = [0, 1, 2]
 
@@ -397,3 +397,322 @@ def test_chunked_under_bf16_autocast(seed, head_kind):
     torch.testing.assert_close(h_grad, fp32_h_grad, rtol=5e-2, atol=2e-2)
     for got, want in zip(p_grads, fp32_p_grads):
         torch.testing.assert_close(got, want, rtol=5e-2, atol=2e-2)
+
+
+# ----- fused output layer + loss -----
+# fused_linear_mft_loss against the float64 brute force (logits, then the row-by-row references
+# above, autograd for the gradients) and against chunked_mft_loss, the checkpointed path it replaces.
+
+def make_head(seed, v, bias, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1000 + seed)
+    weight = (torch.randn(v, H, generator=g) * 0.7).to(dtype).requires_grad_()  # (V, H)
+    b = (torch.randn(v, generator=g) * 0.5).to(dtype).requires_grad_() if bias else None  # (V,)
+    return weight, b
+
+
+def head_fn(weight, bias, softcap):
+    """The head as backbone_and_head builds it: linear, then cap·tanh(z/cap)."""
+    def head(h):
+        z = torch.nn.functional.linear(h, weight, bias)
+        return torch.tanh(z / softcap) * softcap if softcap else z
+    return head
+
+
+def brute_force(c, kind, labels, weight, mask, ids, lp, label_lp, logits):
+    """Per-row float64 reference for one teacher kind, from float64 logits."""
+    if kind == "sparse":
+        s_sets = [set(a) | {y} for a, y in zip(ids.tolist(), labels.tolist())]
+        return coarse_reference(logits, c.full, labels, weight, mask, s_sets)
+    if kind == "dense":
+        return dense_reference(logits, pc_dense(c.full, labels, weight), mask)
+    return F.cross_entropy(logits, labels, reduction="none") * mask
+
+
+def grads_of(fn, hidden, params, scale=1.0, grad_hidden=True):
+    """(value, dL/dhidden, [dL/dp]) of fn(hidden) after backward of scale * value."""
+    h = hidden.detach().clone().requires_grad_(grad_hidden)
+    for p in params:
+        p.grad = None
+    total = fn(h)
+    (total * scale).backward()
+    return total.detach(), h.grad, [None if p.grad is None else p.grad.clone() for p in params]
+
+
+def double_params(weight, bias):
+    return [weight.detach().double().requires_grad_(), None if bias is None else bias.detach().double().requires_grad_()]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kind", ["sparse", "dense", "none"])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 5, 20])
+def test_fused_equals_brute_force_and_chunked(seed, kind, softcap, bias, chunk_size):
+    c = make_case(seed, k=1 if seed else 5)  # K = 1 too; labels in and out of the top-k
+    if seed == 1:
+        c.mask[:5] = False  # a whole chunk masked
+    assert ((c.ids == c.labels[:, None]).any(-1) & c.mask).any() and (~(c.ids == c.labels[:, None]).any(-1)).any()
+    _, ids, lp, label_lp = dict((v[0], v) for v in teacher_variants(c))[kind]
+    rows = (c.labels, c.weight, c.mask, ids, lp, label_lp)
+    weight, b = make_head(seed, c.v, bias)
+    params = [weight] + ([b] if bias else [])
+    hidden = torch.randn(c.n, H, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+
+    total, h_grad, p_grads = grads_of(
+        lambda h: fused_linear_mft_loss(h, weight, b, *rows, chunk_size=chunk_size, softcap=softcap), hidden, params)
+    assert total.shape == () and total.dtype == torch.float32
+    # brute force, float64
+    w64, b64 = double_params(weight, b)
+    ref, ref_h_grad, ref_p_grads = grads_of(
+        lambda h: brute_force(c, kind, c.labels, c.weight, c.mask, ids, lp, label_lp,
+                              head_fn(w64, b64, softcap)(h)).sum(), hidden.double(), [p for p in (w64, b64) if p is not None])
+    torch.testing.assert_close(total.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_grad.double(), ref_h_grad, rtol=1e-4, atol=1e-5)
+    for got, want in zip(p_grads, ref_p_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    # the checkpointed path, float32
+    chunked, c_h_grad, c_p_grads = grads_of(
+        lambda h: chunked_mft_loss(h, head_fn(weight, b, softcap), *rows, chunk_size=chunk_size), hidden, params)
+    torch.testing.assert_close(total, chunked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_grad, c_h_grad, rtol=1e-5, atol=1e-6)
+    for got, want in zip(p_grads, c_p_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation: the value alone, the same
+        assert fused_linear_mft_loss(hidden, weight, b, *rows, chunk_size=chunk_size, softcap=softcap) == total
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_fused_empty_tail_rows(softcap):
+    """Rows whose top-k ∪ label is the whole vocabulary (no tail) beside rows with a one-id tail."""
+    c = make_case(3, k=36)
+    empty = torch.arange(c.n) % 2 == 0
+    labels = torch.where(empty, c.full.argmin(-1), c.full.argmax(-1))  # even: the one id outside the top-36
+    label_lp = c.full.gather(1, labels[:, None])[:, 0]
+    has_tail = torch.tensor([len(set(a) | {y}) < c.v for a, y in zip(c.ids.tolist(), labels.tolist())])
+    assert (has_tail == ~empty).all()
+    rows = (labels, c.weight, c.mask, c.ids, c.lp, label_lp)
+    weight, b = make_head(3, c.v, True)
+    hidden = torch.randn(c.n, H, generator=torch.Generator().manual_seed(3))
+    w64, b64 = double_params(weight, b)
+    total, h_grad, p_grads = grads_of(
+        lambda h: fused_linear_mft_loss(h, weight, b, *rows, chunk_size=4, softcap=softcap), hidden, [weight, b])
+    ref, ref_h_grad, ref_p_grads = grads_of(
+        lambda h: brute_force(c, "sparse", labels, c.weight, c.mask, c.ids, c.lp, label_lp,
+                              head_fn(w64, b64, softcap)(h)).sum(), hidden.double(), [w64, b64])
+    assert torch.isfinite(h_grad).all() and all(torch.isfinite(g).all() for g in p_grads)
+    torch.testing.assert_close(total.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_grad.double(), ref_h_grad, rtol=1e-4, atol=1e-5)
+    for got, want in zip(p_grads, ref_p_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_peaked_student_keeps_tail_finite():
+    """A student 200 nats sure of S: Σ_tail q underflows float32 if summed as q; the loss stays finite and right."""
+    n, v, k = 6, 37, 3
+    g = torch.Generator().manual_seed(7)
+    full = torch.log_softmax(torch.randn(n, v, generator=g) * 3, -1)
+    lp, ids = full.topk(k, -1)
+    labels = ids[:, 0]
+    label_lp = lp[:, 0]
+    weight = torch.tensor([0.0, 0.2, 0.5, 0.0, 0.9, 0.3])
+    mask = torch.ones(n, dtype=torch.bool)
+    logits = torch.randn(n, v, generator=g)
+    logits.scatter_add_(1, ids, torch.full((n, k), 200.0))  # (N, V) the tail 200 nats below S
+    hidden = torch.eye(n)  # (N, H = N) one-hot rows, so that hidden @ W^T = logits
+    head_w = logits.T.contiguous().requires_grad_()  # (V, H)
+    total, h_grad, (w_grad,) = grads_of(
+        lambda h: fused_linear_mft_loss(h, head_w, None, labels, weight, mask, ids, lp, label_lp, chunk_size=4),
+        hidden, [head_w])
+    s_sets = [set(a) for a in ids.tolist()]
+    w64 = head_w.detach().double().requires_grad_()
+    ref, _, (ref_w_grad,) = grads_of(
+        lambda h: coarse_reference(h @ w64.T, full, labels, weight, mask, s_sets).sum(), hidden.double(), [w64])
+    assert torch.isfinite(total) and torch.isfinite(w_grad).all()
+    torch.testing.assert_close(total.double(), ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(w_grad.double(), ref_w_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_fused_all_masked_is_zero(softcap):
+    c = make_case(0)
+    none = torch.zeros(c.n, dtype=torch.bool)
+    weight, b = make_head(0, c.v, True)
+    for _, ids, lp, label_lp in teacher_variants(c):
+        total, h_grad, p_grads = grads_of(
+            lambda h: fused_linear_mft_loss(h, weight, b, c.labels, c.weight, none, ids, lp, label_lp,
+                                            chunk_size=5, softcap=softcap), torch.randn(c.n, H), [weight, b])
+        assert total.item() == 0.0 and (h_grad == 0).all()
+        assert all(g is not None and (g == 0).all() for g in p_grads)  # present and zero, not NaN
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fused_masked_garbage_does_not_leak(seed):
+    """Masked rows with ids out of range, NaN teacher values and weights, even NaN hidden states."""
+    c = make_case(seed)
+    off = ~c.mask
+    nan = float("nan")
+    huge = torch.arange(c.n) % 2 == 0
+    labels = torch.where(off, torch.where(huge, 10**9, -100), c.labels)
+    weight = torch.where(off, nan, c.weight)
+    ids = torch.where(off[:, None], torch.where(huge, 10**9, -1)[:, None], c.ids)
+    lp = torch.where(off[:, None], nan, c.lp)
+    full = torch.where(off[:, None], nan, c.full)
+    label_lp = torch.where(off, nan, c.label_lp)
+    head_w, b = make_head(seed, c.v, True)
+    hidden = torch.randn(c.n, H, generator=torch.Generator().manual_seed(seed))
+    dirty_hidden = torch.where(off[:, None], nan, hidden)
+    for (_, ids_c, lp_c, lbl_c), (ids_g, lp_g, lbl_g) in zip(
+            teacher_variants(c), [(ids, lp, label_lp), (None, full, None), (None, None, None)]):
+        clean = grads_of(lambda h: fused_linear_mft_loss(h, head_w, b, c.labels, c.weight, c.mask, ids_c, lp_c, lbl_c,
+                                                         chunk_size=4), hidden, [head_w, b])
+        dirty = grads_of(lambda h: fused_linear_mft_loss(h, head_w, b, labels, weight, c.mask, ids_g, lp_g, lbl_g,
+                                                         chunk_size=4), dirty_hidden, [head_w, b])
+        assert (dirty[1][off] == 0).all()
+        for got, want in zip([dirty[0], dirty[1], *dirty[2]], [clean[0], clean[1], *clean[2]]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fused_frozen_head_grads_only_hidden():
+    """PEFT: the output layer is frozen; only hidden gets a gradient, equal to the trainable head's."""
+    c = make_case(1)
+    rows = (c.labels, c.weight, c.mask, c.ids, c.lp, c.label_lp)
+    head_w, b = make_head(1, c.v, True)
+    hidden = torch.randn(c.n, H, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    want, want_h_grad, _ = grads_of(lambda h: fused_linear_mft_loss(h, head_w, b, *rows, chunk_size=5), hidden,
+                                    [head_w, b])
+    frozen_w, frozen_b = head_w.detach(), b.detach()
+    total, h_grad, _ = grads_of(lambda h: fused_linear_mft_loss(h, frozen_w, frozen_b, *rows, chunk_size=5), hidden, [])
+    assert frozen_w.grad is None and frozen_b.grad is None
+    assert total == want
+    torch.testing.assert_close(h_grad, want_h_grad, rtol=0, atol=0)
+    # and the other way round: a frozen backbone, a trainable head
+    _, h_grad, (w_grad, b_grad) = grads_of(lambda h: fused_linear_mft_loss(h, head_w, b, *rows, chunk_size=5),
+                                           hidden, [head_w, b], grad_hidden=False)
+    assert h_grad is None and w_grad is not None and b_grad is not None
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense", "none"])
+def test_fused_scales_with_the_incoming_gradient(kind):
+    c = make_case(2, k=3)
+    _, ids, lp, label_lp = dict((v[0], v) for v in teacher_variants(c))[kind]
+    head_w, b = make_head(2, c.v, True)
+    hidden = torch.randn(c.n, H, generator=torch.Generator().manual_seed(2)).requires_grad_()
+
+    def fn(h):
+        return fused_linear_mft_loss(h, head_w, b, c.labels, c.weight, c.mask, ids, lp, label_lp, chunk_size=4,
+                                     softcap=4.0)
+
+    _, h1, p1 = grads_of(fn, hidden, [head_w, b])
+    _, h3, p3 = grads_of(fn, hidden, [head_w, b], scale=3.0)
+    _, h0, p0 = grads_of(fn, hidden, [head_w, b], scale=0.0)
+    torch.testing.assert_close(h3, 3 * h1)
+    for got, want in zip(p3, p1):
+        torch.testing.assert_close(got, 3 * want)
+    assert (h0 == 0).all() and all((g == 0).all() for g in p0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_fused_bf16(seed, softcap):
+    """bf16 hidden and head (a bf16 model), and bf16 autocast over float32 ones: loss math in float32."""
+    c = make_case(seed, k=3)
+    rows = (c.labels, c.weight, c.mask, c.ids, c.lp, c.label_lp)
+    head_w, b = make_head(seed, c.v, True)
+    hidden = torch.randn(c.n, H, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+    fp32, fp32_h, fp32_p = grads_of(
+        lambda h: fused_linear_mft_loss(h, head_w, b, *rows, chunk_size=4, softcap=softcap), hidden, [head_w, b])
+
+    w16, b16 = head_w.detach().bfloat16().requires_grad_(), b.detach().bfloat16().requires_grad_()
+    total, h_grad, p_grads = grads_of(
+        lambda h: fused_linear_mft_loss(h, w16, b16, *rows, chunk_size=4, softcap=softcap),
+        hidden.detach().bfloat16().requires_grad_(), [w16, b16])
+    assert total.dtype == torch.float32 and h_grad.dtype == torch.bfloat16
+    assert all(g.dtype == torch.bfloat16 for g in p_grads)
+    torch.testing.assert_close(total, fp32, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(h_grad.float(), fp32_h, rtol=5e-2, atol=3e-2)
+    for got, want in zip(p_grads, fp32_p):
+        torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=3e-2)
+
+    def autocast(fn):
+        def run(h):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(h)
+        return run
+
+    fused = autocast(lambda h: fused_linear_mft_loss(h, head_w, b, *rows, chunk_size=4, softcap=softcap))
+    chunked = autocast(lambda h: chunked_mft_loss(h, head_fn(head_w, b, softcap), *rows, chunk_size=4))
+    total, h_grad, p_grads = grads_of(fused, hidden, [head_w, b])
+    ref, ref_h_grad, ref_p_grads = grads_of(chunked, hidden, [head_w, b])
+    assert total.dtype == torch.float32 and h_grad.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in p_grads)
+    torch.testing.assert_close(total, ref, rtol=1e-2, atol=2e-2)  # the chunked path caps in bf16, we in float32
+    torch.testing.assert_close(h_grad, ref_h_grad, rtol=2e-2, atol=1e-2)
+    for got, want in zip(p_grads, ref_p_grads):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(total, fp32, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(h_grad, fp32_h, rtol=5e-2, atol=3e-2)
+
+
+def test_fused_bad_arguments():
+    c = make_case(0)
+    head_w, b = make_head(0, c.v, False)
+    with pytest.raises(ValueError, match="--chunk-size"):
+        fused_linear_mft_loss(torch.randn(c.n, H), head_w, b, c.labels, None, c.mask, chunk_size=0)
+    with pytest.raises(ValueError, match="weight is required"):
+        fused_linear_mft_loss(torch.randn(c.n, H), head_w, b, c.labels, None, c.mask, None, c.full)
+    with pytest.raises(ValueError, match="label_logprob is required"):
+        fused_linear_mft_loss(torch.randn(c.n, H), head_w, b, c.labels, c.weight, c.mask, c.ids, c.lp)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma_softcap"])
+def test_student_loss_fused_equals_callable_head(arch, monkeypatch):
+    """StudentLoss takes the fused path for a plain nn.Linear head (untied, tied, soft-capped) and it
+    gives the same loss and parameter gradients as the callable head under checkpointing."""
+    from transformers import AutoModelForCausalLM, GPT2Config, Gemma3TextConfig, LlamaConfig
+
+    from mft_cache.trainer import student
+
+    v = 50
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=v, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=v, n_embd=16, n_layer=1, n_head=2, n_positions=64)
+    else:
+        cfg = Gemma3TextConfig(vocab_size=v, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=16,
+                               final_logit_softcapping=3.0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()  # no dropout: the two runs see the same network
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    b, t, k = 3, 9, 4
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, v, (b, t), generator=g)
+    length = torch.tensor([9, 5, 1])
+    full = torch.log_softmax(torch.randn(b, t - 1, v, generator=g) * 3, -1)
+    lp, ids = full.topk(k, -1)
+    batch = dict(input_ids=input_ids, length=length, weight=torch.rand(b, t - 1, generator=g), topk_ids=ids,
+                 topk_logprobs=lp, label_logprob=full.gather(-1, input_ids[:, 1:, None])[..., 0])
+    linear, cap = student.output_linear(model)
+    assert linear is model.get_output_embeddings() and cap == (3.0 if arch == "gemma_softcap" else None)
+    module = student.StudentLoss(model, chunk_size=4)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss, count = module(**batch)
+        loss.backward()
+        return loss.detach(), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    real = student.fused_linear_mft_loss
+    monkeypatch.setattr(student, "fused_linear_mft_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fused = run()
+    assert calls
+    monkeypatch.setattr(student, "output_linear", lambda m: (None, None))  # the fallback: a callable head
+    chunked = run()
+    assert len(calls) == 1 and fused[1] == chunked[1] == 8 + 4
+    torch.testing.assert_close(fused[0], chunked[0], rtol=1e-5, atol=1e-5)
+    assert fused[2].keys() == chunked[2].keys()
+    for name in fused[2]:
+        torch.testing.assert_close(fused[2][name], chunked[2][name], rtol=1e-4, atol=1e-5, msg=name)

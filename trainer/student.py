@@ -10,9 +10,9 @@ import logging
 import torch
 import torch.nn as nn
 
-from mft_cache.models import backbone_and_head, hidden_states, tokenizer_fingerprint, vocab_size_of
+from mft_cache.models import backbone_and_head, hidden_states, output_linear, tokenizer_fingerprint, vocab_size_of
 
-from .loss import chunked_mft_loss, token_nll_sum
+from .loss import chunked_mft_loss, fused_linear_mft_loss
 from .targets import correction_weight
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,15 @@ class StudentLoss(nn.Module):
             return None if x is None else x.reshape(b * (t - 1), *x.shape[x.dim() - trailing:])
 
         if topk_ids is not None:  # sparse teacher from the cache
-            loss = chunked_mft_loss(h, head, labels, flat(weight), mask, flat(topk_ids, 1), flat(topk_logprobs, 1),
-                                    flat(label_logprob), chunk_size=self.chunk_size)
+            teacher = (flat(topk_ids, 1), flat(topk_logprobs, 1), flat(label_logprob))
         elif teacher_logprobs is not None:  # dense online teacher
-            loss = chunked_mft_loss(h, head, labels, flat(weight), mask, None, flat(teacher_logprobs, 1),
-                                    chunk_size=self.chunk_size)
+            teacher = (None, flat(teacher_logprobs, 1), None)
         else:  # plain cross-entropy
-            loss = token_nll_sum(h, head, labels, mask, chunk_size=self.chunk_size)
+            teacher = (None, None, None)
+        linear, softcap = output_linear(self.model)
+        if linear is not None:  # logits and their gradients in one pass, none recomputed in the backward
+            loss = fused_linear_mft_loss(h, linear.weight, linear.bias, labels, flat(weight), mask, *teacher,
+                                         chunk_size=self.chunk_size, softcap=softcap)
+        else:  # any other head: through its own forward, chunk by chunk under checkpointing
+            loss = chunked_mft_loss(h, head, labels, flat(weight), mask, *teacher, chunk_size=self.chunk_size)
         return loss, mask.sum()
