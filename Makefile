@@ -44,7 +44,7 @@ TAUS ?= 0.1,0.25,0.5
 CACHE_ARGS ?=
 TRAIN_ARGS ?=
 
-.PHONY: setup assets cache train sweep study test bench clean
+.PHONY: setup assets cache train sweep study reliability test bench clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -87,6 +87,11 @@ study: setup $(if $(filter assets/%,$(MODEL) $(DATA)),assets)
 		--batch-size $(BATCH) --lr $(STUDY_LR) --tau $(TAU) --eval-every $(STUDY_STEPS) --save-every 5 \
 		--eval-specialized $(EVAL_SPECIALIZED) --eval-general $(EVAL_GENERAL) --eval-max-sequences 16 \
 		--parts $(STUDY_PARTS) --report STUDIES.md $(TRAIN_ARGS)
+
+# The reliability suite (issue 7) and its table: faults injected, inputs tried, outcomes checked.
+RELIABILITY_TESTS ?= tests/test_reliability.py tests/test_resume_cache.py tests/test_hostile.py tests/test_inputs.py tests/test_train.py
+reliability: setup
+	$(BIN)/pytest -q $(RELIABILITY_TESTS) --reliability-report RELIABILITY.md
 
 test: setup
 	$(BIN)/pytest -q -m "not slow"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("MFT_LOG_LEVEL", "INFO"), format="%(message)s")
@@ -81,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"mft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only folder, permissions: the OS's word, the file, and what to do
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"mft {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        if e.errno in _WRITE_ERRORS:
+            print(f"mft {args.command}: nothing half-written is marked complete; free space or fix the folder's "
+                  "permissions, then run the same command again to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mft {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

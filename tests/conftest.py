@@ -117,3 +117,37 @@ def _fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+# -- the reliability table (issue 7): tests record each fault they injected once its outcome is checked --
+_RELIABILITY: list[dict] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reliability-report", default="", help="write the table of faults injected and their "
+                     "checked outcomes (RELIABILITY.md) to this path")
+
+
+@pytest.fixture
+def reliability(request):
+    """record(area, fault, outcome): call it AFTER the assertions that check the outcome."""
+    def record(area: str, fault: str, outcome: str) -> None:
+        _RELIABILITY.append({"area": area, "fault": fault, "outcome": outcome, "test": request.node.nodeid})
+
+    return record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--reliability-report", default="")
+    if not path or not _RELIABILITY:
+        return
+    order = ("crash", "corruption", "mismatch", "hostile input", "disk", "numerics", "security")
+    rows = sorted(_RELIABILITY, key=lambda r: (order.index(r["area"]) if r["area"] in order else 99, r["test"]))
+    failed = session.testsfailed
+    lines = ["# Reliability", "",
+             "Written by the reliability suite (`make reliability`, the same tests CI runs in `make test`): one row per "
+             "fault injected or hostile input tried, recorded by the test only after its checks of the outcome passed.",
+             f"This run: {len(rows)} cases, {failed} failing tests in the session.", "",
+             "| area | fault or input | outcome (checked) | test |", "|---|---|---|---|"]
+    lines += [f"| {r['area']} | {r['fault']} | {r['outcome']} | `{r['test'].split('::', 1)[-1]}` |" for r in rows]
+    Path(path).write_text("\n".join(lines) + "\n")

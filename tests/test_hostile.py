@@ -39,7 +39,7 @@ def _tamper(folder: Path, field: str, edit) -> str:
     ("input_ids", lambda a: a.__setitem__((0, 0), 65535), "outside [0, 300)"),
     ("length", lambda a: a.__setitem__(0, 10_000), "outside [0, 48]"),
 ])
-def test_impossible_values_in_a_cache_are_refused(field, edit, message, llama, docs_jsonl, tmp_path):
+def test_impossible_values_in_a_cache_are_refused(field, edit, message, llama, docs_jsonl, tmp_path, reliability):
     folder = tmp_path / "c"
     build_cache(CacheConfig(model=str(llama), data=str(docs_jsonl), out=str(folder), seq_len=48, top_k=4, format="arrow"))
     name = _tamper(folder, field, edit)
@@ -48,9 +48,12 @@ def test_impossible_values_in_a_cache_are_refused(field, edit, message, llama, d
         open_cache(folder)[0]
     with pytest.raises(CorruptShardError, match=name):
         open_cache(folder, verify="full")
+    reliability("hostile input", f"a re-signed cache whose `{field}` holds {message} values",
+                f"refused on first read and by `verify`, naming `{name}`, the field and the row; never reaches a loss")
 
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+_FUZZ_CASES: set[str] = set()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -61,6 +64,7 @@ SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
              max_size=20).map(lambda rows: "\n".join(json.dumps(r) for r in rows).encode()),
 ))
 def test_random_bytes_in_any_format_give_documents_or_a_clear_error(suffix, payload, tmp_path):
+    _FUZZ_CASES.add(suffix)
     path = tmp_path / f"fuzz{suffix}"
     path.write_bytes(payload)
     try:
@@ -71,8 +75,19 @@ def test_random_bytes_in_any_format_give_documents_or_a_clear_error(suffix, payl
         assert docs.texts and all(isinstance(t, str) and t.strip() for t in docs.texts)
 
 
-def test_huge_line_and_empty_documents(tmp_path):
+def test_huge_line_and_empty_documents(tmp_path, reliability):
     big = "word " * 400_000
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": big}) + "\n" + json.dumps({"text": ""}) + "\n")
     docs = read_documents(tmp_path / "d.jsonl")
     assert len(docs.texts) == 1 and docs.num_empty == 1
+    reliability("hostile input", "a 2 MB single-line document and an empty document", "read; the empty one skipped "
+                "and counted in the manifest")
+
+
+def test_fuzzing_covered_every_format(reliability):
+    """Runs after the fuzz test (file order): its examples reached every reader."""
+    if not _FUZZ_CASES:
+        pytest.skip("the fuzz test was not selected")
+    assert _FUZZ_CASES == set(SUFFIXES)
+    reliability("hostile input", "hypothesis: random bytes, text and JSON rows as .txt/.jsonl/.json/.csv/.parquet "
+                "(60 examples)", "documents or a ValueError naming the file; no hang, no crash")

@@ -99,7 +99,7 @@ def _bad(tmp_path: Path, **files) -> Path:
     ("seq len > max", ["--seq-len", "257"], "--seq-len 257 exceeds the model's maximum of 256"),
     ("missing model", ["--model", "{tmp}/no-model"], "no-model"),
 ])
-def test_bad_input_gives_a_clear_error_and_no_cache(case, args, message, llama, tmp_path, capsys):
+def test_bad_input_gives_a_clear_error_and_no_cache(case, args, message, llama, tmp_path, capsys, reliability):
     _bad(tmp_path, **{"empty.jsonl": "", "docs.jsonl": json.dumps({"text": "hello"}) + "\n",
                       "latin1.txt": "caf\xe9 cr\xe8me".encode("latin-1"),
                       "broken.jsonl": '{"text": "a"}\n{"text": \n'})
@@ -114,6 +114,7 @@ def test_bad_input_gives_a_clear_error_and_no_cache(case, args, message, llama, 
     assert message in err, (case, err)
     assert "Traceback" not in err
     assert not (tmp_path / "out" / "manifest.json").exists()
+    reliability("hostile input", f"`mft cache` with {case}", f"exit 2: \"{message.split('{')[0]}\"; no cache")
 
 
 def test_out_folder_with_foreign_files_is_refused(llama, docs_jsonl, tmp_path, capsys):

@@ -452,7 +452,7 @@ def test_fused_equals_brute_force_and_chunked(seed, kind, softcap, bias, chunk_s
     if seed == 1:
         c.mask[:5] = False  # a whole chunk masked
     assert ((c.ids == c.labels[:, None]).any(-1) & c.mask).any() and (~(c.ids == c.labels[:, None]).any(-1)).any()
-    _, ids, lp, label_lp = dict((v[0], v) for v in teacher_variants(c))[kind]
+    _, ids, lp, label_lp = {v[0]: v for v in teacher_variants(c)}[kind]
     rows = (c.labels, c.weight, c.mask, ids, lp, label_lp)
     weight, b = make_head(seed, c.v, bias)
     params = [weight] + ([b] if bias else [])
@@ -520,7 +520,7 @@ def test_fused_peaked_student_keeps_tail_finite():
     logits.scatter_add_(1, ids, torch.full((n, k), 200.0))  # (N, V) the tail 200 nats below S
     hidden = torch.eye(n)  # (N, H = N) one-hot rows, so that hidden @ W^T = logits
     head_w = logits.T.contiguous().requires_grad_()  # (V, H)
-    total, h_grad, (w_grad,) = grads_of(
+    total, _, (w_grad,) = grads_of(
         lambda h: fused_linear_mft_loss(h, head_w, None, labels, weight, mask, ids, lp, label_lp, chunk_size=4),
         hidden, [head_w])
     s_sets = [set(a) for a in ids.tolist()]
@@ -594,7 +594,7 @@ def test_fused_frozen_head_grads_only_hidden():
 @pytest.mark.parametrize("kind", ["sparse", "dense", "none"])
 def test_fused_scales_with_the_incoming_gradient(kind):
     c = make_case(2, k=3)
-    _, ids, lp, label_lp = dict((v[0], v) for v in teacher_variants(c))[kind]
+    _, ids, lp, label_lp = {v[0]: v for v in teacher_variants(c)}[kind]
     head_w, b = make_head(2, c.v, True)
     hidden = torch.randn(c.n, H, generator=torch.Generator().manual_seed(2)).requires_grad_()
 

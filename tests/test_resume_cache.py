@@ -135,7 +135,7 @@ def _start_and_interrupt(cmd: list[str], out: Path, sig: int, logs: Path, num_sh
     pytest.param(signal.SIGINT, "zarr", id="sigint-zarr"),
     pytest.param(signal.SIGINT, "arrow", id="sigint-arrow"),
 ])
-def test_interrupted_build_resumes_to_identical_cache(sig, fmt, llama, big_jsonl, reference, tmp_path):
+def test_interrupted_build_resumes_to_identical_cache(sig, fmt, llama, big_jsonl, reference, tmp_path, reliability):
     ref = reference(fmt)
     ref_files = _files(ref)
     num_shards = len(_shards(ref))
@@ -182,4 +182,7 @@ def test_interrupted_build_resumes_to_identical_cache(sig, fmt, llama, big_jsonl
     assert not differing, f"files differ from the uninterrupted run: {differing[:5]}"
     cache = open_cache(out, verify="full")
     assert len(cache.shards) == num_shards
+    reliability("crash", f"{signal.Signals(sig).name} to `mft cache` ({fmt}) at a random moment mid-build",
+                "no manifest (not openable); the rerun computes only the missing shards and ends byte-identical"
+                + (", exit 130 with a resume hint" if sig == signal.SIGINT else ""))
 

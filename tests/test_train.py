@@ -156,7 +156,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(fault, full_cache, da
     assert {k: sa[k] for k in ("S", "DG", "best_step", "tokens")} == {k: sb[k] for k in ("S", "DG", "best_step", "tokens")}
 
 
-def test_cache_from_another_tokenizer_or_vocabulary_is_refused(full_cache, tmp_path, capsys):
+def test_cache_from_another_tokenizer_or_vocabulary_is_refused(full_cache, tmp_path, capsys, reliability):
     other_vocab = make_model(tmp_path / "v512", "llama", vocab_size=512)
     code = main(["train", "--cache", str(full_cache), "--model", str(other_vocab), "--out", str(tmp_path / "a")])
     assert code == 2 and "vocabulary of 512 tokens but the cache was made with 300" in capsys.readouterr().err
@@ -164,6 +164,8 @@ def test_cache_from_another_tokenizer_or_vocabulary_is_refused(full_cache, tmp_p
     code = main(["train", "--cache", str(full_cache), "--model", str(other_tok), "--out", str(tmp_path / "b")])
     assert code == 2 and "tokenizer differs from the one the cache was made with" in capsys.readouterr().err
     assert not (tmp_path / "a" / "metrics.jsonl").exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
+    reliability("mismatch", "a student with another vocabulary, or another tokenizer of the same size",
+                "refused (exit 2) naming both; no run started")
 
 
 @pytest.mark.parametrize("tau", ["-0.1", "1.5", "nan"])

@@ -225,7 +225,7 @@ def _fused_forward(
     chunk_size: int, softcap: float | None, compute_dtype: torch.dtype, need_dh: bool, need_dw: bool, need_db: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The summed loss and its gradients for hidden, head_weight and head_bias (None where not needed)."""
-    n, v = hidden.shape[0], head_weight.shape[0]
+    v = head_weight.shape[0]
     live = mask.nonzero().squeeze(1)  # (n_live,) the one host sync; masked rows never enter the math
     w_c = head_weight.to(compute_dtype)  # (V, H)
     b_c = None if head_bias is None else head_bias.to(compute_dtype)  # (V,)
@@ -236,10 +236,9 @@ def _fused_forward(
     need_grad = need_dh or need_dw or need_db
     for s in range(0, live.shape[0], chunk_size):
         idx = live[s : s + chunk_size]  # (c,)
-
-        def take(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x.index_select(0, idx)
-
+        labels_c, weight_c, ids_c, lp_c, label_lp_c = (
+            None if x is None else x.index_select(0, idx)
+            for x in (labels, weight, teacher_ids, teacher_logprobs, label_logprob))
         h = hidden.index_select(0, idx).to(compute_dtype)  # (c, H)
         z = h @ w_c.T if b_c is None else torch.addmm(b_c, h, w_c.T)  # (c, V)
         z = z.float()  # a no-op in float32
@@ -247,8 +246,7 @@ def _fused_forward(
         if softcap:
             capped = z.div_(softcap).tanh_()  # (c, V) tanh(z / cap), kept for the chain rule
             z = capped * softcap
-        loss, g = _chunk_loss_and_grad(z, take(labels), take(weight), take(teacher_ids), take(teacher_logprobs),
-                                       take(label_logprob), need_grad)
+        loss, g = _chunk_loss_and_grad(z, labels_c, weight_c, ids_c, lp_c, label_lp_c, need_grad)
         total += loss.sum()
         if g is None:
             continue

@@ -12,10 +12,12 @@ the run folder's fate and writes every run file; Accelerate's save_state runs on
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mft_cache.config import to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
-from mft_cache.faults import fault_point
+from mft_cache.faults import fault_active, fault_point
 from mft_cache.models import load_model, load_tokenizer, weights_fingerprint
 from mft_cache.storage import build_sequences, open_cache, read_documents
 from mft_cache.storage.manifest import write_json_atomic
@@ -171,6 +173,19 @@ def open_replay(cfg: TrainConfig, manifest: dict | None, tokenizer, seq_len: int
 
 
 # -- evaluating and saving --------------------------------------------------------------------------
+@contextlib.contextmanager
+def writing(path: Path):
+    """Disk errors while saving come out as OSError naming the folder (safetensors has its own error type)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        num = int(code.group(1)) if code else errno.EIO
+        raise OSError(num, f"{os.strerror(num)} while writing weights", str(path)) from None
+
+
 def evaluate(module, eval_sets: dict, cfg: TrainConfig, accelerator, state: TrainState) -> dict:
     record = {"step": state.step, "tokens": state.tokens}
     for name, rows in eval_sets.items():
@@ -200,11 +215,12 @@ def save_pretrained(accelerator, module, tokenizer, path: Path, merged: bool = F
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model = accelerator.unwrap_model(module).model
-        if is_adapted(model):
-            save_adapted(model, tmp, merged, state_dict)
-        else:
-            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with writing(tmp):
+            if is_adapted(model):
+                save_adapted(model, tmp, merged, state_dict)
+            else:
+                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     accelerator.wait_for_everyone()
@@ -216,7 +232,8 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, keep: int = 2) ->
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing(tmp):
+        accelerator.save_state(str(tmp))
     fault_point(f"train:checkpoint-{state.step}")
     if accelerator.is_main_process:
         write_json_atomic(tmp / "trainer_state.json", state.__dict__)  # last: marks the checkpoint complete
@@ -228,7 +245,13 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, keep: int = 2) ->
 
 
 def load_checkpoint(accelerator, out: Path, ckpt: Path) -> TrainState:
-    accelerator.load_state(str(ckpt))
+    import pickle
+
+    try:  # accelerate loads every file with torch.load(weights_only=True): a pickle that runs code is refused
+        accelerator.load_state(str(ckpt))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as e:
+        raise ValueError(f"--resume: the checkpoint {ckpt} cannot be loaded safely ({str(e).splitlines()[0][:200]}); "
+                         "remove it to resume from an earlier one, or pass --overwrite to start again") from None
     state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
     if accelerator.is_main_process:  # forget metrics written after the checkpoint: they will be written again
         with open(out / "metrics.jsonl", "r+b") as f:
@@ -254,6 +277,8 @@ def train_step(module, optimizer, scheduler, micro: list[dict], targets, acceler
         sync = i == len(micro) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(module):
             loss, _ = module(**targets(mb))
+            if fault_active(f"train:nan-loss-{step + 1}"):  # fault injection: NaN loss and NaN gradients
+                loss = loss * float("nan")
             accelerator.backward(loss * scale)
         loss_sum += loss.detach().double()
     loss_value = (accelerator.reduce(loss_sum, "sum") / max(n_step.item(), 1.0)).item()
@@ -361,8 +386,8 @@ def train(cfg: TrainConfig) -> dict:
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped once per step, any P
     module, optimizer = accelerator.prepare(module, optimizer)
-    # The scheduler is not registered with Accelerate: it would be pickled and restored with
-    # torch.load(weights_only=False). Its state is a few numbers, saved in trainer_state.json.
+    # The scheduler is not registered with Accelerate: it would be pickled and restored by an
+    # unrestricted torch.load. Its state is a few numbers, saved in trainer_state.json.
 
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
