@@ -716,3 +716,41 @@ def test_student_loss_fused_equals_callable_head(arch, monkeypatch):
     assert fused[2].keys() == chunked[2].keys()
     for name in fused[2]:
         torch.testing.assert_close(fused[2][name], chunked[2][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("softcap", [None, 7.0])
+def test_dropped_tail_matches_its_dense_reference_fused_and_chunked(softcap):
+    """drop_tail: loss = (1-w)·Σ_{i∈S} p_i (-log q_i) + w·(-log q_l), no tail term; fused == chunked == brute force."""
+    g = torch.Generator().manual_seed(3)
+    n, h, v, k = 13, 6, 17, 4
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64).float().requires_grad_()
+    weight_m = torch.randn(v, h, generator=g).requires_grad_()
+    lp = torch.log_softmax(torch.randn(n, v, generator=g) * 2, -1)
+    vals, ids = lp.topk(k, -1)
+    labels = torch.randint(0, v, (n,), generator=g)
+    label_lp = lp.gather(1, labels[:, None])[:, 0]
+    w = torch.rand(n, generator=g)
+    mask = torch.rand(n, generator=g) > 0.2
+
+    def head(x):
+        z = x @ weight_m.T
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+    # brute force: dense target on S only
+    log_q = torch.log_softmax(head(hidden), -1)
+    in_s = torch.zeros(n, v, dtype=torch.bool).scatter_(1, ids, True).scatter_(1, labels[:, None], True)
+    ce_s = -(torch.where(in_s, lp.exp(), 0.0) * log_q).sum(-1)
+    nll = -log_q.gather(1, labels[:, None])[:, 0]
+    ref = torch.where(mask, (1 - w) * ce_s + w * nll, 0.0).sum()
+    ref_grads = torch.autograd.grad(ref, (hidden, weight_m))
+
+    fused = fused_linear_mft_loss(hidden, weight_m, None, labels, w, mask, ids, vals, label_lp, chunk_size=5,
+                                  softcap=softcap, drop_tail=True)
+    chunked = chunked_mft_loss(hidden, head, labels, w, mask, ids, vals, label_lp, chunk_size=5, drop_tail=True)
+    bucket = fused_linear_mft_loss(hidden, weight_m, None, labels, w, mask, ids, vals, label_lp, chunk_size=5,
+                                   softcap=softcap)
+    for got in (fused, chunked):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(got, (hidden, weight_m)), ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(bucket, ref)  # the tail bucket is a different objective

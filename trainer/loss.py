@@ -24,6 +24,7 @@ def sparse_mft_loss(
     teacher_ids: Tensor | None = None,
     teacher_logprobs: Tensor | None = None,
     label_logprob: Tensor | None = None,
+    drop_tail: bool = False,
 ) -> Tensor:
     """Per-position MFT loss, computed in float32.
 
@@ -37,6 +38,8 @@ def sparse_mft_loss(
             log-probs in id order (dense), normalised over the full vocabulary; any float dtype.
             None: no teacher, the loss is the plain cross-entropy -log q_label.
         label_logprob: (N,) teacher log-prob of the label; required with teacher_ids.
+        drop_tail: the ablation other distillation tools make: ignore the teacher mass m outside
+            S = top-k ∪ {label} (no tail bucket; the target then sums to 1 - m).
 
     Returns:
         (N,) float32 losses, exactly 0 where mask is False; nothing from masked rows (labels,
@@ -67,6 +70,8 @@ def sparse_mft_loss(
         lp_s = torch.cat([lp_topk, lp_label[:, None]], dim=1)  # (N, K+1)
         p_s = lp_s.exp()  # (N, K+1)
         m = (1 - p_s.sum(-1)).clamp_min(0.0)  # (N,) teacher mass off S
+        if drop_tail:
+            m = torch.zeros_like(m)
         ce_s = -(p_s * (z.gather(1, s_ids) - lse[:, None])).sum(-1)  # (N,)
 
         # log Σ_{j∉S} q_j = logsumexp(z off S) - logsumexp(z); never log(1 - Σ_S q), which cancels.
@@ -92,6 +97,7 @@ def chunked_mft_loss(
     teacher_logprobs: Tensor | None = None,
     label_logprob: Tensor | None = None,
     chunk_size: int = 1024,
+    drop_tail: bool = False,
 ) -> Tensor:
     """Sum of sparse_mft_loss over unmasked positions, never holding all N x V logits at once.
 
@@ -115,7 +121,7 @@ def chunked_mft_loss(
     per_row = (labels, weight, mask, teacher_ids, teacher_logprobs, label_logprob)
 
     def chunk_loss(h: Tensor, *rows: Tensor | None) -> Tensor:
-        return sparse_mft_loss(head(h), *rows).sum()
+        return sparse_mft_loss(head(h), *rows, drop_tail=drop_tail).sum()
 
     # An empty head call: an exact 0 connected to hidden and to head's parameters, so that an
     # all-masked batch still backpropagates (zeros) to every parameter.
@@ -144,7 +150,7 @@ def token_nll_sum(
 
 def _chunk_loss_and_grad(
     z: Tensor, labels: Tensor, weight: Tensor | None, teacher_ids: Tensor | None, teacher_logprobs: Tensor | None,
-    label_logprob: Tensor | None, need_grad: bool,
+    label_logprob: Tensor | None, need_grad: bool, drop_tail: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """sparse_mft_loss of every row of one chunk (all rows count), and its gradient with respect to z.
 
@@ -188,6 +194,8 @@ def _chunk_loss_and_grad(
         dup = in_topk
     p_sum = p_s.sum(-1)  # (c,) Σ_S p
     m = (1 - p_sum).clamp_min(0.0)  # (c,) teacher mass off S
+    if drop_tail:  # the ablation: no tail bucket (its loss term and gradient share vanish with m)
+        m = torch.zeros_like(m)
 
     z_s = z.gather(1, s_ids)  # (c, K+1)
     z_label = z_s[:, -1]  # (c,)
@@ -223,6 +231,7 @@ def _fused_forward(
     hidden: Tensor, head_weight: Tensor, head_bias: Tensor | None, labels: Tensor, weight: Tensor | None,
     mask: Tensor, teacher_ids: Tensor | None, teacher_logprobs: Tensor | None, label_logprob: Tensor | None,
     chunk_size: int, softcap: float | None, compute_dtype: torch.dtype, need_dh: bool, need_dw: bool, need_db: bool,
+    drop_tail: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The summed loss and its gradients for hidden, head_weight and head_bias (None where not needed)."""
     v = head_weight.shape[0]
@@ -246,7 +255,7 @@ def _fused_forward(
         if softcap:
             capped = z.div_(softcap).tanh_()  # (c, V) tanh(z / cap), kept for the chain rule
             z = capped * softcap
-        loss, g = _chunk_loss_and_grad(z, labels_c, weight_c, ids_c, lp_c, label_lp_c, need_grad)
+        loss, g = _chunk_loss_and_grad(z, labels_c, weight_c, ids_c, lp_c, label_lp_c, need_grad, drop_tail)
         total += loss.sum()
         if g is None:
             continue
@@ -272,12 +281,12 @@ class _FusedLinearMFTLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, head_weight, head_bias, labels, weight, mask, teacher_ids, teacher_logprobs,
-                label_logprob, chunk_size, softcap, compute_dtype):
+                label_logprob, chunk_size, softcap, compute_dtype, drop_tail=False):
         need = ctx.needs_input_grad
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly
             total, dh, dw, db = _fused_forward(
                 hidden, head_weight, head_bias, labels, weight, mask, teacher_ids, teacher_logprobs, label_logprob,
-                chunk_size, softcap, compute_dtype, need[0], need[1], head_bias is not None and need[2])
+                chunk_size, softcap, compute_dtype, need[0], need[1], head_bias is not None and need[2], drop_tail)
         ctx.save_for_backward(dh, dw, db)
         return total
 
@@ -285,7 +294,7 @@ class _FusedLinearMFTLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         dh, dw, db = ctx.saved_tensors
         scale = [None if x is None else x * grad_output.to(x.dtype) for x in (dh, dw, db)]
-        return (*scale, None, None, None, None, None, None, None, None, None)
+        return (*scale, None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_mft_loss(
@@ -300,6 +309,7 @@ def fused_linear_mft_loss(
     label_logprob: Tensor | None = None,
     chunk_size: int = 1024,
     softcap: float | None = None,
+    drop_tail: bool = False,
 ) -> Tensor:
     """chunked_mft_loss for a linear output layer, without recomputing logits in the backward.
 
@@ -318,6 +328,7 @@ def fused_linear_mft_loss(
             sparse_mft_loss (rows of N).
         chunk_size: positions per chunk.
         softcap: final logit soft-capping value (Gemma-style), or None.
+        drop_tail: ignore the teacher mass outside top-k ∪ {label} (as sparse_mft_loss).
 
     Returns:
         float32 scalar: the SUM of per-position losses, equal to chunked_mft_loss's. All positions
@@ -340,6 +351,6 @@ def fused_linear_mft_loss(
             chunk_size, softcap or None)
     grads = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, head_weight, head_bias)]
     if any(grads):
-        return _FusedLinearMFTLoss.apply(*args, compute_dtype)
+        return _FusedLinearMFTLoss.apply(*args, compute_dtype, drop_tail)
     with torch.autocast(device, enabled=False):  # evaluation: the loss alone
-        return _fused_forward(*args, compute_dtype, False, False, False)[0]
+        return _fused_forward(*args, compute_dtype, False, False, False, drop_tail)[0]

@@ -63,7 +63,7 @@ class StudentLoss(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, input_ids, length, weight=None, topk_ids=None, topk_logprobs=None, label_logprob=None,
-                teacher_logprobs=None):
+                teacher_logprobs=None, drop_tail=False):
         backbone, head = backbone_and_head(self.model)
         b, t = input_ids.shape
         attention = (torch.arange(t, device=input_ids.device)[None, :] < length[:, None]).long()
@@ -83,7 +83,8 @@ class StudentLoss(nn.Module):
         linear, softcap = output_linear(self.model)
         if linear is not None:  # logits and their gradients in one pass, none recomputed in the backward
             loss = fused_linear_mft_loss(h, linear.weight, linear.bias, labels, flat(weight), mask, *teacher,
-                                         chunk_size=self.chunk_size, softcap=softcap)
+                                         chunk_size=self.chunk_size, softcap=softcap, drop_tail=drop_tail)
         else:  # any other head: through its own forward, chunk by chunk under checkpointing
-            loss = chunked_mft_loss(h, head, labels, flat(weight), mask, *teacher, chunk_size=self.chunk_size)
+            loss = chunked_mft_loss(h, head, labels, flat(weight), mask, *teacher, chunk_size=self.chunk_size,
+                                    drop_tail=drop_tail)
         return loss, mask.sum()

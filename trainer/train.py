@@ -119,7 +119,6 @@ def open_training_rows(cfg: TrainConfig):
         if fp != m["data"]["fingerprint"]:
             raise ValueError(f"--data {cfg.data} is not the data the cache {cfg.cache} was made from "
                              f"({m['data']['source']}); rebuild the cache with `mft cache --data {cfg.data}`")
-    check_teacher_revision(cfg, m, model_id)
     return CacheRows(cache, cfg.top_k), m, model_id, cache.seq_len
 
 
@@ -314,7 +313,7 @@ def make_targets(cfg: TrainConfig, teacher):
                                            mb["input_ids"][:, 1:], top_k=cfg.top_k, tail=cfg.tail)
         # the weight from the exact cached p_max and p_label, whatever happens to the distribution
         return {**inputs, "weight": cache_weight(mb, cfg.objective, cfg.tau), "topk_ids": ids,
-                "topk_logprobs": lp, "label_logprob": label_lp}
+                "topk_logprobs": lp, "label_logprob": label_lp, **({"drop_tail": True} if cfg.tail == "drop" else {})}
 
     return targets
 
@@ -355,7 +354,8 @@ def train(cfg: TrainConfig) -> dict:
     model.config.use_cache = False
     teacher = None
     if manifest is not None:
-        check_student(manifest, tokenizer, model, model_id)
+        check_student(manifest, tokenizer, model, model_id)  # tokenizer and vocabulary first: their errors say more
+        check_teacher_revision(cfg, manifest, model_id)
         log.info("targets from the cache %s: the teacher is not loaded", cfg.cache)
     else:
         teacher = load_model(cfg.model, torch.float32, accelerator.device, cfg.trust_remote_code).eval().requires_grad_(False)
