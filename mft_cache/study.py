@@ -2,8 +2,9 @@
 
 a) FT, MFT and the two ablations (the paper's Table 3);
 b) MFT and FT x {none, LoRA, DoRA, IA3} and x replay (Tables 2 and 4);
-c) cached top-k for k in {1, 4, 16, 64, 256} against the online full-vocabulary teacher, and the tail
-   bucket against renormalising the top-k and against dropping the tail;
+c) cached top-k for k in {1, 4, 16, 64, 256} against the online full-vocabulary teacher, the tail
+   bucket against renormalising the top-k and against dropping the tail, and the q8 encoding of a
+   k=32 cache against float16;
 d) tau in {0, 0.1, 0.25, 0.5, 0.75, 1} from one cache.
 
 One teacher pass writes a k=256 cache; every cached run reads it, smaller k through `--top-k`
@@ -76,6 +77,9 @@ def plan(cfg: StudyConfig, tcfg, caches: dict) -> list[tuple[str, str, dict]]:
             runs.append(("c", f"mft-k{k}", {**main, "top_k": k}))
         for tail in ("renormalize", "drop"):
             runs.append(("c", f"mft-k16-{tail}", {**main, "top_k": 16, "tail": tail}))
+        # the compact encoding (issue 5): a k=32 q8 cache against the same k=32 read as float16
+        runs.append(("c", "mft", {**main, "objective": "mft"}))
+        runs.append(("c", "mft-k32-q8", {"cache": str(caches["q8"]), "top_k": 0}))
     if "d" in cfg.parts:
         for tau in TAUS:
             runs.append(("d", "mft" if tau == 0.25 else f"mft-tau{tau:g}", {**main, "objective": "mft", "tau": tau}))
@@ -95,10 +99,13 @@ def study(cfg: StudyConfig, tcfg) -> dict:
     model, data, seq_len = tcfg.model or DEFAULT_MODEL, tcfg.data or DEFAULT_DATA, tcfg.seq_len or 256
     # every run names the teacher, the data and the seq len: cached runs check them against the cache
     tcfg = replace(tcfg, model=model, data=data, seq_len=seq_len)
-    caches = {"main": out / "caches" / "k256", "replay": out / "caches" / "replay"}
+    caches = {"main": out / "caches" / "k256", "replay": out / "caches" / "replay", "q8": out / "caches" / "k32-q8"}
     log.info("study: teacher pass for the k=256 cache (%s)", caches["main"])
     build_cache(CacheConfig(model=model, data=data, out=str(caches["main"]), seq_len=seq_len, top_k=max(K_VALUES),
                             batch_size=cfg.cache_batch_size))
+    if "c" in cfg.parts:
+        build_cache(CacheConfig(model=model, data=data, out=str(caches["q8"]), seq_len=seq_len, top_k=32,
+                                logprob_dtype="q8", batch_size=cfg.cache_batch_size))
     if "b" in cfg.parts:
         replay_docs = _write_replay(cfg, tcfg, out / "data" / "replay.jsonl")
         build_cache(CacheConfig(model=model, data=str(replay_docs), out=str(caches["replay"]), seq_len=seq_len,

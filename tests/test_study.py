@@ -22,10 +22,12 @@ def test_study_runs_every_part_and_writes_the_report(llama, tmp_path):
     record = json.loads((tmp_path / "study" / "study.json").read_text())
     runs = record["runs"]
     expected = {"ft", "mft", "distill-partial", "corrective-ft", "mft-online", "mft-k16-renormalize", "mft-k16-drop",
+                "mft-k32-q8",
                 *(f"{o}-{m}" for o in ("ft", "mft") for m in ("lora", "dora", "ia3", "replay")),
                 *(f"mft-k{k}" for k in (1, 4, 16, 64, 256)), *(f"mft-tau{t}" for t in ("0", "0.1", "0.5", "0.75", "1"))}
     assert set(runs) == expected
     assert runs["mft-online"]["teacher"] == "online" and runs["mft-k4"]["top_k"] == 4
+    assert json.loads((tmp_path / "study" / "caches" / "k32-q8" / "manifest.json").read_text())["top_k"] == 32
     assert runs["mft-lora"]["peft"] == "lora" and runs["ft-replay"]["replay_fraction"] == 0.5
     replay = (tmp_path / "study" / "data" / "replay.jsonl").read_text()
     assert replay.count("\n") == 6 and not any(t in replay for t in (json.dumps(x) for x in pool[:4]))
