@@ -82,6 +82,33 @@ def _documents_npy(doc_offsets: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class HostCopy:
+    """Device-to-host copies of one batch's outputs that overlap with the next batch's compute: on a GPU
+    into pinned memory with non_blocking=True, waited for (an event) only when the values are read."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], tokens: int):
+        self.tokens, self.event = tokens, None
+        if tensors[0].device.type == "cuda":
+            self.host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                              for t in tensors)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tuple(t.cpu() for t in tensors)
+
+    def numpy(self) -> list[np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [t.numpy() for t in self.host]
+
+
+def encode_shard(arrays: dict[str, np.ndarray], logprob_dtype: str) -> dict[str, np.ndarray]:
+    """float32 top-k log-probs -> the stored fields (a dtype cast, or the q8 encoding)."""
+    out = {k: v for k, v in arrays.items() if k != "topk_logprobs"}
+    out.update(encode_logprobs(arrays["topk_logprobs"], logprob_dtype))
+    return out
+
+
 def process_state(device: torch.device):
     """Accelerate's view of this process: one of several under torchrun / accelerate launch, else alone.
     A process group is created only when the launcher started several processes (WORLD_SIZE > 1)."""
@@ -169,22 +196,33 @@ def build_cache(cfg: CacheConfig) -> dict:
             rows = shard_rows(i)
             out = {"input_ids": packed.input_ids[rows.start: rows.stop].astype(id_np),
                    "length": packed.lengths[rows.start: rows.stop].astype(np.int32)}
-            parts: dict[str, list] = {f.name: [] for f in schema if f.name not in out}
+            parts: dict[str, list] = {"topk_ids": [], "topk_logprobs": [], "label_logprob": []}
+            inflight: HostCopy | None = None  # the previous batch's device-to-host copy, overlapping this batch
+
+            def collect(copy: HostCopy) -> None:
+                top_ids, lp, label_lp = copy.numpy()
+                parts["topk_ids"].append(top_ids.astype(id_np))
+                parts["topk_logprobs"].append(lp)
+                parts["label_logprob"].append(label_lp)
+                bar.update(copy.tokens)
+
             for b in range(rows.start, rows.stop, cfg.batch_size):
                 e = min(rows.stop, b + cfg.batch_size)
                 ids = torch.as_tensor(packed.input_ids[b:e], device=device)
                 lengths = torch.as_tensor(packed.lengths[b:e], device=device, dtype=torch.long)
                 lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk)
-                parts["topk_ids"].append(top_ids.cpu().numpy().astype(id_np))
-                for name, a in encode_logprobs(lp.cpu().numpy(), cfg.logprob_dtype).items():  # cast or q8-encode
-                    parts[name].append(a)
-                parts["label_logprob"].append(label_lp.cpu().numpy())
-                bar.update(int(preds[b:e].sum()))
+                copy = HostCopy((top_ids, lp, label_lp), int(preds[b:e].sum()))
+                if inflight is not None:
+                    collect(inflight)
+                inflight = copy
+            if inflight is not None:
+                collect(inflight)
             out.update({k: np.concatenate(v) for k, v in parts.items()})
             if pending is not None:
                 fault_point(f"cache:shard-{pending.result()['index']}")
                 sync_bar()
-            pending = pool.submit(writer.write_shard, i, out)
+            # the writer thread encodes (dtype cast or q8) and writes while the teacher computes the next shard
+            pending = pool.submit(lambda i=i, out=out: writer.write_shard(i, encode_shard(out, cfg.logprob_dtype)))
         if pending is not None:
             fault_point(f"cache:shard-{pending.result()['index']}")
     dist.wait_for_everyone()  # every shard is on disk
