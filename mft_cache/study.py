@@ -40,6 +40,7 @@ class StudyConfig:
     replay_documents: int = opt(90, "how many replay documents to take")
     adapter_lr: float = opt(2e-3, "learning rate of the adapter runs (--peft trains far fewer weights)")
     cache_batch_size: int = opt(4, "teacher batch size of the study's caches")
+    report_only: bool = opt(False, "train nothing: write the report from the runs already finished in --out")
 
 
 def _write_replay(cfg: StudyConfig, tcfg, path: Path) -> Path:
@@ -100,6 +101,8 @@ def study(cfg: StudyConfig, tcfg) -> dict:
     # every run names the teacher, the data and the seq len: cached runs check them against the cache
     tcfg = replace(tcfg, model=model, data=data, seq_len=seq_len)
     caches = {"main": out / "caches" / "k256", "replay": out / "caches" / "replay", "q8": out / "caches" / "k32-q8"}
+    if cfg.report_only:
+        return collect(cfg, tcfg, out, plan(cfg, tcfg, caches), train=None)
     log.info("study: teacher pass for the k=256 cache (%s)", caches["main"])
     build_cache(CacheConfig(model=model, data=data, out=str(caches["main"]), seq_len=seq_len, top_k=max(K_VALUES),
                             batch_size=cfg.cache_batch_size))
@@ -110,24 +113,32 @@ def study(cfg: StudyConfig, tcfg) -> dict:
         replay_docs = _write_replay(cfg, tcfg, out / "data" / "replay.jsonl")
         build_cache(CacheConfig(model=model, data=str(replay_docs), out=str(caches["replay"]), seq_len=seq_len,
                                 top_k=32, batch_size=cfg.cache_batch_size))
+    return collect(cfg, tcfg, out, plan(cfg, tcfg, caches), train)
+
+
+def collect(cfg: StudyConfig, tcfg, out: Path, todo: list, train) -> dict:
+    """Run (with `train`) or only gather (train=None) every planned run; the report is rewritten after each
+    run, so an interrupted study still has a report of what it finished."""
     results: dict[str, dict] = {}
     parts: dict[str, list[str]] = {p: [] for p in cfg.parts}
-    todo = plan(cfg, tcfg, caches)
+    record = {"config": dict(cfg.__dict__), "train": dict(tcfg.__dict__), "parts": parts, "runs": results,
+              "planned": len({name for _, name, _ in todo})}
     for i, (part, name, overrides) in enumerate(todo, 1):
+        run_dir = out / "runs" / name
+        if name not in results:
+            if train is not None:
+                log.info("study run %d/%d: %s (part %s)", i, len(todo), name, part)
+                summary = train(replace(tcfg, out=str(run_dir), resume=True, **overrides))
+            elif (run_dir / "summary.json").exists():
+                summary = json.loads((run_dir / "summary.json").read_text())
+            else:
+                continue
+            lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            tail = [x["loss"] for x in lines if x["type"] == "train"][-5:]
+            results[name] = {**summary, "final_loss": sum(tail) / len(tail) if tail else None}
         parts[part].append(name)
-        if name in results:
-            continue
-        log.info("study run %d/%d: %s (part %s)", i, len(todo), name, part)
-        run_cfg = replace(tcfg, out=str(out / "runs" / name), resume=True, **overrides)
-        summary = train(run_cfg)
-        lines = [json.loads(x) for x in (Path(run_cfg.out) / "metrics.jsonl").read_text().splitlines()]
-        losses = [x["loss"] for x in lines if x["type"] == "train"]
-        tail = losses[-5:]
-        results[name] = {**summary, "final_loss": sum(tail) / len(tail) if tail else None}
-    record = {"config": dict(cfg.__dict__), "train": dict(tcfg.__dict__), "parts": parts,
-              "runs": results}
-    write_json_atomic(out / "study.json", record)
-    write_report(record, Path(cfg.report), out)
+        write_json_atomic(out / "study.json", record)
+        write_report(record, Path(cfg.report), out)
     return record
 
 
@@ -153,6 +164,8 @@ def write_report(record: dict, path: Path, out: Path) -> None:
     from mft_cache.trainer.sweep import plot_dg_vs_s
 
     runs, parts, t = record["runs"], record["parts"], record["train"]
+    if not runs:
+        return
     plots = path.parent / "docs"
     plots.mkdir(parents=True, exist_ok=True)
     base = next(iter(runs.values()))
@@ -168,12 +181,14 @@ def write_report(record: dict, path: Path, out: Path) -> None:
         f"specialized {_f(base['base_ppl_specialized'])}, general {_f(base['base_ppl_general'])}.",
         "",
     ]
+    if len(runs) < record["planned"]:
+        doc += [f"**Partial: {len(runs)} of {record['planned']} runs finished**; the others are missing from the tables.", ""]
     titles = {"a": "a) Objectives and the paper's ablations (Table 3)",
               "b": "b) Compositions: adapters and replay (Tables 2 and 4)",
               "c": "c) How many logits a cache needs, and the tail",
               "d": "d) tau from one cache"}
     for part in PARTS:
-        if part not in parts:
+        if not parts.get(part):
             continue
         names = list(dict.fromkeys(parts[part]))
         extra = ()

@@ -36,7 +36,17 @@ def test_study_runs_every_part_and_writes_the_report(llama, tmp_path):
     for title in ("a) Objectives", "b) Compositions", "c) How many logits", "d) tau"):
         assert title in text
     assert text.count("| mft-k") >= 5 and "gap to online" in text
-    # the study resumes: a second call trains nothing and gives the same record
+    # --report-only gathers the finished runs without training; a run missing is named as missing
+    import shutil
+
+    shutil.rmtree(tmp_path / "study" / "runs" / "mft-ia3")
+    partial = tmp_path / "PARTIAL.md"
+    assert main(["study", "--model", str(llama), "--data", str(train), "--out", str(tmp_path / "study"),
+                 "--seq-len", "32", "--steps", "2", "--batch-size", "2", "--report", str(partial),
+                 "--eval-specialized", str(spec), "--eval-general", str(general), "--report-only"]) == 0
+    text = partial.read_text()
+    assert "Partial: 25 of 26 runs finished" in text and "| mft-ia3 |" not in text and "| mft-lora |" in text
+    # the study resumes: a second call trains only what is missing and gives the same record
     assert main(["study", "--model", str(llama), "--data", str(train), "--out", str(tmp_path / "study"),
                  "--seq-len", "32", "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--save-every", "0",
                  "--eval-specialized", str(spec), "--eval-general", str(general), "--replay-source", str(source),
