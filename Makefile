@@ -96,5 +96,12 @@ reliability: setup
 test: setup
 	$(BIN)/pytest -q -m "not slow"
 
+# Benchmarks (about 17 min on 2 CPU cores): tables on stdout, bench/results.json, bench/out/BENCHMARKS.md.
+# The demo model in assets/ if fetched (make assets), else a tiny Llama. BENCH_ARGS=--quick for a smoke run;
+# --sections train,cache,storage,scaling to pick some; --device cuda on a GPU.
+BENCH_ARGS ?=
+bench: setup
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf caches runs

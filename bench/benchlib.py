@@ -1,0 +1,281 @@
+"""What the benchmark scripts share: machine description, memory probes, tiny models and data built
+from config (nothing downloads), synthetic cache rows, and the one-line JSON hand-off of a child."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- numbers ----------------------------------------------------------------------------------------
+def median(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+# -- memory ---------------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    """High-water mark of this process's resident set (Linux reports KiB, macOS bytes)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: the peak is the best we have
+        return peak_rss_mb()
+
+
+class Memory:
+    """Peak memory of what follows `mark()`: process RSS on CPU, torch.cuda.max_memory_allocated on CUDA."""
+
+    def __init__(self, device):
+        self.device = device
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def mark(self) -> dict:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            base = current_rss_mb()
+        self.base = base
+        return {"baseline_mb": base, "peak_rss_at_baseline_mb": peak_rss_mb()}
+
+    def report(self) -> dict:
+        out = {"peak_rss_mb": peak_rss_mb(), "baseline_mb": self.base, "kind": "cuda_allocated" if self.cuda else "rss"}
+        if self.cuda:
+            import torch
+
+            out["peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            out["peak_mb"] = out["peak_rss_mb"]
+        out["delta_mb"] = out["peak_mb"] - self.base
+        return out
+
+
+# -- the machine ----------------------------------------------------------------------------------
+def _git(*args) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception:
+        return None
+
+
+def machine_info() -> dict:
+    import numpy
+    import torch
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": mem_gb,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    for mod in ("accelerate", "zarr", "pyarrow"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    return info
+
+
+# -- tiny models and data, built here ------------------------------------------------------------
+WORDS = ("licence software copyright permission warranty liability notice redistribution source binary "
+         "the a of to and in is that for with as without any distribute modify use copy merge publish grant "
+         "holder contributor condition disclaimer implied fitness particular purpose damages contract tort").split()
+
+
+def make_texts(n: int, seed: int = 0, min_words: int = 60, max_words: int = 400) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))).capitalize() + "."
+            for _ in range(n)]
+
+
+def write_texts(path: Path, n: int, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(n, seed)))
+    return path
+
+
+def llama_config(vocab_size: int, hidden: int = 128, layers: int = 2, max_positions: int = 4096, **ids):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=max_positions, tie_word_embeddings=True, **ids)
+
+
+def build_llama(vocab_size: int, hidden: int = 128, layers: int = 2, seed: int = 0, **ids):
+    """A tiny random Llama built from config (tied embeddings, like SmolLM2 and Gemma)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(llama_config(vocab_size, hidden, layers, **ids))
+    with torch.no_grad():  # a peakier distribution than the default init, so top-k means something
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def make_tiny_model(folder: Path, vocab_size: int = 512, hidden: int = 64, layers: int = 2) -> Path:
+    """A saved tiny Llama with a BPE tokenizer trained on the spot (for --quick and when assets/ is absent)."""
+    if (folder / "config.json").exists():
+        return folder
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(make_texts(200, seed=123), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    model = build_llama(vocab_size, hidden, layers, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                        pad_token_id=fast.pad_token_id)
+    import shutil
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fast.save_pretrained(tmp)
+    model.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)  # a half-built one
+    os.replace(tmp, folder)
+    return folder
+
+
+def synthetic_rows(num_rows: int, seq_len: int, vocab_size: int, k: int, seed: int = 0) -> dict:
+    """Valid cache rows (numpy, the schema's fields) with random values: distinct top-k ids sorted by
+    descending log-prob, probabilities summing below 1, the label's log-prob consistent with the top-k
+    (its own value where it is in the top-k, below the k-th elsewhere); the label is the top-1 half the time."""
+    import numpy as np
+
+    from mft_cache.storage.schema import id_dtype
+
+    rng = np.random.default_rng(seed)
+    p = seq_len - 1
+    input_ids = rng.integers(0, vocab_size, size=(num_rows, seq_len))
+    labels = input_ids[:, 1:]  # (R, P)
+    # distinct ids: base + j * stride (mod V) with a stride coprime to V
+    stride = 7919 if vocab_size % 7919 else 7907
+    top1 = np.where(rng.random((num_rows, p)) < 0.5, labels, rng.integers(0, vocab_size, size=(num_rows, p)))
+    ids = (top1[..., None] + np.arange(k) * stride) % vocab_size  # (R, P, K)
+    logits = np.sort(rng.normal(0, 2, size=(num_rows, p, k + 1)), axis=-1)[..., ::-1]  # last column: the tail
+    logits[..., 0] += 2.0
+    lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # (R, P, K+1) sums to 1 with the tail
+    topk_lp = lp[..., :k]
+    where = ids == labels[..., None]
+    label_lp = np.where(where.any(-1), (topk_lp * where).sum(-1), lp[..., k] - 3.0)  # outside: part of the tail
+    dt = id_dtype(vocab_size)
+    return {
+        "input_ids": input_ids.astype(dt),
+        "length": np.full(num_rows, seq_len, dtype=np.int32),
+        "topk_ids": ids.astype(dt),
+        "topk_logprobs": topk_lp.astype(np.float32),
+        "label_logprob": label_lp.astype(np.float32),
+    }
+
+
+# -- the library's encoding of log-probs, whatever version of it is installed ----------------------
+def encode_logprobs(lp_f32, logprob_dtype: str) -> dict:
+    """fp32 top-k log-probs -> the stored field(s) for --logprob-dtype, as pipeline/cache.py makes them."""
+    import numpy as np
+
+    try:
+        from mft_cache.storage.schema import encode_logprobs as encode
+    except ImportError:  # before encoded dtypes (q8): a plain cast
+        return {"topk_logprobs": np.asarray(lp_f32).astype(logprob_dtype)}
+    return encode(np.asarray(lp_f32), logprob_dtype)
+
+
+def value_semantics(logprob_dtype: str) -> dict:
+    from mft_cache.storage import schema
+
+    if hasattr(schema, "value_semantics"):
+        return schema.value_semantics(logprob_dtype)
+    return schema.VALUE_SEMANTICS
+
+
+# -- child processes ------------------------------------------------------------------------------
+def run_child(script: str, spec: dict, log_path: Path, timeout: float = 1800) -> dict:
+    """Run bench/<script> with a JSON spec in a fresh process; return the JSON it wrote."""
+    out = log_path.with_suffix(".json")
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), json.dumps(spec), str(out)],
+                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    if proc.returncode != 0 or not out.exists():
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"bench/{script} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    return json.loads(out.read_text())
+
+
+def child_main(fn) -> None:
+    """Entry point of a child script: argv = [spec JSON, output path]."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    spec, out = json.loads(sys.argv[1]), Path(sys.argv[2])
+    threads = spec.get("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    result = fn(spec)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)

@@ -1,0 +1,158 @@
+"""Child process: throughput of stage one (`mft cache`) against a bare teacher forward pass.
+
+Three ways over the same packed sequences, interleaved (their order rotates every repeat):
+  build_cache  the real pipeline.cache.build_cache, timed from its first teacher batch to its return
+               (model loading, tokenization and the head check are set-up, outside the window; the
+               shard write, fsync, checksum and manifest are inside)
+  bare         model(input_ids, attention_mask).logits under no_grad: the teacher's own forward pass
+  split        build_cache's inner loop re-run by hand from the library's functions, timed phase by phase:
+               forward (backbone), head (output layer + log_softmax + top-k + label, teach_batch's
+               masking), d2h (.cpu()), encode (numpy dtype casts), write (CacheWriter.write_shard:
+               backend write with compression, fsync, sha256, rename)
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+from benchlib import Memory, encode_logprobs, median, now  # noqa: E402
+
+WAYS = ("build_cache", "bare", "split")
+SPLIT = ("forward", "head", "d2h", "encode", "write")
+
+
+def run(spec: dict) -> dict:
+    import numpy as np
+    import torch
+
+    import mft_cache.pipeline.cache as stage
+    from mft_cache.models import backbone_and_head, hidden_states, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from mft_cache.pipeline.teacher import auto_chunk_tokens, topk_logprobs
+    from mft_cache.storage import CacheWriter, build_sequences, cache_schema
+
+    work = Path(spec["work"])
+    device = resolve_device(spec.get("device", "auto"))
+    dtype = resolve_dtype("auto", device)
+    mem = Memory(device)
+    cfg = stage.CacheConfig(model=spec["model"], data=spec["data"], out=str(work / "cache"), seq_len=spec["seq_len"],
+                            top_k=spec["top_k"], batch_size=spec["batch"], max_sequences=spec["sequences"],
+                            format=spec.get("format", "zarr"), logprob_dtype=spec.get("logprob_dtype", "float16"),
+                            device=str(device), overwrite=True)
+    tokenizer = load_tokenizer(cfg.model)
+    packed, _ = build_sequences(cfg.data, tokenizer, cfg.seq_len, cfg.text_field, cfg.split)
+    ids_all, lengths_all = packed.input_ids[: cfg.max_sequences], packed.lengths[: cfg.max_sequences]
+    tokens = int(np.maximum(lengths_all - 1, 0).sum())
+    model = load_model(cfg.model, dtype, device).eval()
+    backbone, head = backbone_and_head(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunk = cfg.chunk_tokens or auto_chunk_tokens(vocab)
+    schema = cache_schema(vocab_size=vocab, top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype)
+    id_np = np.dtype(schema[0].dtype)
+    batches = [(torch.as_tensor(ids_all[b:b + cfg.batch_size], device=device),
+                torch.as_tensor(lengths_all[b:b + cfg.batch_size], device=device, dtype=torch.long))
+               for b in range(0, len(ids_all), cfg.batch_size)]
+
+    first_batch = {}
+    real_teach_batch = stage.teach_batch
+
+    def timed_teach_batch(*args, **kwargs):  # marks the start of build_cache's steady state
+        first_batch.setdefault("t", now())
+        return real_teach_batch(*args, **kwargs)
+
+    stage.teach_batch = timed_teach_batch
+
+    def way_build_cache() -> dict:
+        first_batch.clear()
+        manifest = stage.build_cache(cfg)
+        dt = now() - first_batch["t"]
+        assert manifest["num_tokens"] == tokens, (manifest["num_tokens"], tokens)
+        return {"s": dt, "bytes_per_token": manifest["bytes_per_token"]}
+
+    @torch.no_grad()
+    def way_bare() -> dict:
+        t0 = now()
+        for ids, lengths in batches:
+            attention = (torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]).long()
+            model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        mem.sync()
+        return {"s": now() - t0}
+
+    @torch.no_grad()
+    def way_split() -> dict:
+        times = dict.fromkeys(SPLIT, 0.0)
+        t = now()
+
+        def lap(name):
+            nonlocal t
+            mem.sync()
+            t2 = now()
+            if name:
+                times[name] += t2 - t
+            t = t2
+
+        parts = {f.name: [] for f in schema if f.name not in ("input_ids", "length")}
+        t0 = now()
+        for ids, lengths in batches:
+            lap(None)  # restarts the clock
+            b, T = ids.shape
+            positions = torch.arange(T, device=device)
+            attention = (positions[None, :] < lengths[:, None]).long()
+            h = hidden_states(backbone, ids, attention)[:, :-1]
+            lap("forward")
+            lp, top, label_lp = topk_logprobs(h.reshape(b * (T - 1), -1), ids[:, 1:].reshape(-1), head, cfg.top_k, chunk)
+            valid = (positions[None, : T - 1] < (lengths[:, None] - 1)).reshape(-1)
+            lp, top = torch.where(valid[:, None], lp, 0.0), torch.where(valid[:, None], top, 0)
+            label_lp = torch.where(valid, label_lp, 0.0)
+            lap("head")
+            lp, top, label_lp = lp.view(b, T - 1, -1).cpu(), top.view(b, T - 1, -1).cpu(), label_lp.view(b, T - 1).cpu()
+            lap("d2h")
+            parts["topk_ids"].append(top.numpy().astype(id_np))
+            for name, a in encode_logprobs(lp.numpy(), cfg.logprob_dtype).items():
+                parts[name].append(a)
+            parts["label_logprob"].append(label_lp.numpy())
+            lap("encode")
+        out = {"input_ids": ids_all.astype(id_np), "length": lengths_all.astype(np.int32)}
+        out.update({k: np.concatenate(v) for k, v in parts.items()})
+        folder = work / "split"
+        shutil.rmtree(folder, ignore_errors=True)
+        writer = CacheWriter(folder, fmt=cfg.format, schema=schema, identity={"bench": "split"})
+        lap(None)
+        writer.write_shard(0, out)
+        lap("write")
+        return {"s": now() - t0, **{f"{k}_s": v for k, v in times.items()}}
+
+    ways = {"build_cache": way_build_cache, "bare": way_bare, "split": way_split}
+    mem.mark()
+    way_bare()  # warm-up: first-call allocations and kernel selection, not measured
+    results = {w: [] for w in WAYS}
+    for rep in range(spec["repeats"]):
+        order = WAYS[rep % 3:] + WAYS[:rep % 3]
+        for w in order:
+            results[w].append(ways[w]())
+    stage.teach_batch = real_teach_batch
+
+    def tps(w):
+        return [tokens / r["s"] for r in results[w]]
+
+    ratio = [b["s"] / c["s"] for b, c in zip(results["bare"], results["build_cache"])]  # per repeat: drift cancels
+    return {
+        "tokens": tokens,
+        "sequences": len(ids_all),
+        "batches": len(batches),
+        "runs": results,
+        "tokens_per_s": {w: median(tps(w)) for w in WAYS},
+        "ratio_build_cache_to_bare": median(ratio),
+        "ratio_per_repeat": ratio,
+        "split_s": {p: median(r[f"{p}_s"] for r in results["split"]) for p in SPLIT},
+        "bytes_per_token": results["build_cache"][0]["bytes_per_token"],
+        "memory": mem.report(),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+if __name__ == "__main__":
+    benchlib.child_main(run)

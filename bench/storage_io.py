@@ -1,0 +1,118 @@
+"""Child process: bytes/token and write/read throughput of each backend and each --logprob-dtype at several k.
+
+The teacher runs once (top-k at the largest k over real sequences); smaller k are the leading columns
+of the same outputs (top-k is sorted, so they are exactly what a smaller --top-k stores). Only storage
+is timed, through the library: write = CacheWriter.write_shard (backend write with compression, fsync,
+sha256, rename) + finish (manifest); read = open_cache + read_rows of every row, as the trainer's
+CacheRows reads them (one row at a time, in a shuffled order), first with verify="lazy" (the default:
+the shard's sha256 and values are checked on first read) and then, on a second open, verify="none".
+Configurations are interleaved and repeated; MB/s are of the uncompressed row bytes.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+from benchlib import encode_logprobs, median, now, value_semantics  # noqa: E402
+
+
+def teacher_outputs(spec: dict) -> dict:
+    import numpy as np
+    import torch
+
+    from mft_cache.models import backbone_and_head, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from mft_cache.pipeline.teacher import auto_chunk_tokens, teach_batch
+    from mft_cache.storage import build_sequences
+
+    device = resolve_device(spec.get("device", "auto"))
+    tokenizer = load_tokenizer(spec["model"])
+    packed, _ = build_sequences(spec["data"], tokenizer, spec["seq_len"])
+    ids, lengths = packed.input_ids[: spec["sequences"]], packed.lengths[: spec["sequences"]]
+    model = load_model(spec["model"], resolve_dtype("auto", device), device).eval()
+    backbone, head = backbone_and_head(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    k = max(spec["ks"])
+    parts = {"topk_ids": [], "topk_logprobs": [], "label_logprob": []}
+    for b in range(0, len(ids), spec["batch"]):
+        lp, top, label_lp = teach_batch(backbone, head, torch.as_tensor(ids[b:b + spec["batch"]], device=device),
+                                        torch.as_tensor(lengths[b:b + spec["batch"]], device=device, dtype=torch.long),
+                                        k, auto_chunk_tokens(vocab))
+        parts["topk_ids"].append(top.cpu().numpy())
+        parts["topk_logprobs"].append(lp.cpu().numpy())
+        parts["label_logprob"].append(label_lp.cpu().numpy())
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    return {"input_ids": ids, "length": lengths.astype(np.int32), **out, "vocab_size": vocab}
+
+
+def run(spec: dict) -> dict:
+    import numpy as np
+
+    from mft_cache.storage import CacheWriter, cache_schema, open_cache
+    from mft_cache.storage.backends import FORMATS
+    from mft_cache.storage.schema import LOGPROB_DTYPES, row_bytes
+
+    work = Path(spec["work"])
+    t = teacher_outputs(spec)
+    vocab, seq_len = t.pop("vocab_size"), spec["seq_len"]
+    rows = len(t["length"])
+    tokens = int(np.maximum(t["length"] - 1, 0).sum())
+    configs = [(fmt, dt, k) for fmt in FORMATS for dt in LOGPROB_DTYPES for k in spec["ks"]]
+    order = np.random.default_rng(0).permutation(rows).tolist()
+
+    def one(fmt: str, dt: str, k: int, rep: int) -> dict:
+        schema = cache_schema(vocab_size=vocab, top_k=k, seq_len=seq_len, logprob_dtype=dt)
+        dtypes = {f.name: f.dtype for f in schema}
+        arrays = {"input_ids": t["input_ids"].astype(dtypes["input_ids"]), "length": t["length"],
+                  "topk_ids": np.ascontiguousarray(t["topk_ids"][..., :k]).astype(dtypes["topk_ids"]),
+                  **encode_logprobs(np.ascontiguousarray(t["topk_logprobs"][..., :k]), dt),
+                  "label_logprob": t["label_logprob"]}
+        folder = work / f"{fmt}-{dt}-k{k}"
+        shutil.rmtree(folder, ignore_errors=True)
+        t0 = now()
+        writer = CacheWriter(folder, fmt=fmt, schema=schema, identity={"bench": f"{fmt}-{dt}-{k}-{rep}"})
+        writer.write_shard(0, arrays)
+        manifest = writer.finish({
+            "values": value_semantics(dt), "schema": [f.to_json() for f in schema], "model": {"id": "bench"},
+            "tokenizer": {}, "vocab_size": vocab, "top_k": k, "seq_len": seq_len, "data": {},
+            "num_sequences": rows, "num_tokens": tokens, "bytes_per_token": None}, 1)
+        write_s = now() - t0
+        reads = {}
+        for verify in ("lazy", "none"):
+            t0 = now()
+            cache = open_cache(folder, verify=verify)
+            for r in order:
+                cache.read_rows(r, r + 1)
+            reads[verify] = now() - t0
+        return {"write_s": write_s, "read_lazy_s": reads["lazy"], "read_s": reads["none"],
+                "bytes": manifest["shard_bytes"], "bytes_per_token": manifest["shard_bytes"] / tokens,
+                "raw_bytes": row_bytes(schema) * rows}
+
+    runs: dict = {c: [] for c in configs}
+    for rep in range(spec["repeats"]):
+        for c in (configs if rep % 2 == 0 else configs[::-1]):
+            runs[c].append(one(*c, rep))
+    table = []
+    for (fmt, dt, k), rs in runs.items():
+        raw = rs[0]["raw_bytes"]
+        table.append({
+            "format": fmt, "logprob_dtype": dt, "k": k,
+            "bytes_per_token": rs[0]["bytes_per_token"],
+            "raw_bytes_per_token": raw / tokens,
+            "write_s": median(r["write_s"] for r in rs),
+            "write_MB_s": median(raw / r["write_s"] / 1e6 for r in rs),
+            "write_tokens_s": median(tokens / r["write_s"] for r in rs),
+            "read_MB_s": median(raw / r["read_s"] / 1e6 for r in rs),
+            "read_tokens_s": median(tokens / r["read_s"] for r in rs),
+            "read_verified_MB_s": median(raw / r["read_lazy_s"] / 1e6 for r in rs),
+            "read_verified_tokens_s": median(tokens / r["read_lazy_s"] for r in rs),
+        })
+    return {"tokens": tokens, "sequences": rows, "vocab_size": vocab, "seq_len": seq_len,
+            "logprob_dtypes": list(LOGPROB_DTYPES), "formats": list(FORMATS), "rows": table}
+
+
+if __name__ == "__main__":
+    benchlib.child_main(run)

@@ -1,0 +1,53 @@
+"""Smoke test of the benchmark suite: `bench/run.py --quick` on tiny models built from config, in a temp
+dir. Checks the shape of results.json and that every number is finite; never a timing."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _numbers(x, path=""):
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return
+    if isinstance(x, (int, float)):
+        yield path, x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+@pytest.mark.slow  # about 1-2 minutes on 2 cores: a dozen fresh processes, each importing torch
+def test_bench_quick(tmp_path):
+    results = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--work", str(tmp_path / "work"),
+                           "--results", str(results)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(results.read_text())
+    assert set(r["sections"]) == {"train", "cache", "storage", "scaling"}
+    for key in ("cpu", "cores", "torch", "transformers", "git_commit"):
+        assert key in r["machine"]
+    train = r["sections"]["train"]["modes"]
+    assert set(train) == {"ft-hf", "ft", "mft-cache", "mft-online"}
+    for m in train.values():
+        assert m["step_s"] > 0 and m["peak_mb"] > 0 and set(m["phases_s"]) >= {"wait", "forward", "backward", "optimizer"}
+    cache = r["sections"]["cache"]
+    assert cache["tokens_per_s"]["build_cache"] > 0 and cache["tokens_per_s"]["bare"] > 0
+    assert set(cache["split_s"]) == {"forward", "head", "d2h", "encode", "write"}
+    storage = r["sections"]["storage"]["rows"]
+    assert {(x["format"], x["logprob_dtype"], x["k"]) for x in storage} >= {("zarr", "float16", 32), ("arrow", "float32", 128)}
+    assert all(x["bytes_per_token"] > 0 for x in storage)
+    scaling = r["sections"]["scaling"]["rows"]
+    assert {x["vocab"] for x in scaling} >= {262_144} and {x["mode"] for x in scaling} == {"ft-hf", "mft-cache", "mft-online"}
+    bad = [(p, v) for p, v in _numbers(r) if not math.isfinite(v)]
+    assert not bad, bad[:10]
+    assert r["verdicts"] and (tmp_path / "work" / "BENCHMARKS.md").exists()
