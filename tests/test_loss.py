@@ -219,10 +219,8 @@ def test_all_masked_is_zero(seed):
         assert (loss == 0).all() and (grad == 0).all()
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_masked_garbage_does_not_leak(seed):
-    c = make_case(seed)
-    assert (~c.mask).sum() >= 2
+def with_masked_garbage(c):
+    """The case's per-row inputs with masked rows replaced by ids out of range and NaN values."""
     off = ~c.mask
     nan = float("nan")
     huge = torch.arange(c.n) % 2 == 0
@@ -232,6 +230,15 @@ def test_masked_garbage_does_not_leak(seed):
     lp = torch.where(off[:, None], nan, c.lp)
     full = torch.where(off[:, None], nan, c.full)
     label_lp = torch.where(off, nan, c.label_lp)
+    return labels, weight, ids, lp, full, label_lp
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_masked_garbage_does_not_leak(seed):
+    c = make_case(seed)
+    assert (~c.mask).sum() >= 2
+    off = ~c.mask
+    labels, weight, ids, lp, full, label_lp = with_masked_garbage(c)
     for (_, ids_c, lp_c, lbl_c), (_, ids_g, lp_g, lbl_g) in zip(
             teacher_variants(c), [("", ids, lp, label_lp), ("", None, full, None), ("", None, None, None)]):
         clean, clean_grad = loss_and_grad(
@@ -550,17 +557,10 @@ def test_fused_masked_garbage_does_not_leak(seed):
     """Masked rows with ids out of range, NaN teacher values and weights, even NaN hidden states."""
     c = make_case(seed)
     off = ~c.mask
-    nan = float("nan")
-    huge = torch.arange(c.n) % 2 == 0
-    labels = torch.where(off, torch.where(huge, 10**9, -100), c.labels)
-    weight = torch.where(off, nan, c.weight)
-    ids = torch.where(off[:, None], torch.where(huge, 10**9, -1)[:, None], c.ids)
-    lp = torch.where(off[:, None], nan, c.lp)
-    full = torch.where(off[:, None], nan, c.full)
-    label_lp = torch.where(off, nan, c.label_lp)
+    labels, weight, ids, lp, full, label_lp = with_masked_garbage(c)
     head_w, b = make_head(seed, c.v, True)
     hidden = torch.randn(c.n, H, generator=torch.Generator().manual_seed(seed))
-    dirty_hidden = torch.where(off[:, None], nan, hidden)
+    dirty_hidden = torch.where(off[:, None], float("nan"), hidden)
     for (_, ids_c, lp_c, lbl_c), (ids_g, lp_g, lbl_g) in zip(
             teacher_variants(c), [(ids, lp, label_lp), (None, full, None), (None, None, None)]):
         clean = grads_of(lambda h: fused_linear_mft_loss(h, head_w, b, c.labels, c.weight, c.mask, ids_c, lp_c, lbl_c,
