@@ -28,6 +28,7 @@ from mft_cache.models import (backbone_and_head, check_head, describe_model, loa
                               max_positions, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
                               weights_fingerprint)
 from mft_cache.storage import CacheWriter, build_sequences, cache_schema, load_manifest
+from mft_cache.storage.packing import packing_description
 from mft_cache.storage.backends import FORMATS
 from mft_cache.storage.schema import LOGPROB_DTYPES, encode_logprobs, row_bytes, value_semantics
 
@@ -135,7 +136,7 @@ def build_cache(cfg: CacheConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     packed, documents = build_sequences(cfg.data, tokenizer, cfg.seq_len, cfg.text_field, cfg.split)
     if cfg.max_sequences:
-        packed.input_ids, packed.lengths = packed.input_ids[: cfg.max_sequences], packed.lengths[: cfg.max_sequences]
+        packed.truncate(cfg.max_sequences)
     log.info("data: %d documents -> %d sequences of %d tokens (%d label positions)",
              len(documents.texts), packed.num_sequences, cfg.seq_len, packed.num_predictions)
     if packed.num_predictions == 0:
@@ -156,7 +157,7 @@ def build_cache(cfg: CacheConfig) -> dict:
     identity = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "overwrite", "device", "dtype")}
     identity.update(resolved_device=device.type, resolved_dtype=str(dtype).removeprefix("torch."),
                     data_fingerprint=documents.fingerprint, weights_fingerprint=weights_fingerprint(cfg.model),
-                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), packing=packed.rule)
     writer, state, done = _open_writer(cfg, schema, identity, dist)
     if state == "complete":
         log.info("cache in %s is already complete (same configuration); nothing to do (--overwrite rebuilds it)", cfg.out)
@@ -179,7 +180,8 @@ def build_cache(cfg: CacheConfig) -> dict:
     def shard_rows(i: int) -> range:
         return range(i * rows_per_shard, min(packed.num_sequences, (i + 1) * rows_per_shard))
 
-    preds = np.maximum(packed.lengths - 1, 0)
+    trained = packed.label_mask()  # (R, T-1)
+    preds = trained.sum(1)
     shard_tokens = [int(preds[shard_rows(i).start: shard_rows(i).stop].sum()) for i in range(num_shards)]
     done_tokens = sum(shard_tokens[i] for i in done if i < num_shards)
     bar = tqdm(total=packed.num_predictions, initial=done_tokens, unit="tok", unit_scale=True, desc="mft cache",
@@ -210,7 +212,8 @@ def build_cache(cfg: CacheConfig) -> dict:
                 e = min(rows.stop, b + cfg.batch_size)
                 ids = torch.as_tensor(packed.input_ids[b:e], device=device)
                 lengths = torch.as_tensor(packed.lengths[b:e], device=device, dtype=torch.long)
-                lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk)
+                valid = torch.as_tensor(trained[b:e], device=device)
+                lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk, valid)
                 copy = HostCopy((top_ids, lp, label_lp), int(preds[b:e].sum()))
                 if inflight is not None:
                     collect(inflight)
@@ -248,7 +251,8 @@ def build_cache(cfg: CacheConfig) -> dict:
                  "fingerprint": documents.fingerprint, "num_documents": len(documents.texts),
                  "num_empty_skipped": documents.num_empty, "documents_file": docs_file,
                  "documents_note": "documents.npy: int64 start offset of each document in the packed token "
-                                   "stream (row r holds stream[r*seq_len:(r+1)*seq_len]), then the total"},
+                                   "stream (see packing for how rows are cut from it), then the total"},
+        "packing": packing_description(packed.bos_id),
         "num_sequences": packed.num_sequences,
         "num_tokens": packed.num_predictions,
         "num_input_tokens": int(packed.lengths.sum()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from mft_cache.storage import open_cache
+from mft_cache.storage.packing import label_mask, rule_of
 
 
 def cache_stats(folder, verify: bool = False) -> dict:
@@ -11,11 +12,12 @@ def cache_stats(folder, verify: bool = False) -> dict:
     cache = open_cache(folder, verify="full" if verify else "none")
     m = cache.manifest
     lp_field = next(f for f in cache.schema if f.name == "topk_logprobs")
-    n = correct = 0
+    bos = m["tokenizer"].get("bos_token_id")
+    n = correct = bos_rows = 0
     label_lp_sum = tail_sum = 0.0
     for arrays in cache.iter_shards():  # encoded log-probs come decoded: the values the trainer sees
         t = arrays["topk_ids"].shape[1]
-        valid = np.arange(t)[None, :] < (arrays["length"][:, None] - 1)  # (R, T-1)
+        valid = label_mask(arrays["input_ids"], arrays["length"], rule_of(m))  # (R, T-1) trained positions
         labels = arrays["input_ids"][:, 1:].astype(np.int64)
         top_ids = arrays["topk_ids"].astype(np.int64)
         top_p = np.exp(arrays["topk_logprobs"].astype(np.float64))
@@ -23,6 +25,7 @@ def cache_stats(folder, verify: bool = False) -> dict:
         in_topk = (top_ids == labels[..., None]).any(-1)
         mass = top_p.sum(-1) + np.where(in_topk, 0.0, np.exp(label_lp))
         n += int(valid.sum())
+        bos_rows += 0 if bos is None else int((arrays["input_ids"][:, 0] == bos).sum())
         correct += int((valid & (top_ids[..., 0] == labels)).sum())
         label_lp_sum += float(label_lp[valid].sum())
         tail_sum += float(np.clip(1.0 - mass, 0.0, None)[valid].sum())
@@ -42,6 +45,8 @@ def cache_stats(folder, verify: bool = False) -> dict:
         "top1_accuracy": correct / max(n, 1),
         "mean_label_logprob": label_lp_sum / max(n, 1),
         "mean_tail_mass": tail_sum / max(n, 1),
+        "packing": (m.get("packing") or {}).get("rule", "concat"),
+        "bos_row_share": None if bos is None else bos_rows / max(m["num_sequences"], 1),
         "num_processes": m.get("num_processes", 1),
         "verified": bool(verify),
     }
@@ -53,6 +58,8 @@ def format_stats(s: dict) -> str:
         ("top-k", s["top_k"]), ("sequences", f"{s['num_sequences']:,} x {s['seq_len']} tokens"),
         ("tokens (positions)", f"{s['num_tokens']:,}"), ("shards", s["num_shards"]),
         ("bytes per token", f"{s['bytes_per_token']:.1f}"), ("top-k log-probs stored as", s["logprob_storage"]),
+        ("rows starting with BOS", "n/a (no BOS token)" if s["bos_row_share"] is None
+         else f"{s['bos_row_share']:.4f} (packing: {s['packing']})"),
         ("teacher top-1 accuracy", f"{s['top1_accuracy']:.4f}"),
         ("mean label log-prob", f"{s['mean_label_logprob']:.4f}"),
         ("mean tail mass (outside top-k and label)", f"{s['mean_tail_mass']:.4f}"),

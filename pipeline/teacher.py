@@ -40,15 +40,17 @@ def topk_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head, k: int, chun
 
 
 @torch.no_grad()
-def teach_batch(backbone, head, input_ids: torch.Tensor, lengths: torch.Tensor, k: int, chunk_tokens: int):
-    """One batch of packed rows (B, T) -> per-position arrays of shape (B, T-1, ...), zero at padding."""
+def teach_batch(backbone, head, input_ids: torch.Tensor, lengths: torch.Tensor, k: int, chunk_tokens: int,
+                valid: torch.Tensor):
+    """One batch of packed rows (B, T) -> per-position arrays of shape (B, T-1, ...), zero where `valid`
+    (B, T-1) is False (padding, and positions that are not trained)."""
     b, t = input_ids.shape
     positions = torch.arange(t, device=input_ids.device)
     attention_mask = (positions[None, :] < lengths[:, None]).long()  # (B, T)
     h = hidden_states(backbone, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
     labels = input_ids[:, 1:]  # (B, T-1)
     lp, ids, label_lp = topk_logprobs(h.reshape(b * (t - 1), -1), labels.reshape(-1), head, k, chunk_tokens)
-    valid = (positions[None, : t - 1] < (lengths[:, None] - 1)).reshape(-1)  # (B*(T-1),)
+    valid = valid.reshape(-1)  # (B*(T-1),)
     # where(), not a product: a -inf log-prob times 0 would be NaN
     lp = torch.where(valid[:, None], lp, 0.0)
     ids = torch.where(valid[:, None], ids, 0)

@@ -6,9 +6,16 @@ give the same rows, byte for byte.
 
 Packing: every document is encoded with the tokenizer's own special tokens (BOS where the
 tokenizer adds one) and ends with EOS (appended if the tokenizer did not); documents are
-concatenated in order and cut into rows of `seq_len` tokens; the last row is padded and its
-`length` says how many tokens are real. `doc_offsets[d]` is where document d starts in the
-concatenated stream (row r covers stream[r*seq_len : (r+1)*seq_len]).
+concatenated in order into one token stream, which is cut into rows of `seq_len` tokens; the last
+row is padded and its `length` says how many tokens are real. `doc_offsets[d]` is where document d
+starts in the stream.
+
+Models whose tokenizer adds a BOS (Llama, Mistral, Gemma) predict badly without one at position 0,
+so for them every row starts with BOS: a row that begins at a document's start is the next
+`seq_len` stream tokens (the document's own BOS first); a row that continues a document is BOS
+followed by the next `seq_len - 1` stream tokens. Removing those inserted BOS tokens from the rows
+gives the stream back exactly. No position is trained to predict a BOS (`label_mask`). Whether the
+tokenizer adds a BOS is read from what it produces (`bos_rule`), never from a flag.
 """
 from __future__ import annotations
 
@@ -18,21 +25,84 @@ import numpy as np
 
 from .documents import Documents, read_documents
 
+CONCAT = "concat"  # rows are plain slices of the stream (tokenizers without BOS; caches made before the rule)
+BOS_PER_ROW = "bos-per-row"  # every row starts with BOS; positions whose label is BOS are not trained
+
 
 @dataclass
 class Packed:
     input_ids: np.ndarray  # (R, T) int64, padding after `lengths`
     lengths: np.ndarray  # (R,) int32
     doc_offsets: np.ndarray  # (D + 1,) int64: start of each document in the stream, then the total
+    bos_id: int | None = None  # the BOS every row starts with (rule BOS_PER_ROW), or None (CONCAT)
 
     @property
     def num_sequences(self) -> int:
         return int(self.input_ids.shape[0])
 
     @property
+    def rule(self) -> str:
+        return CONCAT if self.bos_id is None else BOS_PER_ROW
+
+    def label_mask(self) -> np.ndarray:
+        """(R, T-1) bool: the positions that are trained and evaluated."""
+        return label_mask(self.input_ids, self.lengths, self.bos_id)
+
+    @property
     def num_predictions(self) -> int:
-        """Positions with a next-token label: length - 1 per row."""
-        return int(np.maximum(self.lengths - 1, 0).sum())
+        """Positions with a trained next-token label."""
+        return int(self.label_mask().sum())
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n rows."""
+        self.input_ids, self.lengths = self.input_ids[:n], self.lengths[:n]
+
+
+def label_mask(input_ids, lengths, bos_id: int | None):
+    """(R, T-1) bool: position t is trained (its label is input_ids[:, t+1]) iff t < length - 1 and, under the
+    BOS_PER_ROW rule, the label is not the BOS. Works on numpy arrays and on torch tensors alike."""
+    t = input_ids.shape[1] - 1
+    if isinstance(input_ids, np.ndarray):
+        mask = np.arange(t)[None, :] < (np.asarray(lengths)[:, None] - 1)
+    else:
+        import torch
+
+        mask = torch.arange(t, device=input_ids.device)[None, :] < (lengths[:, None] - 1)
+    if bos_id is not None:
+        mask = mask & (input_ids[:, 1:] != bos_id)
+    return mask
+
+
+def bos_rule(tokenizer) -> int | None:
+    """The BOS id every row must start with, or None: the tokenizer's BOS if encoding a text with special tokens
+    puts it first (and without them does not), and it is not also the EOS (whose predictions must stay trained)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or bos == getattr(tokenizer, "eos_token_id", None):
+        return None
+    with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    if with_special and with_special[0] == bos and (not without or without[0] != bos):
+        return int(bos)
+    return None
+
+
+def packing_description(bos_id: int | None) -> dict:
+    """The manifest's "packing": the rule that formed the rows, so a reader never has to guess."""
+    if bos_id is None:
+        how = ("documents (with the tokenizer's special tokens and a final EOS) concatenated into one stream; "
+               "row r is stream[r*seq_len:(r+1)*seq_len]")
+    else:
+        how = ("documents (each starting with the tokenizer's BOS, ending with EOS) concatenated into one stream; "
+               "every row starts with BOS: a row starting at a document's start is the next seq_len stream tokens, "
+               "a row continuing a document is BOS + the next seq_len - 1 stream tokens; positions whose label "
+               "is the BOS are not trained (their values are 0, like padding)")
+    return {"rule": CONCAT if bos_id is None else BOS_PER_ROW, "bos_token_id": bos_id, "description": how}
+
+
+def rule_of(manifest: dict) -> int | None:
+    """The BOS id a cache's rows start with (BOS_PER_ROW), or None; caches made before the rule are CONCAT."""
+    packing = manifest.get("packing") or {}
+    return packing.get("bos_token_id") if packing.get("rule") == BOS_PER_ROW else None
 
 
 def encode_documents(texts: list[str], tokenizer, batch_size: int = 256) -> list[list[int]]:
@@ -49,8 +119,9 @@ def encode_documents(texts: list[str], tokenizer, batch_size: int = 256) -> list
     return out
 
 
-def pack(docs: list[list[int]], seq_len: int, pad_id: int = 0) -> Packed:
-    """Concatenate token lists and cut them into rows of `seq_len`, the last one padded."""
+def pack(docs: list[list[int]], seq_len: int, pad_id: int = 0, bos_id: int | None = None) -> Packed:
+    """Concatenate token lists and cut them into rows of `seq_len`, the last one padded; with `bos_id`,
+    every row starts with it (see the module docstring; every document must start with it)."""
     if seq_len < 2:
         raise ValueError(f"--seq-len must be at least 2 (one input and one label), got {seq_len}")
     lengths = np.array([len(d) for d in docs], dtype=np.int64)
@@ -58,13 +129,35 @@ def pack(docs: list[list[int]], seq_len: int, pad_id: int = 0) -> Packed:
     np.cumsum(lengths, out=offsets[1:])
     total = int(offsets[-1])
     stream = np.fromiter((t for d in docs for t in d), dtype=np.int64, count=total)
-    rows = -(-total // seq_len)
-    padded = np.full(rows * seq_len, pad_id, dtype=np.int64)
-    padded[:total] = stream
-    row_lengths = np.full(rows, seq_len, dtype=np.int32)
-    if rows and total % seq_len:
-        row_lengths[-1] = total % seq_len
-    return Packed(padded.reshape(rows, seq_len), row_lengths, offsets)
+    if bos_id is None:
+        rows = -(-total // seq_len)
+        padded = np.full(rows * seq_len, pad_id, dtype=np.int64)
+        padded[:total] = stream
+        row_lengths = np.full(rows, seq_len, dtype=np.int32)
+        if rows and total % seq_len:
+            row_lengths[-1] = total % seq_len
+        return Packed(padded.reshape(rows, seq_len), row_lengths, offsets)
+
+    doc_start = np.zeros(total + 1, dtype=bool)
+    doc_start[offsets[:-1]] = True
+    assert all(d and d[0] == bos_id for d in docs), "every document must start with the BOS under this rule"
+    starts, p = [], 0
+    while p < total:
+        starts.append(p)
+        p += seq_len if doc_start[p] else seq_len - 1
+    input_ids = np.full((len(starts), seq_len), pad_id, dtype=np.int64)
+    row_lengths = np.empty(len(starts), dtype=np.int32)
+    for r, p in enumerate(starts):
+        if doc_start[p]:
+            seg = stream[p: p + seq_len]
+            input_ids[r, : len(seg)] = seg
+            row_lengths[r] = len(seg)
+        else:
+            seg = stream[p: p + seq_len - 1]
+            input_ids[r, 0] = bos_id
+            input_ids[r, 1: 1 + len(seg)] = seg
+            row_lengths[r] = 1 + len(seg)
+    return Packed(input_ids, row_lengths, offsets, bos_id)
 
 
 def pad_id_of(tokenizer) -> int:
@@ -77,5 +170,5 @@ def pad_id_of(tokenizer) -> int:
 def build_sequences(source, tokenizer, seq_len: int, text_field: str = "text", split: str = "train") -> tuple[Packed, Documents]:
     """Read, tokenize and pack a data source: the one entry point both stages use."""
     documents = read_documents(source, text_field=text_field, split=split)
-    packed = pack(encode_documents(documents.texts, tokenizer), seq_len, pad_id_of(tokenizer))
+    packed = pack(encode_documents(documents.texts, tokenizer), seq_len, pad_id_of(tokenizer), bos_rule(tokenizer))
     return packed, documents

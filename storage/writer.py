@@ -43,6 +43,14 @@ def config_fingerprint(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+# identity keys added since caches were first written, with the value an identity without them meant
+_IDENTITY_DEFAULTS = {"packing": "concat"}
+
+
+def _identity(recorded: dict) -> dict:
+    return {**_IDENTITY_DEFAULTS, **recorded}
+
+
 def _diff(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
@@ -98,7 +106,7 @@ class CacheWriter:
                 old = load_manifest(self.folder)
             except ManifestError as e:
                 raise ValueError(f"--out {self.folder} holds a damaged cache ({e}); pass --overwrite to rebuild it") from e
-            if old["config"] == self.identity:
+            if _identity(old["config"]) == self.identity:
                 for n in names:  # leftovers of a run stopped inside finish(), after the manifest was written
                     if n.startswith("."):  # progress file, shard records, *.tmp-PID (all ours: _OURS matched)
                         _remove(self.folder / n)
@@ -109,7 +117,7 @@ class CacheWriter:
             )
         progress = self.folder / PROGRESS
         if progress.exists() and not overwrite and MANIFEST not in names:
-            old = json.loads(progress.read_text())
+            old = _identity(json.loads(progress.read_text()))
             if old != self.identity:
                 raise ValueError(
                     f"--out {self.folder} holds an unfinished cache built with another configuration "

@@ -7,6 +7,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,6 +37,17 @@ def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({field: t}) + "\n" for t in texts))
     return path
+
+
+def unpack_stream(packed):
+    """The token stream back from the rows: each row's real tokens, minus the BOS a continuation row starts with."""
+    starts = set(packed.doc_offsets[:-1].tolist())
+    out, p = [], 0
+    for row, n in zip(packed.input_ids, packed.lengths):
+        seg = row[:n] if packed.bos_id is None or p in starts else row[1:n]
+        out.append(seg)
+        p += len(seg)
+    return np.concatenate(out)
 
 
 def make_tokenizer(folder: Path, bos: bool, vocab_size: int = 300):

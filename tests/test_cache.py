@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from mft_cache.pipeline.cache import CacheConfig, build_cache
-from mft_cache.storage import CorruptShardError, ManifestError, open_cache
+from conftest import unpack_stream
+from mft_cache.models import load_tokenizer
+from mft_cache.storage import CorruptShardError, ManifestError, build_sequences, open_cache
 from mft_cache.storage.manifest import manifest_digest
 
 # fp16 storage: round-to-nearest keeps the relative error of a stored log-prob within 2**-11 (4.9e-4),
@@ -105,7 +107,10 @@ def test_manifest_records_what_the_values_mean(llama, docs_jsonl, tmp_path):
     assert m["bytes_per_token"] == pytest.approx(sum(s["bytes"] for s in m["shards"]) / m["num_tokens"], rel=1e-3)
     # documents.npy records where each document starts in the packed stream
     offsets = np.load(tmp_path / "c" / "documents.npy")
-    assert offsets[0] == 0 and offsets[-1] == m["num_input_tokens"] and len(offsets) == m["data"]["num_documents"] + 1
+    assert m["packing"]["rule"] == "bos-per-row" and m["packing"]["bos_token_id"] == 1  # the tiny Llama adds BOS
+    packed, _ = build_sequences(docs_jsonl, load_tokenizer(str(llama)), seq_len=m["seq_len"])
+    np.testing.assert_array_equal(offsets, packed.doc_offsets)
+    assert offsets[0] == 0 and offsets[-1] == len(unpack_stream(packed)) and len(offsets) == m["data"]["num_documents"] + 1
     # no temporary files or shard records left once finished
     assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]
 

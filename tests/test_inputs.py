@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_texts, write_jsonl
+from conftest import make_texts, unpack_stream, write_jsonl
 from mft_cache.cli import main
 from mft_cache.models import load_tokenizer
 from mft_cache.storage import build_sequences, open_cache, pack, read_documents
@@ -53,7 +53,9 @@ def test_packing_records_boundaries_and_uses_bos_eos(llama, gpt2, tmp_path):
     for model in (llama, gpt2):
         tok = load_tokenizer(str(model))
         packed, docs = build_sequences(tmp_path / "d.jsonl", tok, seq_len=32)
-        stream = packed.input_ids.reshape(-1)[: packed.doc_offsets[-1]]
+        assert packed.bos_id == (tok.bos_token_id if model == llama else None)  # read from what the tokenizer does
+        stream = unpack_stream(packed)
+        assert len(stream) == packed.doc_offsets[-1]
         for d in range(len(TEXTS)):
             doc = stream[packed.doc_offsets[d]: packed.doc_offsets[d + 1]]
             assert doc[-1] == tok.eos_token_id
@@ -62,6 +64,26 @@ def test_packing_records_boundaries_and_uses_bos_eos(llama, gpt2, tmp_path):
         again, _ = build_sequences(tmp_path / "d.jsonl", tok, seq_len=32)
         np.testing.assert_array_equal(packed.input_ids, again.input_ids)
         assert packed.lengths[:-1].min() == 32 and 0 < packed.lengths[-1] <= 32
+        if model == llama:
+            assert (packed.input_ids[:, 0] == tok.bos_token_id).all()
+        else:  # no BOS: plain slices of the stream, as before the rule
+            np.testing.assert_array_equal(packed.input_ids.reshape(-1)[: len(stream)], stream)
+
+
+def test_bos_rows_lose_and_duplicate_no_token_and_never_predict_bos():
+    docs = [[9, 1, 2, 3, 4, 5, 8], [9, 6, 7, 8], [9, 1, 8]]  # BOS 9, EOS 8
+    for seq_len in (2, 3, 4, 5, 7, 16):
+        p = pack(docs, seq_len, pad_id=0, bos_id=9)
+        assert (p.input_ids[:, 0] == 9).all(), seq_len
+        np.testing.assert_array_equal(unpack_stream(p), np.concatenate(docs))
+        mask = p.label_mask()
+        labels = p.input_ids[:, 1:]
+        assert not (mask & (labels == 9)).any()  # no position is trained to predict BOS
+        real = np.arange(seq_len - 1)[None, :] < (p.lengths[:, None] - 1)
+        assert (mask == (real & (labels != 9))).all()
+    p = pack(docs, 4, pad_id=0, bos_id=9)
+    assert p.input_ids.tolist() == [[9, 1, 2, 3], [9, 4, 5, 8], [9, 6, 7, 8], [9, 1, 8, 0]]
+    assert p.lengths.tolist() == [4, 4, 4, 3] and p.num_predictions == 3 + 3 + 3 + 2
 
 
 def test_pack_small_cases():

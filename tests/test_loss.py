@@ -692,7 +692,8 @@ def test_student_loss_fused_equals_callable_head(arch, monkeypatch):
     length = torch.tensor([9, 5, 1])
     full = torch.log_softmax(torch.randn(b, t - 1, v, generator=g) * 3, -1)
     lp, ids = full.topk(k, -1)
-    batch = dict(input_ids=input_ids, length=length, weight=torch.rand(b, t - 1, generator=g), topk_ids=ids,
+    mask = torch.arange(t - 1)[None, :] < (length[:, None] - 1)
+    batch = dict(input_ids=input_ids, length=length, mask=mask, weight=torch.rand(b, t - 1, generator=g), topk_ids=ids,
                  topk_logprobs=lp, label_logprob=full.gather(-1, input_ids[:, 1:, None])[..., 0])
     linear, cap = student.output_linear(model)
     assert linear is model.get_output_embeddings() and cap == (3.0 if arch == "gemma_softcap" else None)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mft_cache.storage import Cache, Packed
+from mft_cache.storage.packing import label_mask, rule_of
 
 
 def _long(a: np.ndarray) -> torch.Tensor:
@@ -25,6 +26,7 @@ class CacheRows:
 
     def __init__(self, cache: Cache, top_k: int = 0):
         self.cache, self.top_k = cache, top_k or cache.top_k
+        self.bos_id = rule_of(cache.manifest)
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -36,6 +38,7 @@ class CacheRows:
         return {
             "input_ids": _long(a["input_ids"]),  # (B, T)
             "length": _long(a["length"]),  # (B,)
+            "mask": torch.from_numpy(label_mask(a["input_ids"], a["length"], self.bos_id)),  # (B, T-1) trained
             "topk_ids": _long(a["topk_ids"]),  # (B, T-1, K)
             "topk_logprobs": torch.from_numpy(a["topk_logprobs"]),  # (B, T-1, K) stored dtype
             "label_logprob": torch.from_numpy(a["label_logprob"]),  # (B, T-1) float32
@@ -52,7 +55,9 @@ class PackedRows:
         return self.packed.num_sequences
 
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        return {"input_ids": _long(self.packed.input_ids[rows]), "length": _long(self.packed.lengths[rows])}
+        ids, lengths = self.packed.input_ids[rows], self.packed.lengths[rows]
+        return {"input_ids": _long(ids), "length": _long(lengths),
+                "mask": torch.from_numpy(label_mask(ids, lengths, self.packed.bos_id))}
 
 
 def step_rows(step: int, global_batch: int, num_rows: int, seed: int) -> list[int]:

@@ -26,6 +26,7 @@ def perplexity(loss_module, rows: PackedRows, batch_size: int, accelerator) -> f
         batch = rows.batch(part or [0])
         if not part:
             batch["length"] = torch.ones_like(batch["length"])  # no label token: adds 0 to both sums
+            batch["mask"] = torch.zeros_like(batch["mask"])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             loss, n = loss_module(**batch)

@@ -12,6 +12,8 @@ import torch.nn as nn
 
 from mft_cache.models import backbone_and_head, hidden_states, output_linear, tokenizer_fingerprint, vocab_size_of
 
+from mft_cache.storage.packing import bos_rule
+
 from .loss import chunked_mft_loss, fused_linear_mft_loss
 from .targets import correction_weight
 
@@ -27,6 +29,10 @@ def check_student(manifest: dict, tokenizer, model: nn.Module, model_id: str) ->
     if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
         raise ValueError(f"--model {model_id}: its tokenizer differs from the one the cache was made with "
                          f"({manifest['model']['id']}); the cached targets would name the wrong tokens")
+    if "packing" not in manifest and bos_rule(tokenizer) is not None:
+        log.warning("the cache was made before rows started with BOS: the tokenizer of %s adds a BOS, but most of the "
+                    "cache's rows start without one, so the teacher's targets and the training rows are degraded; "
+                    "rebuild the cache (mft cache --overwrite) with this version", model_id)
 
 
 def position_mask(length: torch.Tensor, num_positions: int) -> torch.Tensor:
@@ -62,13 +68,13 @@ class StudentLoss(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids, length, weight=None, topk_ids=None, topk_logprobs=None, label_logprob=None,
+    def forward(self, input_ids, length, mask, weight=None, topk_ids=None, topk_logprobs=None, label_logprob=None,
                 teacher_logprobs=None, drop_tail=False):
         backbone, head = backbone_and_head(self.model)
         b, t = input_ids.shape
         attention = (torch.arange(t, device=input_ids.device)[None, :] < length[:, None]).long()
         h = hidden_states(backbone, input_ids, attention)[:, :-1].reshape(b * (t - 1), -1)  # (N, H)
-        mask = position_mask(length, t - 1).reshape(-1)  # (N,)
+        mask = mask.reshape(-1)  # (N,) trained positions
         labels = input_ids[:, 1:].reshape(-1)
 
         def flat(x, trailing=0):

@@ -38,7 +38,7 @@ from .adapters import add_adapter, is_adapted, save_adapted
 from .data import CacheRows, MixedRows, PackedRows, Prefetcher, micro_batches, mixed_step_rows, step_rows
 from .evaluate import degeneralization, perplexity, ratio, specialization
 from .report import plot_s_dg
-from .student import StudentLoss, cache_weight, check_student, online_targets, position_mask
+from .student import StudentLoss, cache_weight, check_student, online_targets
 from .targets import sparse_teacher
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def train_step(module, optimizer, scheduler, micro: list[dict], targets, acceler
     rows, or with --skip-nonfinite N is skipped: gradients dropped, weights and optimiser untouched."""
     dev = accelerator.device
     micro = [{k: v.to(dev, non_blocking=True) for k, v in mb.items()} for mb in micro]
-    local = sum(position_mask(mb["length"], mb["input_ids"].shape[1] - 1).sum() for mb in micro)
+    local = sum(mb["mask"].sum() for mb in micro)
     n_step = accelerator.reduce(torch.as_tensor(local, device=dev, dtype=torch.float64), "sum")  # all processes
     scale = accelerator.num_processes / max(n_step.item(), 1.0)  # DDP averages gradients over processes
     loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
@@ -304,7 +304,7 @@ def train_step(module, optimizer, scheduler, micro: list[dict], targets, acceler
 def make_targets(cfg: TrainConfig, teacher):
     """micro-batch -> the keyword arguments of StudentLoss.forward for the chosen objective."""
     def targets(mb: dict) -> dict:
-        inputs = {"input_ids": mb["input_ids"], "length": mb["length"]}
+        inputs = {"input_ids": mb["input_ids"], "length": mb["length"], "mask": mb["mask"]}
         if cfg.objective == "ft":
             return inputs
         if teacher is not None:
@@ -376,7 +376,7 @@ def train(cfg: TrainConfig) -> dict:
         if path:
             packed = build_sequences(path, tokenizer, seq_len, cfg.text_field)[0]
             n = cfg.eval_max_sequences or packed.num_sequences
-            packed.input_ids, packed.lengths = packed.input_ids[:n], packed.lengths[:n]
+            packed.truncate(n)
             eval_sets[name] = PackedRows(packed)
 
     module = StudentLoss(model, cfg.chunk_size)
