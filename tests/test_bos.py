@@ -52,7 +52,7 @@ def test_a_tokenizer_without_bos_packs_plain_slices(gpt2, docs_jsonl, tmp_path):
 
 
 def test_online_batches_and_evaluation_rows_start_with_bos(llama, docs_jsonl, tmp_path, monkeypatch):
-    from mft_cache.trainer import student
+    from mft_cache.trainer import loss_module as student
 
     seen = []
     forward = student.StudentLoss.forward

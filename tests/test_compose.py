@@ -12,7 +12,7 @@ from conftest import make_texts, write_jsonl
 from mft_cache.pipeline.cache import CacheConfig, build_cache
 from mft_cache.trainer.config import TrainConfig
 from mft_cache.trainer.data import MixedRows, PackedRows, mixed_step_rows, replay_layout
-from mft_cache.trainer.targets import sparse_teacher
+from mft_cache.trainer.targets import from_cache
 from mft_cache.trainer.train import train
 
 SEQ = 32
@@ -135,13 +135,13 @@ def test_mft_replay_targets_come_from_the_replay_cache(caches, tmp_path, monkeyp
     import mft_cache.trainer.train as train_mod
 
     seen = []
-    real = train_mod.cache_weight
+    real = train_mod.from_cache
 
-    def spy(mb, objective, tau):
+    def spy(mb, **kw):
         seen.append(mb)
-        return real(mb, objective, tau)
+        return real(mb, **kw)
 
-    monkeypatch.setattr(train_mod, "cache_weight", spy)
+    monkeypatch.setattr(train_mod, "from_cache", spy)
     summary, lines = run(tmp_path, "run", cache=str(caches["train"]), replay=str(caches["replay"]),
                          replay_fraction=0.5, steps=2)
     assert summary["replay"] == str(caches["replay"]) and len(lines) == 2
@@ -176,23 +176,30 @@ def test_replay_cache_from_another_teacher_is_refused(gpt2, data, caches, tmp_pa
 
 
 def _sparse(seed=0, n=7, k=5, v=20):
+    """One row of n + 1 tokens with the full teacher distribution of its n positions, and a cache batch of them."""
     g = torch.Generator().manual_seed(seed)
     lp = torch.log_softmax(torch.randn(n, v, generator=g) * 2, -1)
     vals, ids = lp.topk(k, -1)
-    labels = torch.randint(0, v, (n,), generator=g)
-    return lp, vals, ids, labels, lp.gather(1, labels[:, None])[:, 0]
+    input_ids = torch.randint(0, v, (1, n + 1), generator=g)
+    labels = input_ids[0, 1:]
+    label_lp = lp.gather(1, labels[:, None])[:, 0]
+    batch = {"input_ids": input_ids, "topk_ids": ids[None], "topk_logprobs": vals[None], "label_logprob": label_lp[None]}
+    return lp, vals, ids, labels, label_lp, batch
 
 
 def test_top_k_truncation_is_the_smaller_cache():
-    lp, vals, ids, labels, label_lp = _sparse()
-    i2, v2, l2 = sparse_teacher(ids, vals, label_lp, labels, top_k=3)
+    lp, vals, ids, labels, label_lp, batch = _sparse()
+    t = from_cache(batch, objective="mft", tau=0.25, top_k=3).flatten()
     v3, i3 = lp.topk(3, -1)
-    assert torch.equal(i2, i3) and torch.equal(v2, v3) and torch.equal(l2, label_lp)
+    assert torch.equal(t.topk_ids, i3) and torch.equal(t.logprobs, v3) and torch.equal(t.label_logprob, label_lp)
+    # the correction weight uses the exact p_max and p_label, whatever the cut
+    assert torch.equal(t.weight, from_cache(batch, objective="mft", tau=0.25).flatten().weight)
 
 
 def test_renormalize_puts_all_mass_on_topk_and_label():
-    lp, vals, ids, labels, label_lp = _sparse(seed=1)
-    i2, v2, l2 = sparse_teacher(ids, vals, label_lp, labels, tail="renormalize")
+    lp, vals, ids, labels, label_lp, batch = _sparse(seed=1)
+    t = from_cache(batch, objective="mft", tau=0.25, tail="renormalize").flatten()
+    v2, l2 = t.logprobs, t.label_logprob
     in_topk = (ids == labels[:, None]).any(-1)
     total = v2.exp().sum(-1) + torch.where(in_topk, 0.0, l2.exp())
     torch.testing.assert_close(total, torch.ones(len(total)))

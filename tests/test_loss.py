@@ -1,11 +1,36 @@
-"""sparse_mft_loss and chunked_mft_loss against brute-force dense references written out row by row."""
+"""The loss against brute-force dense references written out row by row: the plain autograd reference
+(tests/reference.py) against them, then the library's fused and checkpointed engines against the reference."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mft_cache.trainer.loss import chunked_mft_loss, fused_linear_mft_loss, sparse_mft_loss, token_nll_sum
+from mft_cache.trainer import loss as L
+from mft_cache.trainer.targets import TeacherTargets
+from reference import sparse_mft_loss
+
+
+# The engines take TeacherTargets; these spell a case's teacher out positionally, as the reference does.
+def targets_of(weight, ids, lp, label_lp, drop_tail=False):
+    return None if lp is None else TeacherTargets(weight, ids, lp, label_lp, drop_tail)
+
+
+def fused_linear_mft_loss(hidden, head_weight, head_bias, labels, weight, mask, ids=None, lp=None, label_lp=None,
+                          chunk_size=1024, softcap=None, drop_tail=False):
+    return L.fused_linear_mft_loss(hidden, head_weight, head_bias, labels, mask,
+                                   targets_of(weight, ids, lp, label_lp, drop_tail), chunk_size=chunk_size,
+                                   softcap=softcap)
+
+
+def chunked_mft_loss(hidden, head, labels, weight, mask, ids=None, lp=None, label_lp=None, chunk_size=1024,
+                     drop_tail=False):
+    return L.chunked_mft_loss(hidden, head, labels, mask, targets_of(weight, ids, lp, label_lp, drop_tail),
+                              chunk_size=chunk_size)
+
+
+def token_nll_sum(hidden, head, labels, mask, chunk_size=1024):
+    return L.chunked_mft_loss(hidden, head, labels, mask, None, chunk_size=chunk_size)
 
 SEEDS = [0, 1, 2]
 
@@ -351,7 +376,8 @@ def test_chunked_recomputes_logits_in_backward():
     head = CountingHead(torch.nn.Linear(H, c.v))
     hidden = torch.randn(c.n, H, requires_grad=True)
     total = chunked_mft_loss(hidden, head, c.labels, c.weight, c.mask, c.ids, c.lp, c.label_lp, chunk_size=4)
-    live = 3  # chunks [4:8], [8:12], [12:13]
+    live = -(-int(c.mask.sum()) // 4)  # chunks of 4 unmasked positions, as the fused loss makes them
+    assert live >= 2
     assert head.calls == 1 + live  # the empty call, then one per live chunk
     total.backward()
     assert head.calls == 1 + 2 * live  # each live chunk's logits recomputed once in the backward
@@ -658,9 +684,9 @@ def test_fused_bad_arguments():
     head_w, b = make_head(0, c.v, False)
     with pytest.raises(ValueError, match="--chunk-size"):
         fused_linear_mft_loss(torch.randn(c.n, H), head_w, b, c.labels, None, c.mask, chunk_size=0)
-    with pytest.raises(ValueError, match="weight is required"):
+    with pytest.raises(ValueError, match="needs its correction weight"):
         fused_linear_mft_loss(torch.randn(c.n, H), head_w, b, c.labels, None, c.mask, None, c.full)
-    with pytest.raises(ValueError, match="label_logprob is required"):
+    with pytest.raises(ValueError, match="needs logprobs and label_logprob"):
         fused_linear_mft_loss(torch.randn(c.n, H), head_w, b, c.labels, c.weight, c.mask, c.ids, c.lp)
 
 
@@ -670,7 +696,8 @@ def test_student_loss_fused_equals_callable_head(arch, monkeypatch):
     gives the same loss and parameter gradients as the callable head under checkpointing."""
     from transformers import AutoModelForCausalLM, GPT2Config, Gemma3TextConfig, LlamaConfig
 
-    from mft_cache.trainer import student
+    from mft_cache.models import output_linear
+    from mft_cache.trainer import loss_module
 
     v = 50
     if arch == "llama":
@@ -694,29 +721,34 @@ def test_student_loss_fused_equals_callable_head(arch, monkeypatch):
     lp, ids = full.topk(k, -1)
     mask = torch.arange(t - 1)[None, :] < (length[:, None] - 1)
     batch = dict(input_ids=input_ids, length=length, mask=mask, weight=torch.rand(b, t - 1, generator=g), topk_ids=ids,
-                 topk_logprobs=lp, label_logprob=full.gather(-1, input_ids[:, 1:, None])[..., 0])
-    linear, cap = student.output_linear(model)
+                 logprobs=lp, label_logprob=full.gather(-1, input_ids[:, 1:, None])[..., 0])
+    linear, cap = output_linear(model)
     assert linear is model.get_output_embeddings() and cap == (3.0 if arch == "gemma_softcap" else None)
-    module = student.StudentLoss(model, chunk_size=4)
 
-    def run():
+    def run(impl="fused", batch=batch):
         model.zero_grad(set_to_none=True)
-        loss, count = module(**batch)
+        loss, count = loss_module.StudentLoss(model, chunk_size=4, impl=impl)(**batch)
         loss.backward()
         return loss.detach(), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     calls = []
-    real = student.fused_linear_mft_loss
-    monkeypatch.setattr(student, "fused_linear_mft_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = loss_module.fused_linear_mft_loss
+    monkeypatch.setattr(loss_module, "fused_linear_mft_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     fused = run()
     assert calls
-    monkeypatch.setattr(student, "output_linear", lambda m: (None, None))  # the fallback: a callable head
-    chunked = run()
+    chunked = run("checkpointed")  # the head's own forward, as any head that is not a plain linear layer runs
     assert len(calls) == 1 and fused[1] == chunked[1] == 8 + 4
     torch.testing.assert_close(fused[0], chunked[0], rtol=1e-5, atol=1e-5)
     assert fused[2].keys() == chunked[2].keys()
     for name in fused[2]:
         torch.testing.assert_close(fused[2][name], chunked[2][name], rtol=1e-4, atol=1e-5, msg=name)
+    # plain cross-entropy: transformers' own loss over full logits gives the same loss and gradients
+    plain = {k: batch[k] for k in ("input_ids", "length", "mask")}
+    ours, theirs = run("fused", plain), run("transformers", plain)
+    assert ours[1] == theirs[1] == 8 + 4
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    for name in ours[2]:
+        torch.testing.assert_close(ours[2][name], theirs[2][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("softcap", [None, 7.0])

@@ -33,7 +33,7 @@ CHECK = textwrap.dedent('''
     import mft_cache, mft_cache.storage, mft_cache.pipeline.cache, mft_cache.trainer.loss
     from mft_cache.storage import SCHEMA_VERSION, cache_schema
     from mft_cache.pipeline.cache import CacheConfig
-    from mft_cache.trainer.loss import sparse_mft_loss
+    from mft_cache.trainer.loss import fused_linear_mft_loss
     import torch
 
     out = {}
@@ -45,7 +45,8 @@ CHECK = textwrap.dedent('''
     out["schema_version"] = SCHEMA_VERSION
     out["schema_fields"] = [f.name for f in cache_schema(vocab_size=300, top_k=4, seq_len=8)]
     out["cache_config_seq_len"] = CacheConfig(model="m", data="d").seq_len
-    loss = sparse_mft_loss(torch.zeros(2, 5), torch.tensor([1, 3]), None, torch.tensor([True, True]))
+    loss = fused_linear_mft_loss(torch.zeros(2, 3), torch.zeros(5, 3), None, torch.tensor([1, 3]),
+                                 torch.tensor([True, True]))
     out["loss"] = loss.tolist()
     # the CLI parses and prints its help
     from mft_cache.cli import main
@@ -106,7 +107,7 @@ def _check_ours(res: dict) -> None:
     assert res["schema_version"] == 1
     assert res["schema_fields"] == ["input_ids", "length", "topk_ids", "topk_logprobs", "label_logprob"]
     assert res["cache_config_seq_len"] == 256
-    assert res["loss"] == pytest.approx([math.log(5)] * 2, rel=1e-6)
+    assert res["loss"] == pytest.approx(2 * math.log(5), rel=1e-6)  # the sum over two positions
     for argv, (code, text) in res["help"].items():
         assert code in (0, None), f"mft {argv} exited {code}"
         assert "usage: mft" in text

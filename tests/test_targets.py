@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from mft_cache.trainer.targets import OBJECTIVES, corrected_targets, correction_weight
+from mft_cache.trainer.targets import OBJECTIVES, correction_weight
+from reference import corrected_targets
 
 TAUS = (0.0, 0.05, 0.3, 0.9, 1.0)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from mft_cache.config import opt
 
 from .adapters import PEFT_METHODS
+from .loss import LOSS_IMPLS
 from .targets import OBJECTIVES, TAIL_MODES
 
 
@@ -61,6 +62,10 @@ class TrainConfig:
     overwrite: bool = opt(False, "replace an existing run in --out")
     log_every: int = opt(10, "write a step line to the log every N steps (metrics.jsonl gets every step)")
     chunk_size: int = opt(1024, "positions per chunk of the output layer in the loss")
+    loss_impl: str = opt("fused", "how the output layer and loss run: fused (logits and their gradients in one pass, "
+                         "chunk by chunk), checkpointed (the head's own forward per chunk, recomputed in the backward), "
+                         "or transformers (the model's own loss over full logits; --objective ft only)",
+                         choices=LOSS_IMPLS)
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub to run")
 
     def __post_init__(self):
@@ -84,5 +89,7 @@ class TrainConfig:
             raise ValueError("--lora-rank must be >= 1, --lora-alpha > 0 and --lora-dropout in [0, 1)")
         if self.merge_adapter and self.peft == "none":
             raise ValueError("--merge-adapter needs --peft")
+        if self.loss_impl == "transformers" and self.objective != "ft":
+            raise ValueError("--loss-impl transformers computes plain cross-entropy only: it needs --objective ft")
         if self.teacher == "online" and (self.top_k or self.tail != "bucket"):
             raise ValueError("--top-k and --tail choose how a cache is read; --teacher online uses the full distribution")

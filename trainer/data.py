@@ -21,11 +21,11 @@ def _long(a: np.ndarray) -> torch.Tensor:
 
 
 class CacheRows:
-    """Rows of a cache as training batches: tokens plus the teacher's sparse targets (the first `top_k`
-    columns, 0: all; being sorted by log-prob they are the teacher's top-k exactly)."""
+    """Rows of a cache as training batches: tokens, the trained positions and the teacher's cached values
+    (targets.from_cache turns them into what the loss consumes)."""
 
-    def __init__(self, cache: Cache, top_k: int = 0):
-        self.cache, self.top_k = cache, top_k or cache.top_k
+    def __init__(self, cache: Cache):
+        self.cache = cache
         self.bos_id = rule_of(cache.manifest)
 
     def __len__(self) -> int:
@@ -34,7 +34,6 @@ class CacheRows:
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
         parts = [self.cache.read_rows(r, r + 1) for r in rows]
         a = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        a["topk_ids"], a["topk_logprobs"] = a["topk_ids"][..., : self.top_k], a["topk_logprobs"][..., : self.top_k]
         return {
             "input_ids": _long(a["input_ids"]),  # (B, T)
             "length": _long(a["length"]),  # (B,)

@@ -9,8 +9,8 @@ from .data import PackedRows
 
 
 @torch.no_grad()
-def perplexity(loss_module, rows: PackedRows, batch_size: int, accelerator) -> float:
-    """exp(mean next-token NLL) over every label token of `rows`, split across processes.
+def evaluate_perplexity(loss_module, rows: PackedRows, batch_size: int, accelerator) -> float:
+    """exp(mean next-token NLL) over every trained position of `rows`, split across processes.
 
     Process r takes rows r, r+P, r+2P, ...; every process runs the same number of forward passes
     (a process short of rows runs one on a row cut to a single token, which has no label), since

@@ -1,0 +1,69 @@
+"""Before the first step: is this student, this data and this replay cache what the cache was made for?"""
+from __future__ import annotations
+
+import logging
+
+import torch.nn as nn
+
+from mft_cache.models import tokenizer_fingerprint, vocab_size_of, weights_fingerprint
+from mft_cache.storage import read_documents
+from mft_cache.storage.packing import bos_rule
+
+log = logging.getLogger(__name__)
+
+
+def check_student(manifest: dict, tokenizer, model: nn.Module, model_id: str) -> None:
+    """Refuse a student whose tokenizer or vocabulary differs from the cache's teacher; warn when a BOS-adding
+    student trains from a cache whose rows were cut before rows started with BOS."""
+    cached_vocab, vocab = int(manifest["vocab_size"]), vocab_size_of(model)
+    if vocab != cached_vocab:
+        raise ValueError(f"--model {model_id} predicts a vocabulary of {vocab} tokens but the cache was made with "
+                         f"{cached_vocab} ({manifest['model']['id']}); use a student with the teacher's vocabulary")
+    if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
+        raise ValueError(f"--model {model_id}: its tokenizer differs from the one the cache was made with "
+                         f"({manifest['model']['id']}); the cached targets would name the wrong tokens")
+    if "packing" not in manifest and bos_rule(tokenizer) is not None:
+        log.warning("the cache was made before rows started with BOS: the tokenizer of %s adds a BOS, but most of the "
+                    "cache's rows start without one, so the teacher's targets and the training rows are degraded; "
+                    "rebuild the cache (mft cache --overwrite) with this version", model_id)
+
+
+def check_teacher_revision(manifest: dict, model_id: str, allow_different: bool) -> None:
+    """The student is the cache's teacher unless --allow-different-student says otherwise (same tokenizer and
+    vocabulary are checked once the student is loaded). The weight files are compared, so another revision of the
+    same model, or a teacher folder changed since caching, is caught."""
+    cached = manifest["model"].get("weights_fingerprint")
+    current = weights_fingerprint(model_id)
+    if cached is None or current is None:
+        log.warning("cannot compare the weights of %s with the cache's teacher %s (no local weight files)",
+                    model_id, manifest["model"]["id"])
+        return
+    if current == cached:
+        return
+    if not allow_different:
+        raise ValueError(f"--model {model_id}: its weights differ from those of the teacher the cache was made with "
+                         f"({manifest['model']['id']}, weights sha256 {cached[:12]}); another revision or another model. "
+                         "Rebuild the cache with this model, or pass --allow-different-student to train it against "
+                         "the cached teacher's targets")
+    log.warning("--allow-different-student: the student %s is not the cache's teacher %s; it is trained against the "
+                "teacher's cached targets (same tokenizer and vocabulary)", model_id, manifest["model"]["id"])
+
+
+def check_data(manifest: dict, data: str, text_field: str, cache: str) -> None:
+    """--data with a cache only names what the user believes the cache holds: it must be those documents."""
+    fp = read_documents(data, text_field=text_field, split=manifest["data"]["split"]).fingerprint
+    if fp != manifest["data"]["fingerprint"]:
+        raise ValueError(f"--data {data} is not the data the cache {cache} was made from "
+                         f"({manifest['data']['source']}); rebuild the cache with `mft cache --data {data}`")
+
+
+def check_replay_cache(manifest: dict, replay: dict, where: str, cache: str) -> None:
+    """A replay cache must come from the same teacher, tokenizer and seq len as the main cache."""
+    for key, what in ((("tokenizer", "fingerprint"), "tokenizer"), (("vocab_size",), "vocabulary"),
+                      (("model", "weights_fingerprint"), "teacher weights"), (("seq_len",), "seq len")):
+        a, b = manifest, replay
+        for k in key:
+            a, b = a[k], b[k]
+        if a != b:
+            raise ValueError(f"--replay {where}: made with another {what} than --cache {cache} "
+                             f"({b} vs {a}); build the replay cache with the same teacher and --seq-len")
