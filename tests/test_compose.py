@@ -158,6 +158,20 @@ def test_mft_replay_targets_come_from_the_replay_cache(caches, tmp_path, monkeyp
             assert torch.equal(mb["label_logprob"][j], torch.from_numpy(row["label_logprob"][0]))
 
 
+def test_replay_cache_with_a_different_top_k_trains_with_the_narrower_columns(llama, caches, data, tmp_path):
+    """A k=16 main cache with a k=8 replay cache at --top-k 8, and the other way round: one batch, one K."""
+    narrow = tmp_path / "replay-k8"
+    build_cache(CacheConfig(model=str(llama), data=str(data["replay"]), out=str(narrow), seq_len=SEQ, top_k=8))
+    for objective in ("mft", "ft"):
+        summary, lines = run(tmp_path, f"wide-main-{objective}", cache=str(caches["train"]), replay=str(narrow),
+                             top_k=8, objective=objective)
+        assert len(lines) == 4 and all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
+    summary, lines = run(tmp_path, "wide-replay", cache=str(narrow), replay=str(caches["replay"]))
+    assert len(lines) == 4 and summary["top_k"] == 8
+    with pytest.raises(ValueError, match="--top-k"):  # main's 16 columns need 16 from replay too
+        run(tmp_path, "too-wide", cache=str(caches["train"]), replay=str(narrow))
+
+
 def test_mft_replay_from_raw_documents_is_refused(caches, data, tmp_path):
     with pytest.raises(ValueError, match="cache them first"):
         run(tmp_path, "run", cache=str(caches["train"]), replay=str(data["replay"]))

@@ -84,7 +84,9 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 class MixedRows:
     """Finetuning rows then replay rows in one index space: row i < len(main) is main's, the rest replay's.
 
-    A batch holds the fields both sources have (tokens only when replay is raw documents)."""
+    A batch holds the fields both sources have (tokens only when replay is raw documents). Two caches may hold
+    different top-k: their columns are sorted, so both are cut to the narrower K, which is each one's top K
+    exactly (training has checked that the K it uses fits both)."""
 
     def __init__(self, main, replay):
         self.main, self.replay, self.num_main = main, replay, len(main)
@@ -97,6 +99,10 @@ class MixedRows:
         theirs = [r - self.num_main for r in rows if r >= self.num_main]
         parts = [src.batch(r) for src, r in ((self.main, ours), (self.replay, theirs)) if r]
         keys = [k for k in parts[0] if all(k in p for p in parts)]
+        if "topk_ids" in keys:
+            k_min = min(p["topk_ids"].shape[-1] for p in parts)
+            parts = [{**p, "topk_ids": p["topk_ids"][..., :k_min], "topk_logprobs": p["topk_logprobs"][..., :k_min]}
+                     for p in parts]
         order = torch.as_tensor(np.argsort([r >= self.num_main for r in rows], kind="stable"))  # main first
         back = torch.empty_like(order)
         back[order] = torch.arange(len(rows))
