@@ -10,7 +10,8 @@ import dataclasses
 import typing
 
 
-def opt(default, help: str, choices: tuple | None = None):
+def opt(default, help: str, choices=None):
+    """A config field: its default, its --help text, and its choices (a tuple, or a function returning one)."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
@@ -26,15 +27,14 @@ def _base_type(tp):
     return tp
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
         help_ = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
-        if f.name in positional:
-            parser.add_argument(f.name, type=tp, help=help_)
-            continue
+        if callable(choices):  # a registry, read when the parser is built
+            choices = choices()
         default = f.default if f.default is not dataclasses.MISSING else None
         if tp is bool:
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_)

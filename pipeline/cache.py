@@ -1,5 +1,9 @@
 """`mft cache`: the frozen teacher reads the finetuning set once and writes the cache.
 
+`build_cache` is three steps: `plan_cache` (read and pack the data, load the teacher, check it, open the folder),
+`teach_shards` (the teacher's pass over this process's missing shards, written as they complete) and
+`finish_cache` (documents.npy and the manifest, written last).
+
 On N processes (`torchrun --nproc_per_node N -m mft_cache.cli cache ...`, or `accelerate launch`) the
 first process prepares the folder (or finds it complete, or resumes it) and tells the others which
 shards are missing; the missing shards are dealt out round-robin, each process computes and writes
@@ -9,12 +13,11 @@ and a build stopped on N processes resumes on any number.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,10 +30,11 @@ from mft_cache.faults import fault_point
 from mft_cache.models import (backbone_and_head, check_head, describe_model, load_model, load_tokenizer,
                               max_positions, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
                               weights_fingerprint)
-from mft_cache.storage import CacheWriter, build_sequences, cache_schema, load_manifest
+from mft_cache.storage import CacheWriter, Packed, build_sequences, cache_schema, load_manifest
+from mft_cache.storage.backends import formats
+from mft_cache.storage.manifest import CacheMetadata
 from mft_cache.storage.packing import packing_description
-from mft_cache.storage.backends import FORMATS
-from mft_cache.storage.schema import LOGPROB_DTYPES, encode_logprobs, row_bytes, value_semantics
+from mft_cache.storage.schema import LOGPROB_DTYPES, Field, encode_logprobs, row_bytes
 
 from .teacher import auto_chunk_tokens, teach_batch
 
@@ -50,7 +54,7 @@ class CacheConfig:
     split: str = opt("train", "split to read from a hub dataset or a DatasetDict")
     seq_len: int = opt(256, "tokens per packed sequence")
     top_k: int = opt(32, "teacher log-probs kept per position")
-    format: str = opt("zarr", "storage backend", choices=FORMATS)
+    format: str = opt("zarr", "storage backend", choices=formats)
     logprob_dtype: str = opt("float16", "storage of the top-k log-probs: float16, float32, or q8 (exact float32 top-1 "
                              "plus uint8 codes of the gaps below it, decoded on read; the smallest) "
                              "(the label log-prob is always float32)", choices=LOGPROB_DTYPES)
@@ -75,12 +79,6 @@ class CacheConfig:
             raise ValueError(f"--shard-mb must be positive, got {self.shard_mb}")
         if self.chunk_tokens < 0 or self.max_sequences < 0:
             raise ValueError("--chunk-tokens and --max-sequences must be >= 0")
-
-
-def _documents_npy(doc_offsets: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, doc_offsets.astype(np.int64), allow_pickle=False)
-    return buf.getvalue()
 
 
 class HostCopy:
@@ -121,19 +119,36 @@ def process_state(device: torch.device):
     return state
 
 
-def build_cache(cfg: CacheConfig) -> dict:
-    """Build (or resume, or find complete) the cache described by `cfg`; return its manifest."""
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    dist = process_state(device)
-    if dist.num_processes > 1:
-        if device.type != "cpu" and device.index is None:
-            device = dist.device  # this process's own GPU (cuda:LOCAL_RANK)
-        if not dist.is_main_process:  # one log, from the first process
-            logging.getLogger("mft_cache").setLevel(logging.WARNING)
+@dataclass
+class CachePlan:
+    """Everything a build needs once the data is packed, the teacher loaded and the folder checked."""
 
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    cfg: CacheConfig
+    dist: object  # accelerate PartialState
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: object
+    packed: Packed
+    documents: object  # storage.Documents
+    model: object
+    schema: tuple[Field, ...]
+    identity: dict  # what determines the cache's bytes (the manifest's "config")
+    writer: CacheWriter
+    state: str  # "new", "resume" or "complete"
+    done: set[int]  # shards already on disk
+    rows_per_shard: int = 0
+    num_shards: int = 0
+    trained: np.ndarray = field(default=None)  # (R, T-1) bool: the positions that get teacher values
+
+    def shard_rows(self, i: int) -> range:
+        return range(i * self.rows_per_shard, min(self.packed.num_sequences, (i + 1) * self.rows_per_shard))
+
+    def shard_tokens(self, i: int) -> int:
+        rows = self.shard_rows(i)
+        return int(self.trained[rows.start: rows.stop].sum())
+
+
+def read_and_pack(cfg: CacheConfig, tokenizer):
     packed, documents = build_sequences(cfg.data, tokenizer, cfg.seq_len, cfg.text_field, cfg.split)
     if cfg.max_sequences:
         packed.truncate(cfg.max_sequences)
@@ -141,7 +156,11 @@ def build_cache(cfg: CacheConfig) -> dict:
              len(documents.texts), packed.num_sequences, cfg.seq_len, packed.num_predictions)
     if packed.num_predictions == 0:
         raise ValueError(f"--data {cfg.data}: the documents hold fewer than 2 tokens in all")
+    return packed, documents
 
+
+def load_teacher(cfg: CacheConfig, packed: Packed, dtype: torch.dtype, device: torch.device):
+    """The teacher in eval mode, refused where the cache could not describe it (k, seq len, vocabulary)."""
     model = load_model(cfg.model, dtype, device, cfg.trust_remote_code)
     model.eval()
     vocab = vocab_size_of(model)
@@ -152,120 +171,150 @@ def build_cache(cfg: CacheConfig) -> dict:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's maximum of {limit} positions")
     if int(packed.input_ids.max()) >= vocab:
         raise ValueError(f"--model {cfg.model}: the tokenizer produces ids beyond the model's vocabulary ({vocab})")
+    return model
 
-    schema = cache_schema(vocab_size=vocab, top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype)
+
+def plan_cache(cfg: CacheConfig) -> CachePlan:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    dist = process_state(device)
+    if dist.num_processes > 1:
+        if device.type != "cpu" and device.index is None:
+            device = dist.device  # this process's own GPU (cuda:LOCAL_RANK)
+        if not dist.is_main_process:  # one log, from the first process
+            logging.getLogger("mft_cache").setLevel(logging.WARNING)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    packed, documents = read_and_pack(cfg, tokenizer)
+    model = load_teacher(cfg, packed, dtype, device)
+    schema = cache_schema(vocab_size=vocab_size_of(model), top_k=cfg.top_k, seq_len=cfg.seq_len,
+                          logprob_dtype=cfg.logprob_dtype)
     identity = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "overwrite", "device", "dtype")}
     identity.update(resolved_device=device.type, resolved_dtype=str(dtype).removeprefix("torch."),
                     data_fingerprint=documents.fingerprint, weights_fingerprint=weights_fingerprint(cfg.model),
                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), packing=packed.rule)
     writer, state, done = _open_writer(cfg, schema, identity, dist)
-    if state == "complete":
-        log.info("cache in %s is already complete (same configuration); nothing to do (--overwrite rebuilds it)", cfg.out)
-        return load_manifest(cfg.out)
+    plan = CachePlan(cfg, dist, device, dtype, tokenizer, packed, documents, model, schema, identity, writer, state,
+                     done, trained=packed.label_mask())
+    plan.rows_per_shard = max(1, int(cfg.shard_mb * 2**20) // row_bytes(schema))
+    plan.num_shards = math.ceil(packed.num_sequences / plan.rows_per_shard)
+    return plan
 
-    rows_per_shard = max(1, int(cfg.shard_mb * 2**20) // row_bytes(schema))
-    num_shards = math.ceil(packed.num_sequences / rows_per_shard)
-    if state == "resume":
-        log.info("resuming: %d of %d shards already written", len([i for i in done if i < num_shards]), num_shards)
-    missing = [i for i in range(num_shards) if i not in done]
+
+def teach_shards(plan: CachePlan) -> None:
+    """The teacher's pass over this process's share of the missing shards; the writer thread encodes (dtype cast
+    or q8) and writes shard i while the teacher computes shard i+1."""
+    cfg, dist, packed = plan.cfg, plan.dist, plan.packed
+    if plan.state == "resume":
+        log.info("resuming: %d of %d shards already written", len([i for i in plan.done if i < plan.num_shards]),
+                 plan.num_shards)
+    missing = [i for i in range(plan.num_shards) if i not in plan.done]
     mine = missing[dist.process_index::dist.num_processes]  # any process count can finish any build
     if dist.num_processes > 1:
         log.info("%d processes: %d shards to compute, about %d each", dist.num_processes, len(missing), len(mine))
-
-    backbone, head = backbone_and_head(model)
-    check_head(model, backbone, head, torch.as_tensor(packed.input_ids[:1], device=device))
-    chunk = cfg.chunk_tokens or auto_chunk_tokens(vocab)
-    id_np = np.dtype(schema[0].dtype)
-
-    def shard_rows(i: int) -> range:
-        return range(i * rows_per_shard, min(packed.num_sequences, (i + 1) * rows_per_shard))
-
-    trained = packed.label_mask()  # (R, T-1)
-    preds = trained.sum(1)
-    shard_tokens = [int(preds[shard_rows(i).start: shard_rows(i).stop].sum()) for i in range(num_shards)]
-    done_tokens = sum(shard_tokens[i] for i in done if i < num_shards)
+    backbone, head = backbone_and_head(plan.model)
+    check_head(plan.model, backbone, head, torch.as_tensor(packed.input_ids[:1], device=plan.device))
+    done_tokens = sum(plan.shard_tokens(i) for i in plan.done if i < plan.num_shards)
     bar = tqdm(total=packed.num_predictions, initial=done_tokens, unit="tok", unit_scale=True, desc="mft cache",
                dynamic_ncols=True, disable=not dist.is_main_process)
 
     def sync_bar() -> None:  # several processes: count every shard on disk, not only the first process's
         if dist.num_processes > 1 and not bar.disable:
-            bar.n = max(bar.n, sum(shard_tokens[i] for i in writer.recorded_shards() if i < num_shards))
+            bar.n = max(bar.n, sum(plan.shard_tokens(i) for i in plan.writer.recorded_shards() if i < plan.num_shards))
             bar.refresh()
 
     pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1) as pool:  # writes shard i while the teacher computes shard i+1
+    with ThreadPoolExecutor(max_workers=1) as pool:
         for i in mine:
-            rows = shard_rows(i)
-            out = {"input_ids": packed.input_ids[rows.start: rows.stop].astype(id_np),
-                   "length": packed.lengths[rows.start: rows.stop].astype(np.int32)}
-            parts: dict[str, list] = {"topk_ids": [], "topk_logprobs": [], "label_logprob": []}
-            inflight: HostCopy | None = None  # the previous batch's device-to-host copy, overlapping this batch
-
-            def collect(copy: HostCopy) -> None:
-                top_ids, lp, label_lp = copy.numpy()
-                parts["topk_ids"].append(top_ids.astype(id_np))
-                parts["topk_logprobs"].append(lp)
-                parts["label_logprob"].append(label_lp)
-                bar.update(copy.tokens)
-
-            for b in range(rows.start, rows.stop, cfg.batch_size):
-                e = min(rows.stop, b + cfg.batch_size)
-                ids = torch.as_tensor(packed.input_ids[b:e], device=device)
-                lengths = torch.as_tensor(packed.lengths[b:e], device=device, dtype=torch.long)
-                valid = torch.as_tensor(trained[b:e], device=device)
-                lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk, valid)
-                copy = HostCopy((top_ids, lp, label_lp), int(preds[b:e].sum()))
-                if inflight is not None:
-                    collect(inflight)
-                inflight = copy
-            if inflight is not None:
-                collect(inflight)
-            out.update({k: np.concatenate(v) for k, v in parts.items()})
+            out = teach_shard(plan, i, backbone, head, bar)
             if pending is not None:
                 fault_point(f"cache:shard-{pending.result()['index']}")
                 sync_bar()
-            # the writer thread encodes (dtype cast or q8) and writes while the teacher computes the next shard
-            pending = pool.submit(lambda i=i, out=out: writer.write_shard(i, encode_shard(out, cfg.logprob_dtype)))
+            pending = pool.submit(lambda i=i, out=out: plan.writer.write_shard(i, encode_shard(out, cfg.logprob_dtype)))
         if pending is not None:
             fault_point(f"cache:shard-{pending.result()['index']}")
     dist.wait_for_everyone()  # every shard is on disk
     sync_bar()
     bar.close()
+
+
+def teach_shard(plan: CachePlan, i: int, backbone, head, bar) -> dict[str, np.ndarray]:
+    """The rows of shard i and the teacher's values for them (float32 log-probs, not yet encoded)."""
+    cfg, packed, device = plan.cfg, plan.packed, plan.device
+    rows = plan.shard_rows(i)
+    id_np = np.dtype(plan.schema[0].dtype)
+    out = {"input_ids": packed.input_ids[rows.start: rows.stop].astype(id_np),
+           "length": packed.lengths[rows.start: rows.stop].astype(np.int32)}
+    parts: dict[str, list] = {"topk_ids": [], "topk_logprobs": [], "label_logprob": []}
+    chunk = cfg.chunk_tokens or auto_chunk_tokens(vocab_size_of(plan.model))
+    inflight: HostCopy | None = None  # the previous batch's device-to-host copy, overlapping this batch
+
+    def collect(copy: HostCopy) -> None:
+        top_ids, lp, label_lp = copy.numpy()
+        parts["topk_ids"].append(top_ids.astype(id_np))
+        parts["topk_logprobs"].append(lp)
+        parts["label_logprob"].append(label_lp)
+        bar.update(copy.tokens)
+
+    for b in range(rows.start, rows.stop, cfg.batch_size):
+        e = min(rows.stop, b + cfg.batch_size)
+        ids = torch.as_tensor(packed.input_ids[b:e], device=device)
+        lengths = torch.as_tensor(packed.lengths[b:e], device=device, dtype=torch.long)
+        valid = torch.as_tensor(plan.trained[b:e], device=device)
+        lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk, valid)
+        copy = HostCopy((top_ids, lp, label_lp), int(plan.trained[b:e].sum()))
+        if inflight is not None:
+            collect(inflight)
+        inflight = copy
+    if inflight is not None:
+        collect(inflight)
+    out.update({k: np.concatenate(v) for k, v in parts.items()})
+    return out
+
+
+def finish_cache(plan: CachePlan) -> dict:
+    """documents.npy and the manifest (by the first process, once every shard is written); every process returns it."""
+    cfg, dist = plan.cfg, plan.dist
     if not dist.is_main_process:
         dist.wait_for_everyone()  # the first process writes the manifest
         return load_manifest(cfg.out)
+    manifest = plan.writer.finish(metadata(plan), plan.num_shards, plan.packed.doc_offsets)
+    dist.wait_for_everyone()
+    return manifest
 
-    docs_file = writer.write_file("documents.npy", _documents_npy(packed.doc_offsets))
+
+def metadata(plan: CachePlan) -> CacheMetadata:
     import transformers
 
-    manifest = {
-        "values": value_semantics(cfg.logprob_dtype),
-        "schema": [f.to_json() for f in schema],
-        "model": {**describe_model(cfg.model, model, identity["weights_fingerprint"]), "dtype": str(dtype).removeprefix("torch.")},
-        "tokenizer": {"fingerprint": identity["tokenizer_fingerprint"], "class": type(tokenizer).__name__,
-                      "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
-        "vocab_size": vocab,
-        "top_k": cfg.top_k,
-        "seq_len": cfg.seq_len,
-        "data": {"source": cfg.data, "text_field": cfg.text_field, "split": cfg.split,
-                 "fingerprint": documents.fingerprint, "num_documents": len(documents.texts),
-                 "num_empty_skipped": documents.num_empty, "documents_file": docs_file,
-                 "documents_note": "documents.npy: int64 start offset of each document in the packed token "
-                                   "stream (see packing for how rows are cut from it), then the total"},
-        "packing": packing_description(packed.bos_id),
-        "num_sequences": packed.num_sequences,
-        "num_tokens": packed.num_predictions,
-        "num_input_tokens": int(packed.lengths.sum()),
-        "rows_per_shard": rows_per_shard,
-        "num_processes": dist.num_processes,  # of the run that finished the cache; not part of its identity
-        "bytes_per_token": None,
-        "created_by": {"mft_cache": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-    }
-    manifest = writer.finish(manifest, num_shards)
+    cfg, packed, documents, tokenizer = plan.cfg, plan.packed, plan.documents, plan.tokenizer
+    return CacheMetadata(
+        model={**describe_model(cfg.model, plan.model, plan.identity["weights_fingerprint"]),
+               "dtype": str(plan.dtype).removeprefix("torch.")},
+        tokenizer={"fingerprint": plan.identity["tokenizer_fingerprint"], "class": type(tokenizer).__name__,
+                   "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        vocab_size=vocab_size_of(plan.model), top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype,
+        data={"source": cfg.data, "text_field": cfg.text_field, "split": cfg.split,
+              "fingerprint": documents.fingerprint, "num_documents": len(documents.texts),
+              "num_empty_skipped": documents.num_empty},
+        packing=packing_description(packed.bos_id),
+        num_sequences=packed.num_sequences, num_tokens=packed.num_predictions,
+        num_input_tokens=int(packed.lengths.sum()), rows_per_shard=plan.rows_per_shard,
+        num_processes=plan.dist.num_processes,
+        created_by={"mft_cache": __version__, "torch": torch.__version__, "transformers": transformers.__version__})
+
+
+def build_cache(cfg: CacheConfig) -> dict:
+    """Build (or resume, or find complete) the cache described by `cfg`; return its manifest."""
+    t0 = time.perf_counter()
+    plan = plan_cache(cfg)
+    if plan.state == "complete":
+        log.info("cache in %s is already complete (same configuration); nothing to do (--overwrite rebuilds it)", cfg.out)
+        return load_manifest(cfg.out)
+    teach_shards(plan)
+    manifest = finish_cache(plan)
+    n = plan.dist.num_processes
     log.info("cache written to %s: %d sequences, %d tokens, %d shards, %.1f bytes/token, %.1f s%s",
-             cfg.out, manifest["num_sequences"], manifest["num_tokens"], num_shards, manifest["bytes_per_token"],
-             time.perf_counter() - t0, f", {dist.num_processes} processes" if dist.num_processes > 1 else "")
-    dist.wait_for_everyone()
+             cfg.out, manifest["num_sequences"], manifest["num_tokens"], plan.num_shards, manifest["bytes_per_token"],
+             time.perf_counter() - t0, f", {n} processes" if n > 1 else "")
     return manifest
 
 

@@ -1,25 +1,31 @@
-"""The two on-disk encodings of a shard, both built from the one schema declaration.
+"""The on-disk encodings of a shard (backends), all built from the one schema declaration, and their registry.
+
+A backend is a class with a `name` (the `--format` value), a file-name `suffix`, a static
+`write(path, schema, arrays)` that writes a whole shard from numpy arrays, and an instance made with
+`(path, schema)` whose `read(field, start, stop)` gives rows back as numpy arrays (`Backend` below).
+`register_backend` adds one; shard names, the detection of foreign files in a cache folder and the
+`--format` choices all come from the registry. Two are built in:
 
 - zarr: a Zarr v3 group per shard, one array per field, zstd-compressed, with the sharding codec so
   each field is one file and a single row is read without decompressing its neighbours.
 - arrow: an Arrow IPC stream file per shard (the format `datasets` uses on disk: readable with
   `datasets.Dataset.from_file`), uncompressed, memory-mapped on read (zero-copy).
 
-A backend writes a whole shard from numpy arrays and reads row ranges back as numpy arrays.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from .schema import Field
 
-FORMATS = ("zarr", "arrow")
 _CHUNK_BYTES = 64 * 1024  # target uncompressed bytes of one zarr inner chunk
 
 
@@ -154,7 +160,61 @@ class ArrowBackend:
         return self.columns[name][start:stop]
 
 
-BACKENDS = {"zarr": ZarrBackend, "arrow": ArrowBackend}
+class Backend(Protocol):
+    """What a storage backend provides (see the module docstring)."""
+
+    name: ClassVar[str]
+    suffix: ClassVar[str]
+
+    @staticmethod
+    def write(path: Path, schema: tuple[Field, ...], arrays: dict[str, np.ndarray]) -> None: ...
+
+    def __init__(self, path: Path, schema: tuple[Field, ...]) -> None: ...
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray: ...
+
+
+BACKENDS: dict[str, type[Backend]] = {}
+_SHARD = re.compile(r"^shard-(\d{5})(\..+)$")
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Add a backend to the registry (usable as a class decorator); its name and suffix must be new."""
+    if cls.name in BACKENDS or any(b.suffix == cls.suffix for b in BACKENDS.values()):
+        raise ValueError(f"a backend named {cls.name!r} or with the suffix {cls.suffix!r} is registered already")
+    if not re.fullmatch(r"\.[a-z0-9]+", cls.suffix):
+        raise ValueError(f"backend suffix {cls.suffix!r}: expected a dot and lower-case letters or digits")
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def formats() -> tuple[str, ...]:
+    """The registered backend names: the choices of --format."""
+    return tuple(BACKENDS)
+
+
+def get_backend(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise ValueError(f"--format must be one of {formats()}, got {name!r}")
+    return BACKENDS[name]
+
+
+def shard_name(index: int, fmt: str) -> str:
+    return f"shard-{index:05d}{get_backend(fmt).suffix}"
+
+
+def parse_shard_name(name: str) -> tuple[int, str] | None:
+    """(index, backend name) of a shard's file name, or None if no registered backend writes that name."""
+    m = _SHARD.match(name)
+    if m is None:
+        return None
+    fmt = next((b.name for b in BACKENDS.values() if b.suffix == m.group(2)), None)
+    return None if fmt is None else (int(m.group(1)), fmt)
+
+
+register_backend(ZarrBackend)
+register_backend(ArrowBackend)
+FORMATS = formats()  # the built-in ones; the registry may hold more
 
 
 class CorruptShardError(ValueError):

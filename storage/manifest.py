@@ -1,4 +1,6 @@
-"""`manifest.json`: the contract between the two stages, written last.
+"""`manifest.json`: the contract between the two stages, written last. Its keys are declared here:
+`build_manifest` assembles it from what the writer wrote and the metadata the writing stage gives
+(`CacheMetadata`); `load_manifest` reads and checks it. docs/FORMAT.md describes every key.
 
 The manifest carries its own sha256 (over its canonical JSON without that key), so a hand-edited
 manifest is detected like a corrupted shard.
@@ -8,15 +10,62 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .schema import ENCODINGS, FORMAT_NAME, READABLE_SCHEMA_VERSIONS, schema_version_of
+from .schema import ENCODINGS, FORMAT_NAME, READABLE_SCHEMA_VERSIONS, Field, schema_version_of, value_semantics
 
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = (
     "format_name", "schema_version", "format", "values", "schema", "model", "tokenizer", "vocab_size",
     "top_k", "seq_len", "data", "config", "shards", "num_sequences", "num_tokens", "bytes_per_token",
 )
+
+
+DOCUMENTS = "documents.npy"
+DOCUMENTS_NOTE = ("documents.npy: int64 start offset of each document in the packed token stream (see packing for "
+                  "how rows are cut from it), then the total")
+
+
+@dataclass(frozen=True)
+class CacheMetadata:
+    """What the stage that computed a cache knows about it; the writer adds what it wrote (format, schema,
+    shards, sizes, documents.npy) and the build's identity."""
+
+    model: dict  # id, path, architecture, fingerprints of config and weights, dtype
+    tokenizer: dict  # fingerprint, class, bos_token_id, eos_token_id
+    vocab_size: int
+    top_k: int
+    seq_len: int
+    logprob_dtype: str
+    data: dict  # source, text_field, split, fingerprint, num_documents, num_empty_skipped
+    packing: dict  # storage.packing.packing_description
+    num_sequences: int
+    num_tokens: int  # trained positions (tokens with a next-token label)
+    num_input_tokens: int
+    rows_per_shard: int
+    num_processes: int  # of the run that finished the cache; not part of its identity
+    created_by: dict  # versions
+
+
+def build_manifest(meta: CacheMetadata, *, fmt: str, schema: tuple[Field, ...], identity: dict, shards: list[dict],
+                   documents_file: dict) -> dict:
+    """Every key of the manifest but the stamps save_manifest adds (format_name, schema_version, manifest_sha256)."""
+    manifest = asdict(meta)
+    total = sum(s["bytes"] for s in shards)
+    manifest.update({
+        "values": value_semantics(manifest.pop("logprob_dtype")),
+        "schema": [f.to_json() for f in schema],
+        "data": {**meta.data, "documents_file": documents_file, "documents_note": DOCUMENTS_NOTE},
+        "format": fmt,
+        "config": identity,
+        "shards": shards,
+        "shard_bytes": total,
+        "bytes_per_token": round(total / meta.num_tokens, 3) if meta.num_tokens else None,
+    })
+    missing = [k for k in REQUIRED_KEYS if k not in manifest and k not in ("format_name", "schema_version")]
+    assert not missing, f"build_manifest lacks {missing}"
+    return manifest
 
 
 class ManifestError(ValueError):
@@ -71,7 +120,7 @@ def load_manifest(folder: Path) -> dict:
             f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}. "
             "Rebuild the cache with this version, or use the mft-cache version that wrote it."
         )
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    missing = [k for k in REQUIRED_KEYS if k not in manifest and k not in ("format_name", "schema_version")]
     if missing:
         raise ManifestError(f"{path} lacks required keys {missing}")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backends import BACKENDS, CorruptShardError, checksum, size_on_disk
+from .backends import BACKENDS, CorruptShardError, checksum, get_backend, size_on_disk
 from .manifest import ManifestError, load_manifest
 from .encoding import Q8, decode_q8, q8_bad_rows
 from .schema import Field, schema_from_json
@@ -160,7 +160,7 @@ class Cache:
         got = checksum(path)
         if got != s["sha256"]:
             raise CorruptShardError(path, f"sha256 {got[:12]}... does not match the manifest's {s['sha256'][:12]}... (altered, or copied from another cache)")
-        reader = BACKENDS[self.format](path, self.schema)
+        reader = get_backend(self.format)(path, self.schema)
         validate_values({f.name: reader.read(f.name, 0, s["rows"]) for f in self.schema},
                         vocab_size=self.vocab_size, seq_len=self.seq_len, path=path, schema=self.schema)
         self._verified.add(index)
@@ -181,7 +181,7 @@ class Cache:
             if index not in self._open:
                 if self.verify_mode != "none" and index not in self._verified:
                     self.verify_shard(index)  # checksum before any parser touches the bytes
-                self._open[index] = BACKENDS[self.format](self.folder / self.shards[index]["name"], self.schema)
+                self._open[index] = get_backend(self.format)(self.folder / self.shards[index]["name"], self.schema)
             return self._open[index]
 
     def locate(self, row: int) -> tuple[int, int]:

@@ -116,10 +116,6 @@ def schema_version_of(schema_json: list[dict]) -> int:
     return ENCODED_SCHEMA_VERSION if any(d.get("encoding") for d in schema_json) else SCHEMA_VERSION
 
 
-def schema_to_json(schema: tuple[Field, ...]) -> list[dict]:
-    return [f.to_json() for f in schema]
-
-
 def schema_from_json(items: list[dict]) -> tuple[Field, ...]:
     return tuple(Field(d["name"], d["dtype"], tuple(d["shape"]), d.get("doc", ""), d.get("encoding")) for d in items)
 

@@ -19,6 +19,7 @@ processes never write the same file.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -26,21 +27,26 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from mft_cache.faults import fault_point
 
-from .backends import BACKENDS, checksum, size_on_disk
-from .manifest import MANIFEST, ManifestError, load_manifest, save_manifest, write_json_atomic
+from .backends import checksum, get_backend, parse_shard_name, shard_name, size_on_disk
+from .manifest import (DOCUMENTS, MANIFEST, CacheMetadata, ManifestError, build_manifest, load_manifest, save_manifest,
+                       write_json_atomic)
 from .schema import Field
 
 log = logging.getLogger(__name__)
 
 PROGRESS = ".mft-cache-progress.json"
-_OURS = re.compile(r"^(manifest\.json|\.mft-cache-progress\.json|documents\.npy|\.documents\.npy\.tmp-\d+|"
-                   r"shard-\d{5}\.(zarr|arrow)|\.shard-\d{5}\.(json|(zarr|arrow)\.tmp-\d+)|\..+\.tmp-\d+)$")
+# what a writer puts in a folder besides the shards themselves: the manifest, the progress file, documents.npy,
+# shard records (.shard-NNNNN.json) and anything under a temporary name (.NAME.tmp-PID)
+_OURS = re.compile(r"^(manifest\.json|\.mft-cache-progress\.json|documents\.npy|\.shard-\d{5}\.json|\..+\.tmp-\d+)$")
 
 
-def config_fingerprint(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+def is_ours(name: str) -> bool:
+    """Whether a file name in a cache folder is one a writer of a registered backend makes."""
+    return bool(_OURS.match(name)) or parse_shard_name(name) is not None
 
 
 # identity keys added since caches were first written, with the value an identity without them meant
@@ -62,16 +68,12 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
-def shard_name(index: int, fmt: str) -> str:
-    return f"shard-{index:05d}{BACKENDS[fmt].suffix}"
-
-
 class CacheWriter:
     """Owns one cache folder during a build. `state` is "new", "resume" or "complete".
 
     Args:
         folder: the cache folder (created if missing).
-        fmt: "zarr" or "arrow".
+        fmt: a registered backend's name (backends.formats()).
         schema: the fields of a row.
         identity: everything that determines the cache's content (the resolved config); a folder
             holding a cache or an unfinished build of another identity is refused unless `overwrite`.
@@ -82,11 +84,9 @@ class CacheWriter:
 
     def __init__(self, folder: Path, *, fmt: str, schema: tuple[Field, ...], identity: dict, overwrite: bool = False,
                  prepare: bool = True):
-        if fmt not in BACKENDS:
-            raise ValueError(f"--format must be one of {tuple(BACKENDS)}, got {fmt!r}")
+        self.backend = get_backend(fmt)
         self.folder = Path(folder)
         self.fmt, self.schema, self.identity = fmt, schema, identity
-        self.backend = BACKENDS[fmt]
         self.state = self._prepare(overwrite) if prepare else None
 
     # -- folder state -------------------------------------------------------------------------
@@ -95,7 +95,7 @@ class CacheWriter:
             raise ValueError(f"--out {self.folder} is a file, not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         names = sorted(os.listdir(self.folder))
-        foreign = [n for n in names if not _OURS.match(n)]
+        foreign = [n for n in names if not is_ours(n)]
         if foreign:
             raise ValueError(
                 f"--out {self.folder} holds files that are not part of an mft-cache (e.g. {foreign[:3]}); "
@@ -106,9 +106,9 @@ class CacheWriter:
                 old = load_manifest(self.folder)
             except ManifestError as e:
                 raise ValueError(f"--out {self.folder} holds a damaged cache ({e}); pass --overwrite to rebuild it") from e
-            if _identity(old["config"]) == self.identity:
+            if _identity(old["config"]) == _identity(self.identity):
                 for n in names:  # leftovers of a run stopped inside finish(), after the manifest was written
-                    if n.startswith("."):  # progress file, shard records, *.tmp-PID (all ours: _OURS matched)
+                    if n.startswith("."):  # progress file, shard records, *.tmp-PID (all ours: is_ours matched)
                         _remove(self.folder / n)
                 return "complete"
             raise ValueError(
@@ -118,7 +118,7 @@ class CacheWriter:
         progress = self.folder / PROGRESS
         if progress.exists() and not overwrite and MANIFEST not in names:
             old = _identity(json.loads(progress.read_text()))
-            if old != self.identity:
+            if old != _identity(self.identity):
                 raise ValueError(
                     f"--out {self.folder} holds an unfinished cache built with another configuration "
                     f"(differs in {_diff(old, self.identity)}); rerun that command to finish it, or pass --overwrite"
@@ -176,8 +176,8 @@ class CacheWriter:
         os.replace(tmp, self.folder / name)
         return {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
-    def finish(self, manifest: dict, num_shards: int) -> dict:
-        """Write manifest.json (last) from the shard records and `manifest`; clean up; return it."""
+    def finish(self, meta: CacheMetadata, num_shards: int, doc_offsets: np.ndarray) -> dict:
+        """Write documents.npy, then manifest.json (last) from the shard records and `meta`; clean up; return it."""
         done = self.done_shards()
         missing = [i for i in range(num_shards) if i not in done]
         assert not missing, f"finish() with shards still missing: {missing[:10]}"
@@ -185,12 +185,11 @@ class CacheWriter:
         for i in range(num_shards):
             shards.append({**done[i], "first_row": first})
             first += done[i]["rows"]
-        total = sum(s["bytes"] for s in shards)
-        manifest = {**manifest, "format": self.fmt, "config": self.identity, "shards": shards,
-                    "shard_bytes": total}
-        if manifest.get("num_tokens"):
-            manifest["bytes_per_token"] = round(total / manifest["num_tokens"], 3)
-        manifest = save_manifest(self.folder, manifest)
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(doc_offsets, dtype=np.int64), allow_pickle=False)
+        documents_file = self.write_file(DOCUMENTS, buf.getvalue())
+        manifest = save_manifest(self.folder, build_manifest(meta, fmt=self.fmt, schema=self.schema, identity=self.identity,
+                                                             shards=shards, documents_file=documents_file))
         for i in range(num_shards):
             _remove(self._record_path(i))
         _remove(self.folder / PROGRESS)
