@@ -81,7 +81,7 @@ sweep: setup $(if $(filter assets/%,$(EVAL_SPECIALIZED) $(EVAL_GENERAL)),assets)
 		--eval-specialized $(EVAL_SPECIALIZED) --eval-general $(EVAL_GENERAL) --eval-max-sequences $(EVAL_MAX) \
 		--resume $(TRAIN_ARGS)
 
-# The paper's compositions and ablations (issue 6): one k=256 teacher pass, ~25 short runs, STUDIES.md.
+# The paper's compositions and ablations: one k=256 teacher pass, ~25 short runs, STUDIES.md.
 STUDY ?= runs/study
 STUDY_STEPS ?= 20
 STUDY_LR ?= 5e-4
@@ -92,7 +92,7 @@ study: setup $(if $(filter assets/%,$(MODEL) $(DATA)),assets)
 		--eval-specialized $(EVAL_SPECIALIZED) --eval-general $(EVAL_GENERAL) --eval-max-sequences 16 \
 		--parts $(STUDY_PARTS) --report STUDIES.md $(TRAIN_ARGS)
 
-# The reliability suite (issue 7) and its table: faults injected, inputs tried, outcomes checked.
+# The reliability suite and its table: faults injected, inputs tried, outcomes checked.
 RELIABILITY_TESTS ?= tests/test_reliability.py tests/test_resume_cache.py tests/test_hostile.py tests/test_inputs.py tests/test_train.py
 reliability: setup
 	$(BIN)/pytest -q $(RELIABILITY_TESTS) --reliability-report RELIABILITY.md
@@ -100,7 +100,7 @@ reliability: setup
 test: setup
 	$(BIN)/pytest -q -m "not slow"
 
-# Benchmarks (about 17 min on 2 CPU cores): tables on stdout, bench/results.json, bench/out/BENCHMARKS.md.
+# Benchmarks (about 17 min on 2 CPU cores): tables on stdout, bench/results.json and BENCHMARKS.md (generated; refuses a tree with uncommitted changes).
 # The demo model in assets/ if fetched (make assets), else a tiny Llama. BENCH_ARGS=--quick for a smoke run;
 # --sections train,cache,storage,scaling to pick some; --device cuda on a GPU.
 BENCH_ARGS ?=

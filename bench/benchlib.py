@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import random
 import resource
 import statistics
 import subprocess
@@ -128,73 +127,33 @@ def machine_info() -> dict:
     return info
 
 
-# -- tiny models and data, built here ------------------------------------------------------------
-WORDS = ("licence software copyright permission warranty liability notice redistribution source binary "
-         "the a of to and in is that for with as without any distribute modify use copy merge publish grant "
-         "holder contributor condition disclaimer implied fitness particular purpose damages contract tort").split()
+# -- tiny models and data, built here (mft_cache.testing: the same builders as the tests) ----------------
+def make_texts(n: int, seed: int = 0) -> list[str]:
+    """Longer documents than the tests' (60-400 words), so rows fill up."""
+    from mft_cache.testing import make_texts
 
-
-def make_texts(n: int, seed: int = 0, min_words: int = 60, max_words: int = 400) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))).capitalize() + "."
-            for _ in range(n)]
+    return make_texts(n, seed, min_words=60, max_words=400)
 
 
 def write_texts(path: Path, n: int, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(n, seed)))
-    return path
+    from mft_cache.testing import write_jsonl
+
+    return path if path.exists() else write_jsonl(path, make_texts(n, seed))
 
 
-def llama_config(vocab_size: int, hidden: int = 128, layers: int = 2, max_positions: int = 4096, **ids):
-    from transformers import LlamaConfig
+def build_llama(vocab_size: int, hidden: int = 128, layers: int = 2, seed: int = 0):
+    """A tiny random Llama in memory, tied embeddings (like SmolLM2 and Gemma)."""
+    from mft_cache.testing import build_model
 
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=max_positions, tie_word_embeddings=True, **ids)
-
-
-def build_llama(vocab_size: int, hidden: int = 128, layers: int = 2, seed: int = 0, **ids):
-    """A tiny random Llama built from config (tied embeddings, like SmolLM2 and Gemma)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(llama_config(vocab_size, hidden, layers, **ids))
-    with torch.no_grad():  # a peakier distribution than the default init, so top-k means something
-        model.get_output_embeddings().weight.mul_(8.0)
-    return model
+    return build_model("llama", vocab_size, seed, hidden=hidden, layers=layers, max_positions=4096, tied=True)
 
 
 def make_tiny_model(folder: Path, vocab_size: int = 512, hidden: int = 64, layers: int = 2) -> Path:
-    """A saved tiny Llama with a BPE tokenizer trained on the spot (for --quick and when assets/ is absent)."""
-    if (folder / "config.json").exists():
-        return folder
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A saved tiny Llama with a BOS-adding BPE tokenizer (for --quick and when assets/ is absent)."""
+    from mft_cache.testing import make_model
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(make_texts(200, seed=123), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    model = build_llama(vocab_size, hidden, layers, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                        pad_token_id=fast.pad_token_id)
-    import shutil
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fast.save_pretrained(tmp)
-    model.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)  # a half-built one
-    os.replace(tmp, folder)
-    return folder
+    return make_model(folder, "llama", vocab_size, tokenizer_vocab=min(vocab_size, 4096), hidden=hidden,
+                      layers=layers, max_positions=4096, tied=True)
 
 
 def synthetic_rows(num_rows: int, seq_len: int, vocab_size: int, k: int, seed: int = 0) -> dict:
@@ -227,26 +186,6 @@ def synthetic_rows(num_rows: int, seq_len: int, vocab_size: int, k: int, seed: i
         "topk_logprobs": topk_lp.astype(np.float32),
         "label_logprob": label_lp.astype(np.float32),
     }
-
-
-# -- the library's encoding of log-probs, whatever version of it is installed ----------------------
-def encode_logprobs(lp_f32, logprob_dtype: str) -> dict:
-    """fp32 top-k log-probs -> the stored field(s) for --logprob-dtype, as pipeline/cache.py makes them."""
-    import numpy as np
-
-    try:
-        from mft_cache.storage.schema import encode_logprobs as encode
-    except ImportError:  # before encoded dtypes (q8): a plain cast
-        return {"topk_logprobs": np.asarray(lp_f32).astype(logprob_dtype)}
-    return encode(np.asarray(lp_f32), logprob_dtype)
-
-
-def value_semantics(logprob_dtype: str) -> dict:
-    from mft_cache.storage import schema
-
-    if hasattr(schema, "value_semantics"):
-        return schema.value_semantics(logprob_dtype)
-    return schema.VALUE_SEMANTICS
 
 
 # -- child processes ------------------------------------------------------------------------------

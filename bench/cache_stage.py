@@ -1,13 +1,13 @@
 """Child process: throughput of stage one (`mft cache`) against a bare teacher forward pass.
 
 Three ways over the same packed sequences, interleaved (their order rotates every repeat):
-  build_cache  the real pipeline.cache.build_cache, timed from its first teacher batch to its return
-               (model loading, tokenization and the head check are set-up, outside the window; the
-               shard write, fsync, checksum and manifest are inside)
+  build_cache  the real pipeline: plan_cache (model loading, tokenization, the folder: set-up, outside
+               the window), then teach_shards + finish_cache timed (the head check, the teacher's pass,
+               the shard writes with fsync and checksum, documents.npy and the manifest are inside)
   bare         model(input_ids, attention_mask).logits under no_grad: the teacher's own forward pass
   split        build_cache's inner loop re-run by hand from the library's functions, timed phase by phase:
                forward (backbone), head (output layer + log_softmax + top-k + label, teach_batch's
-               masking), d2h (.cpu()), encode (numpy dtype casts), write (CacheWriter.write_shard:
+               masking), d2h (.cpu()), encode (dtype casts or q8), write (CacheWriter.write_shard:
                backend write with compression, fsync, sha256, rename)
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from benchlib import Memory, encode_logprobs, median, now  # noqa: E402
+from benchlib import Memory, median, now  # noqa: E402
 
 WAYS = ("build_cache", "bare", "split")
 SPLIT = ("forward", "head", "d2h", "encode", "write")
@@ -33,6 +33,7 @@ def run(spec: dict) -> dict:
     from mft_cache.models import backbone_and_head, hidden_states, load_model, load_tokenizer, resolve_device, resolve_dtype
     from mft_cache.pipeline.teacher import auto_chunk_tokens, topk_logprobs
     from mft_cache.storage import CacheWriter, build_sequences, cache_schema
+    from mft_cache.storage.schema import encode_logprobs
 
     work = Path(spec["work"])
     device = resolve_device(spec.get("device", "auto"))
@@ -44,8 +45,9 @@ def run(spec: dict) -> dict:
                             device=str(device), overwrite=True)
     tokenizer = load_tokenizer(cfg.model)
     packed, _ = build_sequences(cfg.data, tokenizer, cfg.seq_len, cfg.text_field, cfg.split)
-    ids_all, lengths_all = packed.input_ids[: cfg.max_sequences], packed.lengths[: cfg.max_sequences]
-    tokens = int(np.maximum(lengths_all - 1, 0).sum())
+    packed.truncate(cfg.max_sequences)
+    ids_all, lengths_all, trained_all = packed.input_ids, packed.lengths, packed.label_mask()
+    tokens = int(trained_all.sum())
     model = load_model(cfg.model, dtype, device).eval()
     backbone, head = backbone_and_head(model)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -53,29 +55,23 @@ def run(spec: dict) -> dict:
     schema = cache_schema(vocab_size=vocab, top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype)
     id_np = np.dtype(schema[0].dtype)
     batches = [(torch.as_tensor(ids_all[b:b + cfg.batch_size], device=device),
-                torch.as_tensor(lengths_all[b:b + cfg.batch_size], device=device, dtype=torch.long))
+                torch.as_tensor(lengths_all[b:b + cfg.batch_size], device=device, dtype=torch.long),
+                torch.as_tensor(trained_all[b:b + cfg.batch_size], device=device))
                for b in range(0, len(ids_all), cfg.batch_size)]
 
-    first_batch = {}
-    real_teach_batch = stage.teach_batch
-
-    def timed_teach_batch(*args, **kwargs):  # marks the start of build_cache's steady state
-        first_batch.setdefault("t", now())
-        return real_teach_batch(*args, **kwargs)
-
-    stage.teach_batch = timed_teach_batch
-
     def way_build_cache() -> dict:
-        first_batch.clear()
-        manifest = stage.build_cache(cfg)
-        dt = now() - first_batch["t"]
+        plan = stage.plan_cache(cfg)  # set-up: --overwrite empties the folder, the teacher is loaded
+        t0 = now()
+        stage.teach_shards(plan)
+        manifest = stage.finish_cache(plan)
+        dt = now() - t0
         assert manifest["num_tokens"] == tokens, (manifest["num_tokens"], tokens)
         return {"s": dt, "bytes_per_token": manifest["bytes_per_token"]}
 
     @torch.no_grad()
     def way_bare() -> dict:
         t0 = now()
-        for ids, lengths in batches:
+        for ids, lengths, _ in batches:
             attention = (torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]).long()
             model(input_ids=ids, attention_mask=attention, use_cache=False).logits
         mem.sync()
@@ -96,7 +92,7 @@ def run(spec: dict) -> dict:
 
         parts = {f.name: [] for f in schema if f.name not in ("input_ids", "length")}
         t0 = now()
-        for ids, lengths in batches:
+        for ids, lengths, trained in batches:
             lap(None)  # restarts the clock
             b, T = ids.shape
             positions = torch.arange(T, device=device)
@@ -104,7 +100,7 @@ def run(spec: dict) -> dict:
             h = hidden_states(backbone, ids, attention)[:, :-1]
             lap("forward")
             lp, top, label_lp = topk_logprobs(h.reshape(b * (T - 1), -1), ids[:, 1:].reshape(-1), head, cfg.top_k, chunk)
-            valid = (positions[None, : T - 1] < (lengths[:, None] - 1)).reshape(-1)
+            valid = trained.reshape(-1)
             lp, top = torch.where(valid[:, None], lp, 0.0), torch.where(valid[:, None], top, 0)
             label_lp = torch.where(valid, label_lp, 0.0)
             lap("head")
@@ -133,7 +129,6 @@ def run(spec: dict) -> dict:
         order = WAYS[rep % 3:] + WAYS[:rep % 3]
         for w in order:
             results[w].append(ways[w]())
-    stage.teach_batch = real_teach_batch
 
     def tps(w):
         return [tokens / r["s"] for r in results[w]]

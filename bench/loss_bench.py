@@ -14,25 +14,17 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import ROOT, current_rss_mb, peak_rss_mb  # noqa: E402
+
 METHODS = ("plain_ce", "chunked", "fused")
-
-
-def peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return r / 2**20 if sys.platform == "darwin" else r / 1024
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:  # Linux
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def child(a: argparse.Namespace) -> dict:
@@ -40,6 +32,7 @@ def child(a: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
     from mft_cache.trainer.loss import chunked_mft_loss, fused_linear_mft_loss
+    from mft_cache.trainer.targets import TeacherTargets
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -55,7 +48,7 @@ def child(a: argparse.Namespace) -> dict:
         lp_s, ids_s = teacher.topk(k, -1)
         lp.append(lp_s), ids.append(ids_s), label_lp.append(teacher.gather(1, labels[s : s + 64, None])[:, 0])
     lp, ids, label_lp = torch.cat(lp), torch.cat(ids), torch.cat(label_lp)  # (N, K), (N, K), (N,)
-    rows = (labels, weight, mask, ids, lp, label_lp) if a.teacher else (labels, None, mask)
+    targets = TeacherTargets(weight, ids, lp, label_lp) if a.teacher else TeacherTargets()
 
     def step() -> float:
         h = hidden.clone().requires_grad_()
@@ -64,9 +57,9 @@ def child(a: argparse.Namespace) -> dict:
             logits = h @ head_w.T  # (N, V) all at once
             loss = F.cross_entropy(logits, torch.where(mask, labels, -100), reduction="sum")
         elif a.method == "chunked":
-            loss = chunked_mft_loss(h, lambda x: x @ head_w.T, *rows, chunk_size=a.chunk_size)
+            loss = chunked_mft_loss(h, lambda x: x @ head_w.T, labels, mask, targets, chunk_size=a.chunk_size)
         else:
-            loss = fused_linear_mft_loss(h, head_w, None, *rows, chunk_size=a.chunk_size)
+            loss = fused_linear_mft_loss(h, head_w, None, labels, mask, targets, chunk_size=a.chunk_size)
         loss.backward()
         return float(loss.detach())
 

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from benchlib import encode_logprobs, median, now, value_semantics  # noqa: E402
+from benchlib import median, now  # noqa: E402
 
 
 def teacher_outputs(spec: dict) -> dict:
@@ -27,39 +27,44 @@ def teacher_outputs(spec: dict) -> dict:
     from mft_cache.models import backbone_and_head, load_model, load_tokenizer, resolve_device, resolve_dtype
     from mft_cache.pipeline.teacher import auto_chunk_tokens, teach_batch
     from mft_cache.storage import build_sequences
+    from mft_cache.storage.packing import packing_description
 
     device = resolve_device(spec.get("device", "auto"))
     tokenizer = load_tokenizer(spec["model"])
     packed, _ = build_sequences(spec["data"], tokenizer, spec["seq_len"])
-    ids, lengths = packed.input_ids[: spec["sequences"]], packed.lengths[: spec["sequences"]]
+    packed.truncate(spec["sequences"])
+    ids, lengths, trained = packed.input_ids, packed.lengths, packed.label_mask()
     model = load_model(spec["model"], resolve_dtype("auto", device), device).eval()
     backbone, head = backbone_and_head(model)
     vocab = model.get_output_embeddings().weight.shape[0]
     k = max(spec["ks"])
     parts = {"topk_ids": [], "topk_logprobs": [], "label_logprob": []}
     for b in range(0, len(ids), spec["batch"]):
-        lp, top, label_lp = teach_batch(backbone, head, torch.as_tensor(ids[b:b + spec["batch"]], device=device),
-                                        torch.as_tensor(lengths[b:b + spec["batch"]], device=device, dtype=torch.long),
-                                        k, auto_chunk_tokens(vocab))
+        e = b + spec["batch"]
+        lp, top, label_lp = teach_batch(backbone, head, torch.as_tensor(ids[b:e], device=device),
+                                        torch.as_tensor(lengths[b:e], device=device, dtype=torch.long),
+                                        k, auto_chunk_tokens(vocab), torch.as_tensor(trained[b:e], device=device))
         parts["topk_ids"].append(top.cpu().numpy())
         parts["topk_logprobs"].append(lp.cpu().numpy())
         parts["label_logprob"].append(label_lp.cpu().numpy())
     out = {k: np.concatenate(v) for k, v in parts.items()}
-    return {"input_ids": ids, "length": lengths.astype(np.int32), **out, "vocab_size": vocab}
+    return {"input_ids": ids, "length": lengths.astype(np.int32), **out, "vocab_size": vocab,
+            "tokens": int(trained.sum()), "packing": packing_description(packed.bos_id),
+            "doc_offsets": packed.doc_offsets}
 
 
 def run(spec: dict) -> dict:
     import numpy as np
 
-    from mft_cache.storage import CacheWriter, cache_schema, open_cache
+    from mft_cache.storage import CacheMetadata, CacheWriter, cache_schema, open_cache
     from mft_cache.storage.backends import FORMATS
-    from mft_cache.storage.schema import LOGPROB_DTYPES, row_bytes
+    from mft_cache.storage.schema import LOGPROB_DTYPES, encode_logprobs, row_bytes
 
     work = Path(spec["work"])
     t = teacher_outputs(spec)
-    vocab, seq_len = t.pop("vocab_size"), spec["seq_len"]
+    vocab, tokens, packing, doc_offsets = (t.pop(k) for k in ("vocab_size", "tokens", "packing", "doc_offsets"))
+    seq_len = spec["seq_len"]
     rows = len(t["length"])
-    tokens = int(np.maximum(t["length"] - 1, 0).sum())
     configs = [(fmt, dt, k) for fmt in FORMATS for dt in LOGPROB_DTYPES for k in spec["ks"]]
     order = np.random.default_rng(0).permutation(rows).tolist()
 
@@ -75,10 +80,11 @@ def run(spec: dict) -> dict:
         t0 = now()
         writer = CacheWriter(folder, fmt=fmt, schema=schema, identity={"bench": f"{fmt}-{dt}-{k}-{rep}"})
         writer.write_shard(0, arrays)
-        manifest = writer.finish({
-            "values": value_semantics(dt), "schema": [f.to_json() for f in schema], "model": {"id": "bench"},
-            "tokenizer": {}, "vocab_size": vocab, "top_k": k, "seq_len": seq_len, "data": {},
-            "num_sequences": rows, "num_tokens": tokens, "bytes_per_token": None}, 1)
+        meta = CacheMetadata(model={"id": "bench"}, tokenizer={}, vocab_size=vocab, top_k=k, seq_len=seq_len,
+                             logprob_dtype=dt, data={}, packing=packing, num_sequences=rows, num_tokens=tokens,
+                             num_input_tokens=int(t["length"].sum()), rows_per_shard=rows, num_processes=1,
+                             created_by={"bench": "storage_io"})
+        manifest = writer.finish(meta, 1, doc_offsets)
         write_s = now() - t0
         reads = {}
         for verify in ("lazy", "none"):

@@ -1,16 +1,16 @@
 """Child process: optimiser steps of one training mode, timed phase by phase, and its peak memory.
 
 Modes (same model, batch, sequence length and rows):
-  ft-hf       plain finetuning with transformers' own loss: model(input_ids, attention_mask, labels)
-  ft          plain finetuning through the trainer's chunked loss (StudentLoss, objective ft)
-  mft-cache   MFT from cached top-k targets (CacheRows or synthetic rows, cache_weight, StudentLoss)
-  mft-online  MFT with the teacher in memory (trainer.student.online_targets, the same StudentLoss)
-A suffix "+ckpt" (ft+ckpt, mft-cache+ckpt) makes StudentLoss take its fallback path, the chunked loss
-under activation checkpointing, instead of the fused linear + loss (what it did before that landed).
+  ft-hf       plain finetuning with transformers' own loss over full logits (StudentLoss impl "transformers")
+  ft          plain finetuning through the trainer's chunked loss (objective ft)
+  mft-cache   MFT from cached top-k targets (CacheRows or synthetic rows, targets.from_cache)
+  mft-online  MFT with the teacher in memory (targets.from_logits, the same StudentLoss)
+A suffix "+ckpt" (ft+ckpt, mft-cache+ckpt) selects --loss-impl checkpointed, the head's own forward chunk by
+chunk under activation checkpointing, instead of the fused linear + loss.
 
 Every step follows trainer.train.train_step for one process and one micro-batch: move the batch to
-the device, targets, forward + loss (sum / label tokens), backward, clip to 1.0, AdamW step, zero_grad.
-Phases: wait (for the Prefetcher's next batch), h2d, targets (cache_weight / the online teacher's
+the device, targets, forward + loss (sum / trained tokens), backward, clip to 1.0, AdamW step, zero_grad.
+Phases: wait (for the Prefetcher's next batch), h2d, targets (from the cache / the online teacher's
 forward), forward (+ loss), backward, optimizer. On CUDA every phase ends with a synchronize.
 """
 from __future__ import annotations
@@ -30,13 +30,16 @@ PHASES = ("wait", "h2d", "targets", "forward", "backward", "optimizer")
 class ArrayRows:
     """Rows held in memory (synthetic cache rows, or the tokens of a cache): CacheRows' batch format."""
 
-    def __init__(self, arrays: dict, with_targets: bool):
+    def __init__(self, arrays: dict, with_targets: bool, bos_id=None):
         import numpy as np
         import torch
+
+        from mft_cache.storage.packing import label_mask
 
         self.n = len(arrays["length"])
         self.t = {k: torch.from_numpy(np.ascontiguousarray(v.astype(np.int64) if v.dtype.kind in "ui" else v))
                   for k, v in arrays.items() if with_targets or k in ("input_ids", "length")}
+        self.t["mask"] = torch.from_numpy(label_mask(arrays["input_ids"], arrays["length"], bos_id))
 
     def __len__(self):
         return self.n
@@ -50,12 +53,13 @@ def load_rows(spec: dict, mode: str):
     the same sequences' tokens for ft-hf and mft-online (what the online baseline reads)."""
     if spec.get("cache"):
         from mft_cache.storage import open_cache
+        from mft_cache.storage.packing import rule_of
         from mft_cache.trainer.data import CacheRows
 
         cache = open_cache(spec["cache"])
         if mode in ("ft", "mft-cache"):
             return CacheRows(cache)
-        return ArrayRows(cache.read_rows(0, len(cache)), with_targets=False)
+        return ArrayRows(cache.read_rows(0, len(cache)), with_targets=False, bos_id=rule_of(cache.manifest))
     arrays = benchlib.synthetic_rows(spec["rows"], spec["seq_len"], spec["vocab_size"], spec["top_k"], seed=1)
     return ArrayRows(arrays, with_targets=mode in ("ft", "mft-cache"))
 
@@ -78,18 +82,13 @@ def run(spec: dict) -> dict:
 
     from mft_cache.trainer.config import TrainConfig
     from mft_cache.trainer.data import Prefetcher, micro_batches, step_rows
-    from mft_cache.trainer.student import StudentLoss, position_mask
-    from mft_cache.trainer.train import make_targets
+    from mft_cache.trainer.loss_module import StudentLoss
+    from mft_cache.trainer.train import make_targets, student_forward
 
     mode = spec["mode"]
     assert mode in MODES, mode
-    if mode.endswith("+ckpt"):
-        import mft_cache.trainer.student as student
-
-        if hasattr(student, "output_linear"):  # no plain linear head as far as StudentLoss can tell
-            real = student.output_linear
-            student.output_linear = lambda model: (None, real(model)[1])
-        mode = mode.removesuffix("+ckpt")
+    impl = "checkpointed" if mode.endswith("+ckpt") else "transformers" if mode == "ft-hf" else "fused"
+    mode = mode.removesuffix("+ckpt")
     device = torch.device(spec.get("device", "cpu"))
     mem = Memory(device)
     rows = load_rows(spec, mode)
@@ -102,7 +101,7 @@ def run(spec: dict) -> dict:
     cfg = TrainConfig(objective="ft" if mode.startswith("ft") else "mft", tau=spec.get("tau", 0.25),
                       chunk_size=spec.get("chunk_size", 1024), batch_size=spec["batch"])
     targets = make_targets(cfg, teacher)
-    module = StudentLoss(model, cfg.chunk_size)
+    module = StudentLoss(model, cfg.chunk_size, impl)
     optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup, steps = spec["warmup"], spec["steps"]
     total = warmup + steps + (1 if spec.get("profile") else 0)
@@ -121,22 +120,13 @@ def run(spec: dict) -> dict:
             t = t2
 
         mb = {k: v.to(device, non_blocking=True) for k, v in micro[0].items()}
-        n = position_mask(mb["length"], mb["input_ids"].shape[1] - 1).sum()
-        scale = 1.0 / max(n.item(), 1.0)
+        scale = 1.0 / max(mb["mask"].sum().item(), 1.0)
         lap("h2d")
-        if mode == "ft-hf":
-            ids, length = mb["input_ids"], mb["length"]
-            attention = (torch.arange(ids.shape[1], device=device)[None, :] < length[:, None]).long()
-            labels = ids.masked_fill(attention == 0, -100)  # transformers shifts labels itself
-            lap("targets")
-            loss = model(input_ids=ids, attention_mask=attention, labels=labels, use_cache=False).loss
-            lap("forward")
-        else:
-            kwargs = targets(mb)
-            lap("targets")
-            loss_sum, _ = module(**kwargs)
-            loss = loss_sum * scale
-            lap("forward")
+        t_mb = targets(mb)
+        lap("targets")
+        loss_sum, _ = student_forward(module, mb, t_mb)
+        loss = loss_sum * scale
+        lap("forward")
         loss.backward()
         lap("backward")
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
@@ -167,7 +157,7 @@ def run(spec: dict) -> dict:
             step(micro)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         Path(spec["profile"]).write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
-    tokens = int(position_mask(micro[0]["length"], micro[0]["input_ids"].shape[1] - 1).sum())
+    tokens = int(micro[0]["mask"].sum())
     return {
         "mode": spec["mode"],
         "step_s": [r["step"] for r in records],

@@ -78,7 +78,7 @@ def plan(cfg: StudyConfig, tcfg, caches: dict) -> list[tuple[str, str, dict]]:
             runs.append(("c", f"mft-k{k}", {**main, "top_k": k}))
         for tail in ("renormalize", "drop"):
             runs.append(("c", f"mft-k16-{tail}", {**main, "top_k": 16, "tail": tail}))
-        # the compact encoding (issue 5): a k=32 q8 cache against the same k=32 read as float16
+        # the compact encoding: a k=32 q8 cache against the same k=32 read as float16
         runs.append(("c", "mft", {**main, "objective": "mft"}))
         runs.append(("c", "mft-k32-q8", {"cache": str(caches["q8"]), "top_k": 0}))
     if "d" in cfg.parts:

@@ -2,9 +2,7 @@
 Nothing downloads."""
 from __future__ import annotations
 
-import json
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +17,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-WORDS = ("licence software copyright permission warranty liability notice redistribution source binary "
-         "the a of to and in is that for with as without any distribute modify use copy merge publish grant "
-         "holder contributor condition disclaimer implied fitness particular purpose damages contract tort").split()
-
-
-def make_texts(n: int, seed: int = 0, min_words: int = 20, max_words: int = 120) -> list[str]:
-    rng = random.Random(seed)
-    texts = []
-    for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
-        texts.append(" ".join(words).capitalize() + ".")
-    return texts
-
-
-def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({field: t}) + "\n" for t in texts))
-    return path
+from mft_cache.testing import make_model, make_texts, make_tokenizer, write_jsonl  # noqa: E402,F401 (tests import them from here)
 
 
 def unpack_stream(packed):
@@ -48,51 +29,6 @@ def unpack_stream(packed):
         out.append(seg)
         p += len(seg)
     return np.concatenate(out)
-
-
-def make_tokenizer(folder: Path, bos: bool, vocab_size: int = 300):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(make_texts(200, seed=123), trainer)
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(folder)
-    return fast
-
-
-def make_model(folder: Path, kind: str, vocab_size: int = 300, seed: int = 0) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, Gemma3TextConfig, LlamaConfig
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(folder, bos=kind != "gpt2")
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if kind == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          tie_word_embeddings=False, **ids)
-    elif kind == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256, **ids)
-    elif kind == "gemma3":
-        cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
-                               sliding_window=64, **ids)
-    else:
-        raise ValueError(kind)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # a peakier random distribution than the default init, so top-k means something
-        model.get_output_embeddings().weight.mul_(8.0)
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -131,7 +67,7 @@ def _fresh_accelerate_state():
     GradientState._reset_state()
 
 
-# -- the reliability table (issue 7): tests record each fault they injected once its outcome is checked --
+# -- the reliability table: tests record each fault they injected once its outcome is checked --
 _RELIABILITY: list[dict] = []
 
 

@@ -1,4 +1,4 @@
-"""The reliability suite (issue 7): crashes, corruption, mismatches, full and read-only disks, non-finite
+"""The reliability suite: crashes, corruption, mismatches, full and read-only disks, non-finite
 losses and code smuggled into checkpoints or model folders. Every case records its row of RELIABILITY.md
 (`make reliability`) after its checks pass.
 
