@@ -694,25 +694,13 @@ def test_fused_bad_arguments():
 def test_student_loss_fused_equals_callable_head(arch, monkeypatch):
     """StudentLoss takes the fused path for a plain nn.Linear head (untied, tied, soft-capped) and it
     gives the same loss and parameter gradients as the callable head under checkpointing."""
-    from transformers import AutoModelForCausalLM, GPT2Config, Gemma3TextConfig, LlamaConfig
-
     from mft_cache.models import output_linear
+    from mft_cache.testing import build_model
     from mft_cache.trainer import loss_module
 
     v = 50
-    if arch == "llama":
-        cfg = LlamaConfig(vocab_size=v, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
-    elif arch == "gpt2":
-        cfg = GPT2Config(vocab_size=v, n_embd=16, n_layer=1, n_head=2, n_positions=64)
-    else:
-        cfg = Gemma3TextConfig(vocab_size=v, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=16,
-                               final_logit_softcapping=3.0)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()  # no dropout: the two runs see the same network
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)
+    kind, extra = ("gemma3", {"final_logit_softcapping": 3.0}) if arch == "gemma_softcap" else (arch, {})
+    model = build_model(kind, v, seed=0, hidden=16, layers=1, max_positions=64, **extra).eval()  # eval: no dropout
     b, t, k = 3, 9, 4
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, v, (b, t), generator=g)
