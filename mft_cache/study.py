@@ -46,8 +46,10 @@ class StudyConfig:
 def _write_replay(cfg: StudyConfig, tcfg, path: Path) -> Path:
     if path.exists():
         return path
-    held_out = set(read_documents(tcfg.eval_general, text_field=tcfg.text_field).texts) if tcfg.eval_general else set()
-    docs = [t for t in read_documents(cfg.replay_source, text_field=tcfg.text_field).texts if t not in held_out]
+    held_out = (set(read_documents(tcfg.eval_general, text_field=tcfg.text_field, what="--eval-general").texts)
+                if tcfg.eval_general else set())
+    source = read_documents(cfg.replay_source, text_field=tcfg.text_field, what="--replay-source")
+    docs = [t for t in source.texts if t not in held_out]
     if len(docs) < cfg.replay_documents:
         raise ValueError(f"--replay-source {cfg.replay_source}: {len(docs)} documents outside --eval-general, "
                          f"fewer than --replay-documents {cfg.replay_documents}")

@@ -167,8 +167,10 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
-def build_sequences(source, tokenizer, seq_len: int, text_field: str = "text", split: str = "train") -> tuple[Packed, Documents]:
-    """Read, tokenize and pack a data source: the one entry point both stages use."""
-    documents = read_documents(source, text_field=text_field, split=split)
+def build_sequences(source, tokenizer, seq_len: int, text_field: str = "text", split: str = "train", *,
+                    what: str = "--data") -> tuple[Packed, Documents]:
+    """Read, tokenize and pack a data source: the one entry point both stages use. `what` is the flag that named
+    the source, for error messages."""
+    documents = read_documents(source, text_field=text_field, split=split, what=what)
     packed = pack(encode_documents(documents.texts, tokenizer), seq_len, pad_id_of(tokenizer), bos_rule(tokenizer))
     return packed, documents

@@ -114,7 +114,7 @@ def _bad(tmp_path: Path, **files) -> Path:
     ("empty data", ["--data", "{tmp}/empty.jsonl"], "no non-empty documents"),
     ("missing field", ["--data", "{tmp}/docs.jsonl", "--text-field", "body"], "no field 'body'"),
     ("non-UTF-8", ["--data", "{tmp}/latin1.txt"], "latin1.txt: not valid UTF-8"),
-    ("bad JSON line", ["--data", "{tmp}/broken.jsonl"], "broken.jsonl:2: not valid JSON"),
+    ("bad JSON line", ["--data", "{tmp}/broken.jsonl"], "broken.jsonl: line 2: not valid JSON"),
     ("k < 1", ["--top-k", "0"], "--top-k must be at least 1"),
     ("k > vocab", ["--top-k", "301"], "--top-k 301 exceeds the model's vocabulary size 300"),
     ("seq len < 2", ["--seq-len", "1"], "--seq-len must be at least 2"),

@@ -39,7 +39,7 @@ def open_training_rows(cfg: TrainConfig) -> TrainingRows:
 
 
 def online_rows(cfg: TrainConfig, tokenizer, seq_len: int) -> PackedRows:
-    return PackedRows(build_sequences(cfg.data, tokenizer, seq_len, cfg.text_field)[0])
+    return PackedRows(build_sequences(cfg.data, tokenizer, seq_len, cfg.text_field, what="--data")[0])
 
 
 def open_replay(cfg: TrainConfig, manifest: dict | None, tokenizer, seq_len: int):
@@ -58,7 +58,7 @@ def open_replay(cfg: TrainConfig, manifest: dict | None, tokenizer, seq_len: int
         raise ValueError(f"--replay {cfg.replay}: with --objective {cfg.objective}, replay rows need the teacher's "
                          f"targets too; cache them first (`mft cache --data {cfg.replay} --out REPLAY_CACHE "
                          f"--seq-len {seq_len}` with the same teacher) and pass --replay REPLAY_CACHE")
-    return PackedRows(build_sequences(cfg.replay, tokenizer, seq_len, cfg.text_field)[0])
+    return PackedRows(build_sequences(cfg.replay, tokenizer, seq_len, cfg.text_field, what="--replay")[0])
 
 
 def open_eval_sets(cfg: TrainConfig, tokenizer, seq_len: int) -> dict[str, PackedRows]:
@@ -66,7 +66,7 @@ def open_eval_sets(cfg: TrainConfig, tokenizer, seq_len: int) -> dict[str, Packe
     sets = {}
     for name, path in (("specialized", cfg.eval_specialized), ("general", cfg.eval_general)):
         if path:
-            packed = build_sequences(path, tokenizer, seq_len, cfg.text_field)[0]
+            packed = build_sequences(path, tokenizer, seq_len, cfg.text_field, what=f"--eval-{name}")[0]
             packed.truncate(cfg.eval_max_sequences or packed.num_sequences)
             sets[name] = PackedRows(packed)
     return sets
