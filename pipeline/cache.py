@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mft_cache import __version__
-from mft_cache.config import opt, to_dict
+from mft_cache.config import check_finite, opt, to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_point
 from mft_cache.models import (backbone_and_head, check_head, describe_model, load_model, load_tokenizer,
@@ -79,6 +79,7 @@ class CacheConfig:
             raise ValueError(f"--shard-mb must be positive, got {self.shard_mb}")
         if self.chunk_tokens < 0 or self.max_sequences < 0:
             raise ValueError("--chunk-tokens and --max-sequences must be >= 0")
+        check_finite(self)  # last: the range checks above say more, where they apply
 
 
 class HostCopy:
