@@ -20,7 +20,7 @@ from mft_cache import __version__
 from mft_cache.folder_lock import LOCK_FILE, FolderLock
 from mft_cache.storage.manifest import write_json_atomic
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import STATE_FILE, read_state, usable_checkpoint
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,11 @@ def prepare_run_folder(out: Path, resolved: dict, cfg: TrainConfig) -> Path | st
         mark_run_folder(out)  # a run from before markers: it is one, now that it resumes
     if (out / "summary.json").exists():
         return FINISHED
-    ckpt = latest_checkpoint(out)
+    ckpt = usable_checkpoint(out)
     if ckpt is None:
         log.info("--resume: no complete checkpoint in %s; starting from step 0", out)
+    else:
+        check_metrics_length(out, ckpt)
     return ckpt
 
 
@@ -162,6 +164,19 @@ def read_run_config(path: Path) -> dict:
         raise ValueError(f"--resume: {path} holds values of the wrong type for {wrong[:5]}; restore it, or pass "
                          "--overwrite")
     return old
+
+
+def check_metrics_length(out: Path, ckpt: Path) -> None:
+    """metrics.jsonl must still hold everything written up to the checkpoint: the run cuts it back to that length,
+    and a shorter file (truncated, or removed) would be padded with NUL bytes or silently lose records."""
+    state, _ = read_state(ckpt / STATE_FILE)
+    path = out / "metrics.jsonl"
+    size = path.stat().st_size if path.is_file() else None
+    if size is None or size < state.metrics_bytes:
+        what = "is missing" if size is None else f"holds {size} bytes"
+        raise ValueError(f"--resume: {path} {what}, but the checkpoint {ckpt.name} was saved when it held "
+                         f"{state.metrics_bytes}: it was truncated or removed since. Restore it, or pass --overwrite "
+                         "to start the run again")
 
 
 def start_run_files(out: Path, resolved: dict, fresh: bool) -> None:
