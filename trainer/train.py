@@ -311,8 +311,20 @@ def loop(run: Run, state: TrainState, metrics: Metrics) -> Callable[[], float]:
     return lambda: wall_before + time.perf_counter() - t_run
 
 
+def check_finite_weights(run: Run, state: TrainState) -> None:
+    """Refuse to write final/ from weights holding NaN or inf (every process checks its own part of them)."""
+    bad = [n.removeprefix("model.") for n, p in run.module.named_parameters() if not torch.isfinite(p.detach()).all()]
+    count = run.accelerator.reduce(torch.tensor(len(bad), device=run.accelerator.device), "sum").item()
+    if count:
+        names = f" (e.g. {bad[:3]})" if bad else ""
+        raise FloatingPointError(f"the weights are not finite after step {state.step}: {count} tensors hold NaN or "
+                                 f"inf{names}; final/ and summary.json were not written. Lower --lr, or check the "
+                                 "cache (mft inspect --verify)")
+
+
 def finish(run: Run, state: TrainState, metrics: Metrics, wall_time: Callable[[], float]) -> dict:
     """final/, summary.json; the checkpoints are no longer needed."""
+    check_finite_weights(run, state)
     save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "final", run.cfg.merge_adapter)
     state.wall_time_s = wall_time()
     summary = summarize(run.cfg, state, run.resolved, run.online)
