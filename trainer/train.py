@@ -8,6 +8,9 @@ big batch.
 Several processes (torchrun, accelerate launch; DDP or FSDP): every process runs the same number of forward
 passes per step and per evaluation (collectives stay matched), the first process locks the run folder, decides
 its fate and writes every run file; Accelerate's save_state runs on all of them.
+
+Ctrl-C or SIGTERM during the loop (one process) stops after the current step, with a checkpoint of it when
+checkpoints are on; elsewhere it stops at once (mft_cache/interrupts.py). Either way `--resume` continues.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from mft_cache import interrupts
 from mft_cache.config import to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_active, fault_point
@@ -307,8 +311,23 @@ def loop(run: Run, state: TrainState, metrics: Metrics) -> Callable[[], float]:
             bar.write(f"step {state.step} | loss {loss:.4f} | {run_label(cfg)} | lr {lr:.2e} "
                       f"| {dt * 1000:.0f} ms | {tokens / dt:,.0f} tok/s")
         after_step(run, state, metrics, bar)
+        if interrupts.pending() is not None:
+            bar.close()
+            stop_after_step(run, state, metrics)
     bar.close()
     return lambda: wall_before + time.perf_counter() - t_run
+
+
+def stop_after_step(run: Run, state: TrainState, metrics: Metrics) -> None:
+    """Ctrl-C or SIGTERM came during the step just done: save it (unless --save-every 0, or its checkpoint was
+    just saved) so `--resume` loses nothing, then stop as the signal asks."""
+    cfg = run.cfg
+    if cfg.save_every and not (state.step % cfg.save_every == 0 and state.step < cfg.steps):
+        state.metrics_bytes = metrics.tell()
+        state.scheduler = run.scheduler.state_dict()
+        save_checkpoint(run.accelerator, run.out, state)
+    log.warning("stopped after step %d%s", state.step, "; its checkpoint is saved" if cfg.save_every else "")
+    interrupts.raise_pending()
 
 
 def check_finite_weights(run: Run, state: TrainState) -> None:
@@ -345,7 +364,8 @@ def train(cfg: TrainConfig) -> dict:
             return run
         state = start_or_resume(run)
         metrics = Metrics(run.out / "metrics.jsonl", run.accelerator.is_main_process)
-        wall_time = loop(run, state, metrics)
+        with interrupts.deferred(enabled=run.accelerator.num_processes == 1):
+            wall_time = loop(run, state, metrics)
         return finish(run, state, metrics, wall_time)
 
 
