@@ -101,7 +101,7 @@ def dead_pid() -> int:
 # -- fixtures ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("hostile-data") / "train.jsonl", make_texts(24, seed=51))
+    return write_jsonl(tmp_path_factory.mktemp("hostile-data") / "train.jsonl", make_texts(12, seed=51))
 
 
 @pytest.fixture(scope="module")
