@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from . import interrupts
 from .config import add_arguments, from_namespace
 
 
@@ -49,9 +50,22 @@ def _parser() -> argparse.ArgumentParser:
 _WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+def _resume_hint(command: str) -> str:
+    """How to continue a stopped command: training needs --resume; the others pick up where they stopped."""
+    if command == "train":
+        return "run the same command with --resume (not --overwrite) to continue from the last checkpoint"
+    return "run the same command again to resume"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("MFT_LOG_LEVEL", "INFO"), format="%(message)s")
+    with interrupts.handled():  # SIGTERM stops a command as Ctrl-C does
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with every expected failure mapped to its message and exit code (no tracebacks)."""
     from mft_cache.storage import CorruptShardError, ManifestError
 
     try:
@@ -91,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mft {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         if e.errno in _WRITE_ERRORS:
             print(f"mft {args.command}: nothing half-written is marked complete; free space or fix the folder's "
-                  "permissions, then run the same command again to resume", file=sys.stderr)
+                  f"permissions, then {_resume_hint(args.command)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"mft {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143): stopped at a safe point
+        code, what = (143, "terminated (SIGTERM)") if isinstance(e, interrupts.Terminated) else (130, "interrupted")
+        print(f"mft {args.command}: {what}; {_resume_hint(args.command)}", file=sys.stderr)
+        return code
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 
 
@@ -17,6 +18,15 @@ def opt(default, help: str, choices=None):
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def check_finite(cfg) -> None:
+    """Refuse inf and NaN in every float option, naming the flag: argparse's float() accepts "inf" and "nan", and
+    a NaN passes no comparison, so range checks alone let `--lr inf` train to NaN weights."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag(f.name)} must be a finite number; got {value}")
 
 
 def _base_type(tp):

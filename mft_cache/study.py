@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mft_cache.config import opt
+from mft_cache.config import check_finite, opt
 from mft_cache.storage import read_documents
 from mft_cache.storage.manifest import write_json_atomic
 
@@ -41,6 +41,11 @@ class StudyConfig:
     adapter_lr: float = opt(2e-3, "learning rate of the adapter runs (--peft trains far fewer weights)")
     cache_batch_size: int = opt(4, "teacher batch size of the study's caches")
     report_only: bool = opt(False, "train nothing: write the report from the runs already finished in --out")
+
+    def __post_init__(self):
+        check_finite(self)
+        if not self.adapter_lr > 0:
+            raise ValueError(f"--adapter-lr must be positive; got {self.adapter_lr}")
 
 
 def _write_replay(cfg: StudyConfig, tcfg, path: Path) -> Path:

@@ -18,15 +18,17 @@ import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from mft_cache import __version__
-from mft_cache.config import opt, to_dict
+from mft_cache.config import check_finite, opt, to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_point
+from mft_cache.folder_lock import FolderLock
 from mft_cache.models import (backbone_and_head, check_head, describe_model, load_model, load_tokenizer,
                               max_positions, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
                               weights_fingerprint)
@@ -79,6 +81,7 @@ class CacheConfig:
             raise ValueError(f"--shard-mb must be positive, got {self.shard_mb}")
         if self.chunk_tokens < 0 or self.max_sequences < 0:
             raise ValueError("--chunk-tokens and --max-sequences must be >= 0")
+        check_finite(self)  # last: the range checks above say more, where they apply
 
 
 class HostCopy:
@@ -139,6 +142,12 @@ class CachePlan:
     rows_per_shard: int = 0
     num_shards: int = 0
     trained: np.ndarray = field(default=None)  # (R, T-1) bool: the positions that get teacher values
+    lock: FolderLock | None = None  # on --out, held by the first process until the build ends
+
+    def release(self) -> None:
+        """Let the folder go (idempotent): the build is finished, or stopped."""
+        if self.lock is not None:
+            self.lock.release()
 
     def shard_rows(self, i: int) -> range:
         return range(i * self.rows_per_shard, min(self.packed.num_sequences, (i + 1) * self.rows_per_shard))
@@ -192,9 +201,9 @@ def plan_cache(cfg: CacheConfig) -> CachePlan:
     identity.update(resolved_device=device.type, resolved_dtype=str(dtype).removeprefix("torch."),
                     data_fingerprint=documents.fingerprint, weights_fingerprint=weights_fingerprint(cfg.model),
                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), packing=packed.rule)
-    writer, state, done = _open_writer(cfg, schema, identity, dist)
+    writer, state, done, lock = _open_writer(cfg, schema, identity, dist)
     plan = CachePlan(cfg, dist, device, dtype, tokenizer, packed, documents, model, schema, identity, writer, state,
-                     done, trained=packed.label_mask())
+                     done, trained=packed.label_mask(), lock=lock)
     plan.rows_per_shard = max(1, int(cfg.shard_mb * 2**20) // row_bytes(schema))
     plan.num_shards = math.ceil(packed.num_sequences / plan.rows_per_shard)
     return plan
@@ -278,6 +287,7 @@ def finish_cache(plan: CachePlan) -> dict:
         dist.wait_for_everyone()  # the first process writes the manifest
         return load_manifest(cfg.out)
     manifest = plan.writer.finish(metadata(plan), plan.num_shards, plan.packed.doc_offsets)
+    plan.release()
     dist.wait_for_everyone()
     return manifest
 
@@ -306,11 +316,15 @@ def build_cache(cfg: CacheConfig) -> dict:
     """Build (or resume, or find complete) the cache described by `cfg`; return its manifest."""
     t0 = time.perf_counter()
     plan = plan_cache(cfg)
-    if plan.state == "complete":
-        log.info("cache in %s is already complete (same configuration); nothing to do (--overwrite rebuilds it)", cfg.out)
-        return load_manifest(cfg.out)
-    teach_shards(plan)
-    manifest = finish_cache(plan)
+    try:
+        if plan.state == "complete":
+            log.info("cache in %s is already complete (same configuration); nothing to do (--overwrite rebuilds it)",
+                     cfg.out)
+            return load_manifest(cfg.out)
+        teach_shards(plan)
+        manifest = finish_cache(plan)
+    finally:
+        plan.release()  # also when stopped (Ctrl-C, SIGTERM, an error): the next run takes the folder over
     n = plan.dist.num_processes
     log.info("cache written to %s: %d sequences, %d tokens, %d shards, %.1f bytes/token, %.1f s%s",
              cfg.out, manifest["num_sequences"], manifest["num_tokens"], plan.num_shards, manifest["bytes_per_token"],
@@ -318,16 +332,23 @@ def build_cache(cfg: CacheConfig) -> dict:
     return manifest
 
 
-def _open_writer(cfg: CacheConfig, schema, identity: dict, dist) -> tuple[CacheWriter, str, set[int]]:
-    """(writer, folder state, indices of the shards already written). The first process checks the folder
-    (refusing, wiping or resuming it) while the others wait; then all of them see its verdict."""
+def _open_writer(cfg: CacheConfig, schema, identity: dict, dist) -> tuple[CacheWriter, str, set[int], FolderLock | None]:
+    """(writer, folder state, indices of the shards already written, the folder's lock). The first process locks
+    the folder (a second build on it stops here, naming this one's pid) and checks it (refusing, wiping or resuming
+    it) while the others wait; then all of them see its verdict."""
     prepared = {}
 
     def decide():
-        prepared["writer"] = CacheWriter(cfg.out, fmt=cfg.format, schema=schema, identity=identity, overwrite=cfg.overwrite)
+        lock = prepared["lock"] = FolderLock.acquire(Path(cfg.out))
+        try:
+            prepared["writer"] = CacheWriter(cfg.out, fmt=cfg.format, schema=schema, identity=identity,
+                                             overwrite=cfg.overwrite)
+        except BaseException:
+            lock.release()
+            raise
         return prepared["writer"].state, sorted(prepared["writer"].done_shards())
 
     state, done = decide_on_main(dist, decide)
     writer = prepared.get("writer") or CacheWriter(cfg.out, fmt=cfg.format, schema=schema, identity=identity,
                                                    prepare=False)
-    return writer, state, set(done)
+    return writer, state, set(done), prepared.get("lock")

@@ -9,7 +9,10 @@ Folder life cycle:
 - finish: the shard records are gathered into `manifest.json` (written last, atomically), then the
   progress file and the records are removed.
 Re-running the same build resumes (only missing shards are computed); a finished cache is never
-rebuilt unless `overwrite`; a folder holding anything else is refused.
+rebuilt unless `overwrite`; a folder holding anything else is refused. Files are removed (by `overwrite`, or
+as the debris of an unfinished start) only when every name in the folder is one a writer makes and the folder is
+shown to be a cache by a writer's own record (an mft-cache manifest, or the progress file); nothing else is
+ever deleted. `.mft-lock` (mft_cache/folder_lock.py) is the lock `mft cache` holds on the folder while it builds.
 
 Several processes (one build on N processes, possibly N machines sharing the folder): one of them
 prepares the folder (`prepare=True`) and finishes it; the others attach with `prepare=False` once it
@@ -30,11 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from mft_cache.faults import fault_point
+from mft_cache.folder_lock import LOCK_FILE
 
 from .backends import checksum, get_backend, parse_shard_name, shard_name, size_on_disk
 from .manifest import (DOCUMENTS, MANIFEST, CacheMetadata, ManifestError, build_manifest, load_manifest, save_manifest,
                        write_json_atomic)
-from .schema import Field
+from .schema import FORMAT_NAME, Field
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +46,12 @@ PROGRESS = ".mft-cache-progress.json"
 # what a writer puts in a folder besides the shards themselves: the manifest, the progress file, documents.npy,
 # shard records (.shard-NNNNN.json) and anything under a temporary name (.NAME.tmp-PID)
 _OURS = re.compile(r"^(manifest\.json|\.mft-cache-progress\.json|documents\.npy|\.shard-\d{5}\.json|\..+\.tmp-\d+)$")
+_PROGRESS_TMP = re.compile(r"^\.\.mft-cache-progress\.json\.tmp-\d+$")  # write_json_atomic's name for it
 
 
 def is_ours(name: str) -> bool:
-    """Whether a file name in a cache folder is one a writer of a registered backend makes."""
-    return bool(_OURS.match(name)) or parse_shard_name(name) is not None
+    """Whether a file name in a cache folder is one a writer of a registered backend makes (or the folder's lock)."""
+    return name == LOCK_FILE or bool(_OURS.match(name)) or parse_shard_name(name) is not None
 
 
 # identity keys added since caches were first written, with the value an identity without them meant
@@ -59,6 +64,21 @@ def _identity(recorded: dict) -> dict:
 
 def _diff(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _read_json(path: Path, quiet: bool = False) -> dict:
+    """A JSON object from one of the writer's own files; a damaged one is a clear error (or {} when `quiet`)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if quiet:
+            return {}
+        raise ValueError(f"{path} is damaged ({e}); pass --overwrite to start the cache again") from None
+    if not isinstance(obj, dict):
+        if quiet:
+            return {}
+        raise ValueError(f"{path} is damaged (not a JSON object); pass --overwrite to start the cache again")
+    return obj
 
 
 def _remove(p: Path) -> None:
@@ -94,12 +114,18 @@ class CacheWriter:
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"--out {self.folder} is a file, not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
-        names = sorted(os.listdir(self.folder))
+        names = sorted(n for n in os.listdir(self.folder) if n != LOCK_FILE)  # the lock: held by this build
         foreign = [n for n in names if not is_ours(n)]
         if foreign:
             raise ValueError(
                 f"--out {self.folder} holds files that are not part of an mft-cache (e.g. {foreign[:3]}); "
-                "choose an empty or new folder"
+                "nothing was removed; choose an empty or new folder"
+            )
+        if names and not self._provably_a_cache(names):
+            raise ValueError(
+                f"--out {self.folder} holds files named like a cache's ({names[:3]}) but no readable mft-cache "
+                f"manifest.json or {PROGRESS}: it cannot be shown to be a cache, so nothing was removed; "
+                "remove them by hand or choose another folder"
             )
         if MANIFEST in names and not overwrite:
             try:
@@ -117,7 +143,7 @@ class CacheWriter:
             )
         progress = self.folder / PROGRESS
         if progress.exists() and not overwrite and MANIFEST not in names:
-            old = _identity(json.loads(progress.read_text()))
+            old = _identity(_read_json(progress))
             if old != _identity(self.identity):
                 raise ValueError(
                     f"--out {self.folder} holds an unfinished cache built with another configuration "
@@ -133,6 +159,18 @@ class CacheWriter:
                 _remove(self.folder / n)
         write_json_atomic(progress, self.identity)
         return "new"
+
+    def _provably_a_cache(self, names: list[str]) -> bool:
+        """Whether the folder is shown to be a cache by a writer's own records: a manifest whose format_name is
+        mft-cache (damaged or not), or the progress file of an unfinished build (or its temporary name, left by a
+        build stopped as it started). Only then may files named like ours be removed."""
+        if MANIFEST in names:
+            manifest = _read_json(self.folder / MANIFEST, quiet=True)
+            if manifest.get("format_name") == FORMAT_NAME:
+                return True
+        if PROGRESS in names and _read_json(self.folder / PROGRESS, quiet=True):
+            return True
+        return any(_PROGRESS_TMP.match(n) for n in names)
 
     # -- shards -------------------------------------------------------------------------------
     def _record_path(self, index: int) -> Path:

@@ -64,9 +64,10 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Temporary or partial files: anything hidden or named *.tmp / *.partial anywhere below."""
-    return [p.relative_to(folder).as_posix() for p in folder.rglob("*")
-            if any(part.startswith(".") or part.endswith((".tmp", ".partial")) for part in p.relative_to(folder).parts)]
+    """Temporary or partial files: anything hidden or named *.tmp / *.partial anywhere below (but a run folder's
+    marker, .mft-run.json, which stays for good)."""
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.name != ".mft-run.json"
+            and any(part.startswith(".") or part.endswith((".tmp", ".partial")) for part in p.relative_to(folder).parts)]
 
 
 @pytest.fixture(scope="module")

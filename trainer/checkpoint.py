@@ -1,10 +1,13 @@
 """Saving and restoring a run: resumable checkpoints (`checkpoints/step-NNNNNN/`) and loadable model folders
 (`best/`, `final/`). Each is written under a temporary name and renamed once complete; a checkpoint is complete
-once its `trainer_state.json` (written last) exists."""
+once its `trainer_state.json` (written last) exists. It records the size and sha256 of every other file of the
+checkpoint, so `--resume` can tell a damaged checkpoint (a flipped bit, a truncated or replaced file) before loading
+it, and fall back to the one before; checkpoints written before hashes were recorded are loaded unchecked."""
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -51,9 +54,112 @@ def writing(path: Path):
         raise OSError(num, f"{os.strerror(num)} while writing weights", str(path)) from None
 
 
+# trainer_state.json: each TrainState field's JSON types (a bool is not an int; an int is a float)
+_STATE_TYPES = {"step": (int,), "tokens": (int,), "wall_time_s": (float,), "train_time_s": (float,),
+                "metrics_bytes": (int,), "skipped_steps": (list,), "evals": (list,), "best": (dict, type(None)),
+                "scheduler": (dict, type(None))}
+FILES_KEY = "files"  # trainer_state.json: {relative path: {"bytes": n, "sha256": hex}} of the checkpoint's files
+
+
+def _type_ok(value, types: tuple) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types) or (isinstance(value, int) and float in types)
+
+
+def read_state(path: Path) -> tuple[TrainState, dict | None]:
+    """(TrainState, recorded files or None) from a trainer_state.json; ValueError saying what is wrong with it."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path.name} is not readable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path.name} does not hold a JSON object")
+    files = raw.pop(FILES_KEY, None)
+    unknown = sorted(k for k in raw if k not in _STATE_TYPES)
+    wrong = sorted(k for k, v in raw.items() if k in _STATE_TYPES and not _type_ok(v, _STATE_TYPES[k]))
+    if unknown or wrong or "step" not in raw:
+        raise ValueError(f"{path.name} is not a training state (unknown keys {unknown}, wrong types {wrong}"
+                         f"{', no step' if 'step' not in raw else ''})")
+    state = TrainState(**raw)
+    negative = [k for k in ("step", "tokens", "metrics_bytes") if getattr(state, k) < 0]
+    if negative or not all(isinstance(s, int) and not isinstance(s, bool) for s in state.skipped_steps) \
+            or not all(isinstance(e, dict) for e in state.evals):
+        raise ValueError(f"{path.name} holds impossible values (negative {negative}, or skipped_steps/evals of "
+                         "the wrong types)")
+    sched = state.scheduler
+    if sched is not None and not (isinstance(sched.get("last_epoch"), int) and all(
+            isinstance(sched.get(k), list) and all(_type_ok(x, (float,)) for x in sched[k])
+            for k in ("base_lrs", "_last_lr"))):
+        raise ValueError(f"{path.name}: its scheduler state is not a LambdaLR's (last_epoch, base_lrs, _last_lr)")
+    if files is not None and not (isinstance(files, dict) and all(
+            isinstance(r, dict) and isinstance(r.get("bytes"), int) and isinstance(r.get("sha256"), str)
+            for r in files.values())):
+        raise ValueError(f"{path.name}: its record of the checkpoint's files is damaged")
+    return state, files
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_files(folder: Path) -> dict:
+    """Size and sha256 of every file under a checkpoint folder (but trainer_state.json, which holds them)."""
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STATE_FILE}
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """What is wrong with a complete checkpoint (its state, or a file's size or sha256), or None if nothing is."""
+    try:
+        state, files = read_state(ckpt / STATE_FILE)
+    except ValueError as e:
+        return str(e)
+    if ckpt.name != f"step-{state.step:06d}":
+        return f"{STATE_FILE} says step {state.step}, not the folder's"
+    for rel, record in (files or {}).items():  # None: saved before sizes and hashes were recorded
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != record["bytes"]:
+            return f"{rel} holds {path.stat().st_size} bytes, not the {record['bytes']} it was saved with"
+        if _sha256(path) != record["sha256"]:
+            return f"{rel}: its sha256 differs from the one recorded when it was saved"
+    return None
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """The checkpoints marked complete (trainer_state.json written), oldest first."""
+    return sorted(p for p in (out / "checkpoints").glob("step-??????") if (p / STATE_FILE).exists())
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).exists())
+    done = complete_checkpoints(out)
     return done[-1] if done else None
+
+
+def usable_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint that passes its checks; a damaged one is reported and the one before it tried.
+    None if there is no checkpoint at all; ValueError naming them if none is usable."""
+    rejected = []
+    for ckpt in reversed(complete_checkpoints(out)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            if rejected:
+                log.warning("--resume: resuming from the earlier checkpoint %s instead", ckpt)
+            return ckpt
+        log.warning("--resume: the checkpoint %s is damaged (%s); trying the one before it", ckpt, problem)
+        rejected.append((ckpt, problem))
+    if not rejected:
+        return None
+    (ckpt, problem), rest = rejected[0], [str(c) for c, _ in rejected[1:]]
+    raise ValueError(f"--resume: the checkpoint {ckpt} cannot be loaded safely ({problem})"
+                     f"{'; nor can ' + ', '.join(rest) if rest else ''}; no earlier checkpoint is usable. "
+                     "Restore it, or pass --overwrite to start the run again")
 
 
 def save_checkpoint(accelerator, out: Path, state: TrainState, keep: int = 2) -> None:
@@ -64,9 +170,10 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, keep: int = 2) ->
     accelerator.wait_for_everyone()
     with writing(tmp):
         accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's files are written before they are hashed
     fault_point(f"train:checkpoint-{state.step}")
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_FILE, state.__dict__)  # last: marks the checkpoint complete
+    if accelerator.is_main_process:  # last: marks the checkpoint complete, and records what complete means
+        write_json_atomic(tmp / STATE_FILE, {**state.__dict__, FILES_KEY: record_files(tmp)})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted((out / "checkpoints").glob("step-??????"))[:-keep]:
@@ -77,14 +184,22 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, keep: int = 2) ->
 def load_checkpoint(accelerator, out: Path, ckpt: Path) -> TrainState:
     import pickle
 
+    from safetensors import SafetensorError
+
     try:  # accelerate loads every file with torch.load(weights_only=True): a pickle that runs code is refused
         accelerator.load_state(str(ckpt))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, SafetensorError) as e:
         raise ValueError(f"--resume: the checkpoint {ckpt} cannot be loaded safely ({str(e).splitlines()[0][:200]}); "
                          "remove it to resume from an earlier one, or pass --overwrite to start again") from None
-    state = TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
+    try:
+        state, _ = read_state(ckpt / STATE_FILE)
+    except ValueError as e:
+        raise ValueError(f"--resume: the checkpoint {ckpt} cannot be loaded safely ({e})") from None
     if accelerator.is_main_process:  # forget metrics written after the checkpoint: they will be written again
         with open(out / "metrics.jsonl", "r+b") as f:
+            if f.seek(0, os.SEEK_END) < state.metrics_bytes:  # truncate() would pad it with NUL bytes
+                raise ValueError(f"--resume: {out / 'metrics.jsonl'} is shorter than when {ckpt.name} was saved; "
+                                 "restore it, or pass --overwrite to start the run again")
             f.truncate(state.metrics_bytes)
     log.info("resumed from %s (step %d)", ckpt, state.step)
     return state

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mft_cache.config import opt
+from mft_cache.config import check_finite, opt
 
 from .adapters import PEFT_METHODS
 from .loss import LOSS_IMPLS
@@ -81,6 +81,10 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive; got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"--min-lr-ratio must be in [0, 1]; got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0; got {self.weight_decay}")
+        if self.max_grad_norm < 0:  # a negative bound flips every gradient: gradient ascent
+            raise ValueError(f"--max-grad-norm must be >= 0 (0: no clipping); got {self.max_grad_norm}")
         if self.teacher == "online" and not (self.data and self.model):
             raise ValueError("--teacher online needs --model (the teacher, also the student's start) and --data")
         if not 0.0 < self.replay_fraction < 1.0:
@@ -93,3 +97,4 @@ class TrainConfig:
             raise ValueError("--loss-impl transformers computes plain cross-entropy only: it needs --objective ft")
         if self.teacher == "online" and (self.top_k or self.tail != "bucket"):
             raise ValueError("--top-k and --tail choose how a cache is read; --teacher online uses the full distribution")
+        check_finite(self)  # last: the range checks above say more, where they apply

@@ -1,50 +1,189 @@
 """The run folder `--out`: deciding whether to start, resume or refuse, and the files a run writes into it
-(config.json, metrics.jsonl, summary.json, best/, final/, checkpoints/)."""
+(.mft-run.json, config.json, metrics.jsonl, summary.json, s_dg.png, best/, final/, checkpoints/).
+
+A run marks its folder as one when it starts (`.mft-run.json`), and locks it while it runs (`.mft-lock`, see
+mft_cache/folder_lock.py). `--overwrite` removes only the files a run writes, and only from a folder the marker
+proves is a run: anything else in it, or a folder without the marker, is refused with nothing removed. The folder
+itself is never removed: `--out .` or `--out ~` must not cost anyone their files."""
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
+import typing
+from dataclasses import fields
 from pathlib import Path
 
+from mft_cache import __version__
+from mft_cache.folder_lock import LOCK_FILE, FolderLock
 from mft_cache.storage.manifest import write_json_atomic
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import STATE_FILE, read_state, usable_checkpoint
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 FINISHED = "finished"
-_IGNORED_ON_RESUME = ("resume", "overwrite", "log_every")
+MARKER = ".mft-run.json"
+_MARKER_ID = {"tool": "mft-cache", "kind": "train-run"}
+# what `mft train` writes into --out (best.tmp / final.tmp: save_pretrained; .NAME.tmp-PID: write_json_atomic)
+_OURS = re.compile(r"^(config\.json|metrics\.jsonl|summary\.json|s_dg\.png|best|final|checkpoints|best\.tmp|final\.tmp"
+                   r"|\.mft-run\.json|\.mft-lock|\.(config\.json|summary\.json|\.mft-run\.json)\.tmp-\d+)$")
+_IGNORED_ON_RESUME = ("out", "resume", "overwrite", "log_every")  # out: `./x` and `x`, or a moved folder, resume
+# config.json keys besides TrainConfig's own, and their JSON types
+_RESOLVED_TYPES = {"resolved_model": (str,), "num_processes": (int,), "global_batch": (int,),
+                   "cache_manifest_sha256": (str, type(None)), "cache_top_k": (int, type(None))}
+
+
+def resolve_out(out: str) -> Path:
+    """--out as a real path: every comparison and check sees one name for one folder (`.`, `./x`, symlinks)."""
+    return Path(os.path.realpath(os.path.expanduser(out)))
+
+
+def lock_run_folder(out: Path) -> FolderLock:
+    """Lock --out for this run (created if missing); a second `mft train` on it is refused naming our pid."""
+    return FolderLock.acquire(out, "--out")
 
 
 def prepare_run_folder(out: Path, resolved: dict, cfg: TrainConfig) -> Path | str | None:
-    """Check --out; return the checkpoint to resume from, None (a fresh start), or FINISHED."""
-    config_path = out / "config.json"
-    if not (out.exists() and any(out.iterdir())):
+    """Check --out (locked by this process); return the checkpoint to resume from, None (a fresh start), or FINISHED."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    names = sorted(n for n in os.listdir(out) if n != LOCK_FILE) if out.is_dir() else []
+    if not names:
         return None
-    if not config_path.exists():
-        raise ValueError(f"--out {out} holds files that are not an mft run; choose an empty or new folder")
+    marker = marker_state(out)
+    has_config = "config.json" in names
+    if marker == "missing" and not (has_config and _is_run_config(out / "config.json")):
+        raise ValueError(f"--out {out} holds files that are not an mft run (e.g. {names[:3]}); nothing was removed; "
+                         "choose an empty or new folder")
     if cfg.overwrite:
-        shutil.rmtree(out)
+        clear_run_folder(out, names, marker)
+        return None
+    if not has_config:  # the marker but no config.json: a run stopped as it started, nothing to keep
+        clear_run_folder(out, names, marker)
         return None
     if not cfg.resume:
         raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    old = json.loads(config_path.read_text())
+    old = read_run_config(out / "config.json")
     keys = [k for k in set(old) | set(resolved) if k not in _IGNORED_ON_RESUME and old.get(k) != resolved.get(k)]
     if keys:
         raise ValueError(f"--resume: the run in {out} was started with another configuration (differs in {sorted(keys)})")
+    if marker == "missing":
+        mark_run_folder(out)  # a run from before markers: it is one, now that it resumes
     if (out / "summary.json").exists():
         return FINISHED
-    ckpt = latest_checkpoint(out)
+    ckpt = usable_checkpoint(out)
     if ckpt is None:
         log.info("--resume: no complete checkpoint in %s; starting from step 0", out)
+    else:
+        check_metrics_length(out, ckpt)
     return ckpt
 
 
+def marker_state(out: Path) -> str:
+    """"valid" (this tool's marker), "missing", or "invalid" (a file of that name this tool did not write)."""
+    path = out / MARKER
+    if not path.exists():
+        return "missing"
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "invalid"
+    ok = isinstance(marker, dict) and all(marker.get(k) == v for k, v in _MARKER_ID.items())
+    return "valid" if ok else "invalid"
+
+
+def mark_run_folder(out: Path) -> None:
+    """Write the marker that lets a later --overwrite tell this folder is a run, and only then empty it."""
+    write_json_atomic(out / MARKER, {**_MARKER_ID, "version": __version__})
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        read_run_config(path)
+    except ValueError:
+        return False
+    return True
+
+
+def clear_run_folder(out: Path, names: list[str], marker: str) -> None:
+    """Remove what a run wrote, keeping the folder (and the marker and lock): only from a folder the marker proves
+    is a run, and only if nothing else is in it. Otherwise refuse, having removed nothing."""
+    foreign = [n for n in names if not _OURS.match(n)]
+    if foreign:
+        raise ValueError(f"--overwrite: --out {out} holds files mft train did not write ({foreign[:5]}"
+                         f"{' and more' if len(foreign) > 5 else ''}); nothing was removed. Move them elsewhere, "
+                         "or choose another folder")
+    if marker == "missing":
+        raise ValueError(f"--overwrite: --out {out} holds a run made before run folders were marked ({MARKER} is "
+                         "missing), so it cannot be shown to be only a run; nothing was removed. Remove the folder by "
+                         "hand if you mean to replace it, or pass --resume to continue it")
+    if marker == "invalid":
+        raise ValueError(f"--overwrite: {out / MARKER} is not the marker mft train writes; nothing was removed. "
+                         "Remove the folder by hand if you mean to replace it, or choose another folder")
+    log.info("--overwrite: removing the run in %s", out)
+    for n in sorted(names, key=lambda n: n == "config.json"):  # config.json last
+        if n not in (MARKER, LOCK_FILE):
+            _remove(out / n)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def _json_type_ok(value, types: tuple) -> bool:
+    """JSON types, strictly: a bool is not an int, an int is a float."""
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def read_run_config(path: Path) -> dict:
+    """The run's config.json, refused clearly unless it is an object of known keys with values of their types."""
+    try:
+        old = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--resume: {path} is not valid JSON ({e}); restore it, or pass --overwrite to start "
+                         "the run again") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"--resume: {path} does not hold a JSON object; restore it, or pass --overwrite")
+    hints = typing.get_type_hints(TrainConfig)
+    known = {f.name: (hints[f.name],) for f in fields(TrainConfig)}
+    known.update(_RESOLVED_TYPES)
+    unknown = sorted(k for k in old if k not in known)
+    if unknown:
+        raise ValueError(f"--resume: {path} has keys mft train does not write ({unknown[:5]}); restore it, or pass "
+                         "--overwrite")
+    wrong = sorted(k for k, v in old.items() if not _json_type_ok(v, known[k]))
+    if wrong:
+        raise ValueError(f"--resume: {path} holds values of the wrong type for {wrong[:5]}; restore it, or pass "
+                         "--overwrite")
+    return old
+
+
+def check_metrics_length(out: Path, ckpt: Path) -> None:
+    """metrics.jsonl must still hold everything written up to the checkpoint: the run cuts it back to that length,
+    and a shorter file (truncated, or removed) would be padded with NUL bytes or silently lose records."""
+    state, _ = read_state(ckpt / STATE_FILE)
+    path = out / "metrics.jsonl"
+    size = path.stat().st_size if path.is_file() else None
+    if size is None or size < state.metrics_bytes:
+        what = "is missing" if size is None else f"holds {size} bytes"
+        raise ValueError(f"--resume: {path} {what}, but the checkpoint {ckpt.name} was saved when it held "
+                         f"{state.metrics_bytes}: it was truncated or removed since. Restore it, or pass --overwrite "
+                         "to start the run again")
+
+
 def start_run_files(out: Path, resolved: dict, fresh: bool) -> None:
-    """config.json; on a fresh start, forget what an interrupted run wrote (metrics, best/, final/, summary)."""
+    """The marker, config.json; on a fresh start, forget what an interrupted run wrote (metrics, best/, final/,
+    summary)."""
     out.mkdir(parents=True, exist_ok=True)
+    mark_run_folder(out)  # first: the folder is a run from here on
     write_json_atomic(out / "config.json", resolved)
     (out / "metrics.jsonl").touch()
     if fresh:

@@ -6,8 +6,11 @@ optimiser step (all micro-batches, all processes), so accumulation and data para
 big batch.
 
 Several processes (torchrun, accelerate launch; DDP or FSDP): every process runs the same number of forward
-passes per step and per evaluation (collectives stay matched), the first process decides the run folder's fate
-and writes every run file; Accelerate's save_state runs on all of them.
+passes per step and per evaluation (collectives stay matched), the first process locks the run folder, decides
+its fate and writes every run file; Accelerate's save_state runs on all of them.
+
+Ctrl-C or SIGTERM during the loop (one process) stops after the current step, with a checkpoint of it when
+checkpoints are on; elsewhere it stops at once (mft_cache/interrupts.py). Either way `--resume` continues.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from mft_cache import interrupts
 from mft_cache.config import to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_active, fault_point
@@ -39,7 +43,7 @@ from .evaluate import degeneralization, evaluate_perplexity, ratio, specializati
 from .inputs import open_eval_sets, open_replay, open_training_rows, online_rows
 from .loss_module import StudentLoss
 from .report import plot_s_dg
-from .run_folder import FINISHED, Metrics, prepare_run_folder, start_run_files
+from .run_folder import FINISHED, Metrics, lock_run_folder, prepare_run_folder, resolve_out, start_run_files
 from .targets import TeacherTargets, from_cache, from_logits, no_teacher
 
 log = logging.getLogger(__name__)
@@ -112,22 +116,29 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
-def set_up(cfg: TrainConfig) -> Run | dict:
-    """The run, ready for its first (or resumed) step; or the summary of a run that is already finished."""
+def claim_run_folder(held: contextlib.ExitStack, out: Path, resolved: dict, cfg: TrainConfig):
+    """Lock --out until `held` closes (a second run on it stops here, naming our pid), then decide its fate."""
+    held.enter_context(lock_run_folder(out))
+    return prepare_run_folder(out, resolved, cfg)
+
+
+def set_up(cfg: TrainConfig, held: contextlib.ExitStack) -> Run | dict:
+    """The run, ready for its first (or resumed) step; or the summary of a run that is already finished.
+    The first process's lock on --out joins `held`."""
     from accelerate.utils import set_seed
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
     accelerator = make_accelerator(cfg)
     if not accelerator.is_main_process:  # one log, from the first process
         logging.getLogger("mft_cache").setLevel(logging.WARNING)
-    out, training = Path(cfg.out), open_training_rows(cfg)
+    out, training = resolve_out(cfg.out), open_training_rows(cfg)
     num_processes = accelerator.num_processes
     global_batch = cfg.batch_size * cfg.grad_accum * num_processes
     m = training.manifest
     resolved = {**to_dict(cfg), "resolved_model": training.model_id, "seq_len": training.seq_len,
                 "num_processes": num_processes, "global_batch": global_batch,
                 "cache_manifest_sha256": m["manifest_sha256"] if m else None, "cache_top_k": m["top_k"] if m else None}
-    ckpt = decide_on_main(accelerator, lambda: prepare_run_folder(out, resolved, cfg))  # may wipe --out
+    ckpt = decide_on_main(accelerator, lambda: claim_run_folder(held, out, resolved, cfg))  # may empty --out
     accelerator.wait_for_everyone()
     if ckpt == FINISHED:
         log.info("the run in %s is already finished (same configuration); --overwrite reruns it", out)
@@ -300,12 +311,39 @@ def loop(run: Run, state: TrainState, metrics: Metrics) -> Callable[[], float]:
             bar.write(f"step {state.step} | loss {loss:.4f} | {run_label(cfg)} | lr {lr:.2e} "
                       f"| {dt * 1000:.0f} ms | {tokens / dt:,.0f} tok/s")
         after_step(run, state, metrics, bar)
+        if interrupts.pending() is not None:
+            bar.close()
+            stop_after_step(run, state, metrics)
     bar.close()
     return lambda: wall_before + time.perf_counter() - t_run
 
 
+def stop_after_step(run: Run, state: TrainState, metrics: Metrics) -> None:
+    """Ctrl-C or SIGTERM came during the step just done: save it (unless --save-every 0, or its checkpoint was
+    just saved) so `--resume` loses nothing, then stop as the signal asks."""
+    cfg = run.cfg
+    if cfg.save_every and not (state.step % cfg.save_every == 0 and state.step < cfg.steps):
+        state.metrics_bytes = metrics.tell()
+        state.scheduler = run.scheduler.state_dict()
+        save_checkpoint(run.accelerator, run.out, state)
+    log.warning("stopped after step %d%s", state.step, "; its checkpoint is saved" if cfg.save_every else "")
+    interrupts.raise_pending()
+
+
+def check_finite_weights(run: Run, state: TrainState) -> None:
+    """Refuse to write final/ from weights holding NaN or inf (every process checks its own part of them)."""
+    bad = [n.removeprefix("model.") for n, p in run.module.named_parameters() if not torch.isfinite(p.detach()).all()]
+    count = run.accelerator.reduce(torch.tensor(len(bad), device=run.accelerator.device), "sum").item()
+    if count:
+        names = f" (e.g. {bad[:3]})" if bad else ""
+        raise FloatingPointError(f"the weights are not finite after step {state.step}: {count} tensors hold NaN or "
+                                 f"inf{names}; final/ and summary.json were not written. Lower --lr, or check the "
+                                 "cache (mft inspect --verify)")
+
+
 def finish(run: Run, state: TrainState, metrics: Metrics, wall_time: Callable[[], float]) -> dict:
     """final/, summary.json; the checkpoints are no longer needed."""
+    check_finite_weights(run, state)
     save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "final", run.cfg.merge_adapter)
     state.wall_time_s = wall_time()
     summary = summarize(run.cfg, state, run.resolved, run.online)
@@ -320,13 +358,15 @@ def finish(run: Run, state: TrainState, metrics: Metrics, wall_time: Callable[[]
 
 
 def train(cfg: TrainConfig) -> dict:
-    run = set_up(cfg)
-    if isinstance(run, dict):  # already finished
-        return run
-    state = start_or_resume(run)
-    metrics = Metrics(run.out / "metrics.jsonl", run.accelerator.is_main_process)
-    wall_time = loop(run, state, metrics)
-    return finish(run, state, metrics, wall_time)
+    with contextlib.ExitStack() as held:  # the lock on --out, until the run ends or stops
+        run = set_up(cfg, held)
+        if isinstance(run, dict):  # already finished
+            return run
+        state = start_or_resume(run)
+        metrics = Metrics(run.out / "metrics.jsonl", run.accelerator.is_main_process)
+        with interrupts.deferred(enabled=run.accelerator.num_processes == 1):
+            wall_time = loop(run, state, metrics)
+        return finish(run, state, metrics, wall_time)
 
 
 # -- the summary ------------------------------------------------------------------------------------
