@@ -93,7 +93,8 @@ study: setup $(if $(filter assets/%,$(MODEL) $(DATA)),assets)
 		--parts $(STUDY_PARTS) --report STUDIES.md $(TRAIN_ARGS)
 
 # The reliability suite and its table: faults injected, inputs tried, outcomes checked.
-RELIABILITY_TESTS ?= tests/test_reliability.py tests/test_resume_cache.py tests/test_hostile.py tests/test_inputs.py tests/test_train.py
+RELIABILITY_TESTS ?= tests/test_reliability.py tests/test_resume_cache.py tests/test_hostile.py tests/test_inputs.py tests/test_train.py \
+	tests/test_hostile_cache.py tests/test_hostile_runs.py tests/test_hostile_documents.py
 reliability: setup
 	$(BIN)/pytest -q $(RELIABILITY_TESTS) --reliability-report RELIABILITY.md
 
