@@ -206,11 +206,11 @@ class Cache:
         self._verified: set[int] = set()
         self._lock = threading.Lock()
         self.verify_mode = verify
-        for s in self.shards:  # cheap structural check, metadata only: every shard a member of the folder, of its size
-            self._member(s["name"], s["bytes"])
+        for i, s in enumerate(self.shards):  # cheap structural check, metadata only: each a member of the folder, of its size
+            self._member(f"shards[{i}]", s)
         docs = self.manifest["data"].get("documents_file")
         if docs:
-            self._member(docs["name"], docs["bytes"], file=True)
+            self._member("data.documents_file", docs, file=True)
         if verify == "full":
             self.verify()
 
@@ -231,29 +231,32 @@ class Cache:
         return int(self.manifest["vocab_size"])
 
     # -- integrity ------------------------------------------------------------------------------
-    def _member(self, name: str, size: int, file: bool = False) -> Path:
-        """folder/name once it is a plain member of the folder (validate.member_path) of the recorded size (a file
-        only, if `file`), from metadata alone; raise CorruptShardError naming it, never echoing what is there."""
-        path = self.folder / name
-        member_path(self.folder, name)
+    def _member(self, key: str, entry: dict, file: bool = False) -> Path:
+        """folder/entry["name"] once it is a plain member of the folder (validate.member_path) of the size the
+        manifest's `key` records (a file only, if `file`), from metadata alone; raise CorruptShardError naming the
+        file and the key, never echoing what is there."""
+        path = self.folder / entry["name"]
+        member_path(self.folder, entry["name"])
         if file and not stat.S_ISREG(os.stat(path).st_mode):
-            raise CorruptShardError(path, "is not a regular file")
-        if size_on_disk(path) != size:
-            raise CorruptShardError(path, f"its size differs from the manifest's {size} bytes (truncated or replaced)")
+            raise CorruptShardError(path, f"is not a regular file (manifest key {key!r})")
+        if size_on_disk(path) != entry["bytes"]:
+            raise CorruptShardError(path, f"its size differs from the {entry['bytes']} bytes of the manifest's "
+                                    f"{key}.bytes (truncated or replaced)")
         return path
 
     def _verified_reader(self, index: int):
         """Check one shard, then give its opened reader: where it is and its size (metadata), its sha256 against
         the manifest (before any parser reads it), its row count, then its values block by block."""
         s = self.shards[index]
-        path = self._member(s["name"], s["bytes"])
+        path = self._member(f"shards[{index}]", s)
         if checksum(path) != s["sha256"]:
-            raise CorruptShardError(path, "its sha256 does not match the manifest's (altered, or copied from another cache)")
+            raise CorruptShardError(path, f"its sha256 does not match the manifest's shards[{index}].sha256 (altered, or "
+                                    "copied from another cache)")
         reader = get_backend(self.format)(path, self.schema)
         found = len(reader.read("length", 0, s["rows"] + 1))
         if found != s["rows"]:
             raise CorruptShardError(path, f"holds {'more than ' if found > s['rows'] else ''}{min(found, s['rows'])} rows, "
-                                    f"the manifest says {s['rows']}")
+                                    f"the manifest says {s['rows']} (shards[{index}].rows)")
         block = max(1, _VERIFY_BLOCK_BYTES // max(1, row_bytes(self.schema)))
         for a in range(0, s["rows"], block):
             b = min(s["rows"], a + block)
@@ -273,9 +276,9 @@ class Cache:
             self.verify_shard(i)
         docs = self.manifest["data"].get("documents_file")
         if docs:
-            path = self._member(docs["name"], docs["bytes"], file=True)
+            path = self._member("data.documents_file", docs, file=True)
             if checksum(path) != docs["sha256"]:
-                raise CorruptShardError(path, "its sha256 does not match the manifest's")
+                raise CorruptShardError(path, "its sha256 does not match the manifest's data.documents_file.sha256")
 
     # -- rows -----------------------------------------------------------------------------------
     def _shard(self, index: int):

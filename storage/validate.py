@@ -8,9 +8,9 @@ before it is used, and nothing it names is opened unless it is a plain member of
   exactly the fields `cache_schema` declares for the manifest's vocab_size, top_k, seq_len and log-prob
   storage; q8 parameters are in range; shard names are the ones the backend registry gives shard i; row
   counts add up (first_row contiguous from 0, sum of rows == num_sequences, ...).
-- `member_path` / `tree_files`: a file the manifest names resolves (symlinks included) inside the cache folder
-  and is a regular file, or a folder holding only regular files and folders (no symlink, FIFO, socket or
-  device anywhere). Sizes are checked before anything is read, hashes before anything is parsed.
+- `member_path` (and backends.shard_files): a file the manifest names resolves (symlinks included) inside the
+  cache folder and is a regular file, or a folder holding only regular files and folders (no symlink, FIFO,
+  socket or device anywhere). The reader checks sizes before anything is read, hashes before anything is parsed.
 
 Every error names the manifest (or the file) and the key, and never echoes the size or content of a file
 outside the cache folder.
@@ -30,7 +30,7 @@ from .schema import ENCODINGS, LOGPROB_DTYPES, READABLE_SCHEMA_VERSIONS, cache_s
 
 MAX_MANIFEST_BYTES = 64 * 2**20  # a shard entry is ~200 bytes: room for 300k shards, and never a flood of memory
 MAX_DEPTH = 32  # our manifests nest 4 deep (manifest > schema > field > encoding); 32 leaves room, not a stack overflow
-MAX_VOCAB = 2**32  # ids are stored in at most uint32 for any vocabulary this code has met; 2**32 ids is 16 GiB of embeddings
+MAX_VOCAB = 2**32  # every id fits uint32 (id_dtype); a larger vocabulary is no teacher's, only a way to force uint64 ids
 MAX_SEQ_LEN = 2**24  # 16M tokens a row: far beyond any context length, small enough that shapes stay int64-safe
 MAX_Q8_GAP = 64.0  # nats: e^-64 is 1.6e-28, below float32's resolution next to any probability that matters
 DOCUMENTS = "documents.npy"  # the one auxiliary file; data.documents_file.name may hold nothing else
@@ -198,7 +198,7 @@ def logprob_storage(schema: list, top: _Object) -> str:
     if encoding is not None:
         name = encoding.get("name") if isinstance(encoding, dict) else encoding
         if name not in ENCODINGS:
-            top.fail("schema", f"field 'topk_logprobs' has the unknown encoding {name!r} (this mft-cache decodes "
+            top.fail("schema", f"field 'topk_logprobs' has the unknown encoding {repr(name)[:40]} (this mft-cache decodes "
                      f"{ENCODINGS}); use the mft-cache version that wrote it")
         return name
     dtype = field.get("dtype")
@@ -289,10 +289,11 @@ def check_shards(top: _Object, *, fmt: str, seq_len: int) -> None:
 
 
 def check_documents(data: _Object) -> None:
-    """`data`: what the trainer reads (source, split, fingerprint) as strings, the counts as counts, and
-    documents.npy named exactly so, of a size np.save gives for num_documents + 1 int64 offsets."""
-    data.str("source"), data.str("split"), data.str("text_field", required=False), data.str("fingerprint", required=False)
-    data.str("documents_note", required=False)
+    """`data`: what the trainer reads (source, split, fingerprint) as strings where present (a storage-only writer
+    may leave `data` empty), the counts as counts, and documents.npy named exactly so, of at most the size np.save
+    gives for num_documents + 1 int64 offsets."""
+    for k in ("source", "split", "text_field", "fingerprint", "documents_note"):
+        data.str(k, required=False)
     num_documents = data.int("num_documents", 0, 2**40, required=False)
     data.int("num_empty_skipped", 0, 2**40, required=False)
     docs = data.obj("documents_file", required=False)
@@ -330,8 +331,8 @@ def validate_manifest(manifest: dict, path: Path) -> None:
     for k in ("path", "architecture", "config_fingerprint", "weights_fingerprint", "dtype"):
         model.str(k, required=False, nullable=True)
     model.bool("tied_embeddings", required=False, nullable=True)
-    tokenizer = top.obj("tokenizer")
-    tokenizer.str("fingerprint"), tokenizer.str("class", required=False)
+    tokenizer = top.obj("tokenizer")  # a storage-only writer (bench/storage_io.py) may leave it empty
+    tokenizer.str("fingerprint", required=False), tokenizer.str("class", required=False)
     tokenizer.int("bos_token_id", 0, MAX_VOCAB, required=False, nullable=True)
     tokenizer.int("eos_token_id", 0, MAX_VOCAB, required=False, nullable=True)
     check_documents(top.obj("data"))
