@@ -1,6 +1,9 @@
 """`mft inspect CACHE`: what a cache holds and how good its teacher is on the labels."""
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 
 from mft_cache.storage import open_cache
@@ -29,7 +32,7 @@ def cache_stats(folder, verify: bool = False) -> dict:
         correct += int((valid & (top_ids[..., 0] == labels)).sum())
         label_lp_sum += float(label_lp[valid].sum())
         tail_sum += float(np.clip(1.0 - mass, 0.0, None)[valid].sum())
-    return {
+    return json_safe({
         "path": str(cache.folder),
         "format": m["format"],
         "schema_version": m["schema_version"],
@@ -49,7 +52,31 @@ def cache_stats(folder, verify: bool = False) -> dict:
         "bos_row_share": None if bos is None else bos_rows / max(m["num_sequences"], 1),
         "num_processes": m.get("num_processes", 1),
         "verified": bool(verify),
-    }
+    })
+
+
+def json_safe(value):
+    """`value` with every NaN or infinite float (a mean over a label log-prob of -inf, say) replaced by None, so
+    `mft inspect --json` prints valid JSON (null) rather than Python's NaN/Infinity, which JSON parsers refuse."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def stats_json(stats: dict) -> str:
+    """The stats as one JSON object, strictly (allow_nan=False: a non-finite number is a bug, never output)."""
+    return json.dumps(json_safe(stats), indent=2, allow_nan=False)
+
+
+def _num(value, spec: str) -> str:
+    """A number of the stats for people: None (no tokens, or not finite: see json_safe) reads n/a."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def format_stats(s: dict) -> str:
@@ -57,12 +84,12 @@ def format_stats(s: dict) -> str:
         ("cache", s["path"]), ("format", s["format"]), ("model", s["model"]), ("vocabulary", f"{s['vocab_size']:,}"),
         ("top-k", s["top_k"]), ("sequences", f"{s['num_sequences']:,} x {s['seq_len']} tokens"),
         ("tokens (positions)", f"{s['num_tokens']:,}"), ("shards", s["num_shards"]),
-        ("bytes per token", f"{s['bytes_per_token']:.1f}"), ("top-k log-probs stored as", s["logprob_storage"]),
+        ("bytes per token", _num(s["bytes_per_token"], ".1f")), ("top-k log-probs stored as", s["logprob_storage"]),
         ("rows starting with BOS", "n/a (no BOS token)" if s["bos_row_share"] is None
          else f"{s['bos_row_share']:.4f} (packing: {s['packing']})"),
-        ("teacher top-1 accuracy", f"{s['top1_accuracy']:.4f}"),
-        ("mean label log-prob", f"{s['mean_label_logprob']:.4f}"),
-        ("mean tail mass (outside top-k and label)", f"{s['mean_tail_mass']:.4f}"),
+        ("teacher top-1 accuracy", _num(s["top1_accuracy"], ".4f")),
+        ("mean label log-prob", _num(s["mean_label_logprob"], ".4f")),
+        ("mean tail mass (outside top-k and label)", _num(s["mean_tail_mass"], ".4f")),
         ("checksums", "verified" if s["verified"] else "not checked (--verify)"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -36,26 +37,61 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(f.fileno())
 
 
+def shard_files(path: Path) -> list[tuple[str | None, Path, int]]:
+    """The files of a shard, without opening any: [(None, path, size)] for a file, or for a folder
+    [(relative name, path, size)] of every file below it, sorted by name.
+
+    Only regular files and folders are accepted, never followed through a link: a symbolic link, FIFO, socket or
+    device anywhere in a shard could lead outside the cache, block a reader forever or never end.
+    Raises CorruptShardError naming the shard.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CorruptShardError(path, "missing") from None
+    if stat.S_ISREG(st.st_mode):
+        return [(None, path, st.st_size)]
+    if not stat.S_ISDIR(st.st_mode):
+        raise CorruptShardError(path, "is not a regular file or folder (a FIFO, socket or device)")
+    files, folders = [], [Path(path)]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for e in entries:
+                rel = Path(e.path).relative_to(path).as_posix()
+                if e.is_symlink():
+                    raise CorruptShardError(path, f"holds a symbolic link ({rel}); a shard holds only files and folders")
+                if e.is_dir(follow_symlinks=False):
+                    folders.append(Path(e.path))
+                elif e.is_file(follow_symlinks=False):
+                    files.append((rel, Path(e.path), e.stat(follow_symlinks=False).st_size))
+                else:
+                    raise CorruptShardError(path, f"holds {rel}, which is not a regular file (a FIFO, socket or device)")
+    return sorted(files, key=lambda f: f[0])
+
+
+def _hash_file(h, path: Path, shard: Path) -> None:
+    """Feed a regular file to `h` in 1 MiB blocks; opened without blocking, so a FIFO swapped in never hangs."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptShardError(shard, "changed into something other than a regular file while it was read")
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
 def checksum(path: Path) -> str:
     """sha256 of a shard: of the file, or of every file of a folder (relative name and bytes, sorted)."""
     h = hashlib.sha256()
-    if path.is_file():
-        files = [(None, path)]
-    else:
-        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
-    for rel, p in files:
+    for rel, p, _ in shard_files(path):
         if rel is not None:
             h.update(rel.encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        _hash_file(h, p, path)
     return h.hexdigest()
 
 
 def size_on_disk(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of a shard's files (shard_files), from their metadata only."""
+    return sum(size for _, _, size in shard_files(path))
 
 
 def _check_arrays(schema: tuple[Field, ...], arrays: dict[str, np.ndarray]) -> int:
@@ -102,14 +138,28 @@ class ZarrBackend:
         try:
             self.group = zarr.open_group(store=str(path), mode="r", zarr_format=3)
             self.arrays = {name: self.group[name] for name in self.schema}
+            stored = {name: (np.dtype(a.dtype), tuple(a.shape)) for name, a in self.arrays.items()}
         except Exception as e:  # zarr raises a zoo of types for a damaged store
             raise CorruptShardError(path, f"cannot open as a Zarr v3 group ({type(e).__name__}: {e})") from e
+        _check_stored(path, schema, stored)
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         try:
             return np.asarray(self.arrays[name][start:stop])
         except Exception as e:
             raise CorruptShardError(self.path, f"cannot read field {name!r} rows {start}:{stop} ({type(e).__name__}: {e})") from e
+
+
+def _check_stored(path: Path, schema: tuple[Field, ...], stored: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
+    """The arrays a shard declares must be the schema's fields, with one row count: a declared shape is what a
+    reader allocates, so a shard that disagrees with its manifest is refused before any value is read."""
+    for f in schema:
+        dtype, shape = stored[f.name]
+        if dtype != np.dtype(f.dtype) or shape[1:] != f.shape:
+            raise CorruptShardError(path, f"field {f.name!r} is stored as {dtype} rows of shape {list(shape[1:])}, the "
+                                    f"manifest's schema says {f.dtype} rows of shape {list(f.shape)}")
+    if len({shape[0] for _, shape in stored.values()}) > 1:
+        raise CorruptShardError(path, "its fields hold different numbers of rows")
 
 
 def _arrow_type(f: Field) -> pa.DataType:
@@ -149,10 +199,15 @@ class ArrowBackend:
             table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
             self.columns = {}
             for name, f in self.fields.items():
+                if table.schema.field(name).type != _arrow_type(f):  # same size, other shape: reshape would not notice
+                    raise CorruptShardError(path, f"field {name!r} is stored as {table.schema.field(name).type}, the "
+                                            f"manifest's schema says {_arrow_type(f)}")
                 col = table.column(name).combine_chunks()
                 for _ in f.shape:
                     col = col.flatten()
                 self.columns[name] = col.to_numpy(zero_copy_only=True).reshape(table.num_rows, *f.shape)
+        except CorruptShardError:
+            raise
         except (pa.ArrowException, KeyError, ValueError, OSError) as e:
             raise CorruptShardError(path, f"cannot read as an Arrow IPC stream ({type(e).__name__}: {e})") from e
 

@@ -13,7 +13,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .schema import ENCODINGS, FORMAT_NAME, READABLE_SCHEMA_VERSIONS, Field, schema_version_of, value_semantics
+from .schema import FORMAT_NAME, READABLE_SCHEMA_VERSIONS, Field, schema_version_of, value_semantics
+from .validate import DOCUMENTS, ManifestError, read_manifest_json, validate_manifest
 
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = (
@@ -22,7 +23,6 @@ REQUIRED_KEYS = (
 )
 
 
-DOCUMENTS = "documents.npy"
 DOCUMENTS_NOTE = ("documents.npy: int64 start offset of each document in the packed token stream (see packing for "
                   "how rows are cut from it), then the total")
 
@@ -68,10 +68,6 @@ def build_manifest(meta: CacheMetadata, *, fmt: str, schema: tuple[Field, ...], 
     return manifest
 
 
-class ManifestError(ValueError):
-    """The manifest is missing, unreadable, of another version, or altered."""
-
-
 def _canonical(d: dict) -> bytes:
     return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
@@ -101,20 +97,22 @@ def save_manifest(folder: Path, manifest: dict) -> dict:
 
 
 def load_manifest(folder: Path) -> dict:
-    """Read and validate `folder/manifest.json`; raise ManifestError naming the problem."""
+    """Read and validate `folder/manifest.json`; raise ManifestError naming the problem.
+
+    The manifest is untrusted input (anyone can edit it and recompute its sha256): after the checks of format,
+    version and self-checksum, validate.validate_manifest checks every key this version reads (types, ranges,
+    the schema against cache_schema, shard names and row counts). See storage/validate.py.
+    """
     path = Path(folder) / MANIFEST
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"cache folder {folder} does not exist")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ManifestError(f"{path} not found: {folder} is not a finished mft-cache (unfinished or not a cache)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path} is not valid JSON: {e}") from e
+    manifest = read_manifest_json(path)
     if not isinstance(manifest, dict) or manifest.get("format_name") != FORMAT_NAME:
         raise ManifestError(f"{path} is not an mft-cache manifest (format_name != {FORMAT_NAME!r})")
     version = manifest.get("schema_version")
-    if version not in READABLE_SCHEMA_VERSIONS:
+    if type(version) is not int or version not in READABLE_SCHEMA_VERSIONS:
         raise ManifestError(
             f"{path}: unknown schema_version {version!r}; this mft-cache reads schema versions "
             f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}. "
@@ -125,11 +123,5 @@ def load_manifest(folder: Path) -> dict:
         raise ManifestError(f"{path} lacks required keys {missing}")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise ManifestError(f"{path} was modified after it was written (manifest_sha256 does not match its content)")
-    for field in manifest["schema"]:
-        name = (field.get("encoding") or {}).get("name")
-        if field.get("encoding") is not None and name not in ENCODINGS:
-            raise ManifestError(f"{path}: field {field.get('name')!r} has the unknown encoding {name!r} "
-                                f"(this mft-cache decodes {ENCODINGS}); use the mft-cache version that wrote it")
-    if version != schema_version_of(manifest["schema"]):
-        raise ManifestError(f"{path}: schema_version {version} does not match its fields (encoded fields need version 2)")
+    validate_manifest(manifest, path)
     return manifest

@@ -16,38 +16,115 @@ gives the stored fields.
 from __future__ import annotations
 
 import bisect
-import hashlib
+import math
+import os
+import stat
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .backends import BACKENDS, CorruptShardError, checksum, get_backend, size_on_disk
-from .manifest import ManifestError, load_manifest
-from .encoding import Q8, decode_q8, q8_bad_rows
-from .schema import Field, schema_from_json
+from .backends import CorruptShardError, checksum, get_backend, size_on_disk
+from .encoding import Q8, Q8_GAP_MAX, Q8_LEVELS, decode_q8, q8_bad_rows
+from .manifest import MANIFEST, ManifestError, load_manifest
+from .packing import label_mask, rule_of
+from .schema import Field, row_bytes, schema_from_json
+from .validate import member_path
 
 VERIFY_MODES = ("none", "lazy", "full")
 REQUIRED_FIELDS = ("input_ids", "length", "topk_ids", "topk_logprobs", "label_logprob")
 _LOGPROB_SLACK = 1e-3  # log_softmax can round a hair above 0; anything more is not a log-probability
+_VERIFY_BLOCK_BYTES = 16 * 2**20  # verification reads a shard this many uncompressed bytes at a time
+
+# How far the stored values may stray from a distribution, in probability (absolute: a target's error is absolute).
+# float16/float32: a stored log-prob is the teacher's float32 value rounded to float16, |error| <= 2**-11 |lp|, so
+# each p_j moves by at most 2**-11 p_j |ln p_j|; over kept ids whose probabilities sum to at most 1 that is at most
+# 2**-11 ln(K) (the entropy bound): 0.0054 for K = 65,536. 0.01 covers it and float32 rounding of the log_softmax.
+MASS_TOLERANCE = 0.01
+
+
+def q8_mass_tolerance(gap_max: float = Q8_GAP_MAX) -> float:
+    """The tolerance for q8-decoded values. q8 decodes a gap g < gap_max with |error| <= sqrt(g)/scale + 1/(4 scale^2)
+    nats (encoding.py), and sqrt(g)/scale <= sqrt(gap_max)/scale = gap_max/levels, so a decoded p_j is at most
+    p_j * exp(gap_max/levels + gap_max/(4 levels^2)): a relative error of 0.0648 for gap_max 16 (<= 4/63.75 nats).
+    MASS_TOLERANCE on top covers the float32 arithmetic and the gaps beyond gap_max that decode as gap_max (each
+    such p_j raised to at most e^-16 p_max: under 1e-4 in all for K < 1,000): 0.0748 for gap_max 16."""
+    return math.expm1(gap_max / Q8_LEVELS + gap_max / (4 * Q8_LEVELS**2)) + MASS_TOLERANCE
+
+
+def check_distributions(arrays: dict[str, np.ndarray], logprobs: np.ndarray, trained: np.ndarray, tolerance: float,
+                        bad) -> None:
+    """Refuse top-k values that no distribution gives, at trained positions only (the others hold zeros).
+
+    Args:
+        arrays: input_ids (R, T), topk_ids (R, T-1, K), label_logprob (R, T-1) of some rows.
+        logprobs: (R, T-1, K) the top-k log-probs as readers get them (q8 decoded), no NaN.
+        trained: (R, T-1) bool, packing.label_mask.
+        tolerance: in probability (MASS_TOLERANCE, q8_mass_tolerance).
+        bad: bad(field, what, rows) raises, naming the first row where rows (R,) is set.
+    Checks: log-probs sorted descending along k (ties and -inf allowed); ids unique at a position; the
+    probabilities of the kept ids (the top-k, plus the label where it is not among them) sum to at most
+    1 + tolerance; the label's probability equals its top-k column where the label is among the ids, and does not
+    exceed the k-th probability where it is not (both within tolerance).
+    """
+    if not trained.any():
+        return
+    where = np.nonzero(trained)[0]  # (N,) the row of each trained position, ascending
+
+    def rows(flags: np.ndarray) -> np.ndarray:  # (N,) -> (R,)
+        out = np.zeros(len(trained), dtype=bool)
+        out[where[flags]] = True
+        return out
+
+    lp = logprobs[trained].astype(np.float32, copy=False)  # (N, K)
+    unsorted = (lp[:, 1:] > lp[:, :-1]).any(1)  # (N,)
+    if unsorted.any():
+        bad("topk_logprobs", "log-probabilities not sorted descending along k at a trained position", rows(unsorted))
+    ids = arrays["topk_ids"][trained].astype(np.int64)  # (N, K)
+    ordered = np.sort(ids, axis=1)
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+    if repeated.any():
+        bad("topk_ids", "the same id twice at one trained position", rows(repeated))
+    labels = arrays["input_ids"][:, 1:][trained].astype(np.int64)  # (N,)
+    hit = ids == labels[:, None]  # (N, K)
+    in_topk = hit.any(1)
+    p = np.exp(lp)  # (N, K)
+    p_label = np.exp(arrays["label_logprob"][trained].astype(np.float32))  # (N,)
+    mass = p.sum(1) + np.where(in_topk, 0.0, p_label)
+    over = mass > 1 + tolerance
+    if over.any():
+        bad("topk_logprobs", f"probabilities summing to {mass[over][0]:.4g} at a trained position (the top-k, plus the "
+            f"label where it is not among them), above 1 + {tolerance:.3g}", rows(over))
+    differs = in_topk & (np.abs((p * hit).sum(1) - p_label) > tolerance)
+    if differs.any():
+        bad("label_logprob", f"a label probability that differs from the label's top-k column by more than {tolerance:.3g}",
+            rows(differs))
+    above = ~in_topk & (p_label > p[:, -1] + tolerance)
+    if above.any():
+        bad("label_logprob", f"a label probability above the k-th top-k probability (+ {tolerance:.3g}) although the "
+            "label is not among the top-k ids", rows(above))
 
 
 def validate_values(arrays: dict[str, np.ndarray], *, vocab_size: int, seq_len: int, path: Path,
-                    schema: tuple[Field, ...] = ()) -> None:
+                    schema: tuple[Field, ...] = (), bos_id: int | None = None, first_row: int = 0) -> None:
     """Refuse values no teacher can produce: ids outside the vocabulary, lengths outside [0, seq_len],
-    NaN or +inf or positive log-probs (-inf is a legal log-prob: probability 0).
+    NaN or +inf or positive log-probs (-inf is a legal log-prob: probability 0); then, at the trained
+    positions, top-k values that describe no distribution (check_distributions).
 
     Args:
         arrays: the stored fields of some rows, as read (encoded fields not decoded).
         schema: the cache's fields; a field with an encoding is checked as that encoding stores it:
             q8 `topk_logprobs` codes must decode within [0, levels] with column 0 at 0, and its
-            `top1_logprob` must be finite and not positive.
+            `top1_logprob` must be finite and not positive. Without a schema (or without
+            `topk_logprobs` in `arrays`) only the first checks run.
+        bos_id: the cache's packing rule (packing.rule_of(manifest)), which says which positions are trained.
+        first_row: the row of the shard `arrays` starts at, for messages.
     Raises:
         CorruptShardError naming `path`, the field, the problem and the first bad row.
     """
     def bad(field: str, what: str, mask: np.ndarray):
-        row = int(np.argwhere(mask)[0][0])
+        row = first_row + int(np.argwhere(mask)[0][0])
         raise CorruptShardError(path, f"field {field!r} holds {what} (row {row} of the shard)")
 
     length = arrays["length"]
@@ -75,6 +152,12 @@ def validate_values(arrays: dict[str, np.ndarray], *, vocab_size: int, seq_len: 
         wrong = np.isnan(a) | (a > _LOGPROB_SLACK)
         if wrong.any():
             bad(name, "NaN, +inf or positive log-probabilities", wrong.reshape(len(a), -1).any(1))
+    if not schema:
+        return
+    decoded = decode_rows(arrays, schema)["topk_logprobs"]  # (R, T-1, K) what readers get: codes checked above
+    lp_field = next(f for f in schema if f.name == "topk_logprobs")
+    tolerance = q8_mass_tolerance(lp_field.encoding["gap_max"]) if lp_field.encoding else MASS_TOLERANCE
+    check_distributions(arrays, decoded, label_mask(arrays["input_ids"], arrays["length"], bos_id), tolerance, bad)
 
 
 def decode_rows(arrays: dict[str, np.ndarray], schema: tuple[Field, ...]) -> dict[str, np.ndarray]:
@@ -111,10 +194,8 @@ class Cache:
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         self.folder = Path(folder)
-        self.manifest = load_manifest(self.folder)
+        self.manifest = load_manifest(self.folder)  # validated: types, ranges, schema, shard names, row counts
         self.format = self.manifest["format"]
-        if self.format not in BACKENDS:
-            raise ValueError(f"{self.folder / 'manifest.json'}: unknown format {self.format!r} (known: {tuple(BACKENDS)})")
         self.schema: tuple[Field, ...] = schema_from_json(self.manifest["schema"])
         missing = [f for f in REQUIRED_FIELDS if f not in {x.name for x in self.schema}]
         if missing:
@@ -125,12 +206,11 @@ class Cache:
         self._verified: set[int] = set()
         self._lock = threading.Lock()
         self.verify_mode = verify
-        for s in self.shards:  # cheap structural check: every shard present with its size
-            path = self.folder / s["name"]
-            if not path.exists():
-                raise CorruptShardError(path, "missing")
-            if size_on_disk(path) != s["bytes"]:
-                raise CorruptShardError(path, f"size {size_on_disk(path)} bytes, manifest says {s['bytes']} (truncated or replaced)")
+        for i, s in enumerate(self.shards):  # cheap structural check, metadata only: each a member of the folder, of its size
+            self._member(f"shards[{i}]", s)
+        docs = self.manifest["data"].get("documents_file")
+        if docs:
+            self._member("data.documents_file", docs, file=True)
         if verify == "full":
             self.verify()
 
@@ -151,19 +231,44 @@ class Cache:
         return int(self.manifest["vocab_size"])
 
     # -- integrity ------------------------------------------------------------------------------
-    def verify_shard(self, index: int) -> None:
-        """Check one shard's sha256 against the manifest, then its values (validate_values)."""
+    def _member(self, key: str, entry: dict, file: bool = False) -> Path:
+        """folder/entry["name"] once it is a plain member of the folder (validate.member_path) of the size the
+        manifest's `key` records (a file only, if `file`), from metadata alone; raise CorruptShardError naming the
+        file and the key, never echoing what is there."""
+        path = self.folder / entry["name"]
+        member_path(self.folder, entry["name"])
+        if file and not stat.S_ISREG(os.stat(path).st_mode):
+            raise CorruptShardError(path, f"is not a regular file (manifest key {key!r})")
+        if size_on_disk(path) != entry["bytes"]:
+            raise CorruptShardError(path, f"its size differs from the {entry['bytes']} bytes of the manifest's "
+                                    f"{key}.bytes (truncated or replaced)")
+        return path
+
+    def _verified_reader(self, index: int):
+        """Check one shard, then give its opened reader: where it is and its size (metadata), its sha256 against
+        the manifest (before any parser reads it), its row count, then its values block by block."""
         s = self.shards[index]
-        path = self.folder / s["name"]
-        if not path.exists():
-            raise CorruptShardError(path, "missing")
-        got = checksum(path)
-        if got != s["sha256"]:
-            raise CorruptShardError(path, f"sha256 {got[:12]}... does not match the manifest's {s['sha256'][:12]}... (altered, or copied from another cache)")
+        path = self._member(f"shards[{index}]", s)
+        if checksum(path) != s["sha256"]:
+            raise CorruptShardError(path, f"its sha256 does not match the manifest's shards[{index}].sha256 (altered, or "
+                                    "copied from another cache)")
         reader = get_backend(self.format)(path, self.schema)
-        validate_values({f.name: reader.read(f.name, 0, s["rows"]) for f in self.schema},
-                        vocab_size=self.vocab_size, seq_len=self.seq_len, path=path, schema=self.schema)
+        found = len(reader.read("length", 0, s["rows"] + 1))
+        if found != s["rows"]:
+            raise CorruptShardError(path, f"holds {'more than ' if found > s['rows'] else ''}{min(found, s['rows'])} rows, "
+                                    f"the manifest says {s['rows']} (shards[{index}].rows)")
+        block = max(1, _VERIFY_BLOCK_BYTES // max(1, row_bytes(self.schema)))
+        for a in range(0, s["rows"], block):
+            b = min(s["rows"], a + block)
+            validate_values({f.name: reader.read(f.name, a, b) for f in self.schema}, vocab_size=self.vocab_size,
+                            seq_len=self.seq_len, path=path, schema=self.schema, bos_id=rule_of(self.manifest),
+                            first_row=a)
         self._verified.add(index)
+        return reader
+
+    def verify_shard(self, index: int) -> None:
+        """Check one shard's place, size and sha256 against the manifest, then its row count and values (validate_values)."""
+        self._verified_reader(index)
 
     def verify(self) -> None:
         """Check every shard's checksum and values, and the auxiliary files; raise CorruptShardError naming the first bad one."""
@@ -171,17 +276,18 @@ class Cache:
             self.verify_shard(i)
         docs = self.manifest["data"].get("documents_file")
         if docs:
-            path = self.folder / docs["name"]
-            if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != docs["sha256"]:
-                raise CorruptShardError(path, "missing or its sha256 does not match the manifest")
+            path = self._member("data.documents_file", docs, file=True)
+            if checksum(path) != docs["sha256"]:
+                raise CorruptShardError(path, "its sha256 does not match the manifest's data.documents_file.sha256")
 
     # -- rows -----------------------------------------------------------------------------------
     def _shard(self, index: int):
         with self._lock:
             if index not in self._open:
                 if self.verify_mode != "none" and index not in self._verified:
-                    self.verify_shard(index)  # checksum before any parser touches the bytes
-                self._open[index] = get_backend(self.format)(self.folder / self.shards[index]["name"], self.schema)
+                    self._open[index] = self._verified_reader(index)  # checksum before any parser touches the bytes
+                else:
+                    self._open[index] = get_backend(self.format)(self.folder / self.shards[index]["name"], self.schema)
             return self._open[index]
 
     def locate(self, row: int) -> tuple[int, int]:
@@ -211,9 +317,17 @@ class Cache:
         while row < stop:
             i, local = self.locate(row)
             n = min(stop - row, self.shards[i]["rows"] - local)
+            if n <= 0:  # load_manifest makes the rows add up; never loop on a manifest changed since
+                raise ManifestError(f"{self.folder / MANIFEST}: row {row} lies past the end of the last shard "
+                                    f"(num_sequences exceeds the shards' rows)")
             reader = self._shard(i)
             for f in self.schema:
-                parts[f.name].append(reader.read(f.name, local, local + n))
+                a = reader.read(f.name, local, local + n)
+                if len(a) != n:
+                    raise CorruptShardError(self.folder / self.shards[i]["name"], f"field {f.name!r} gave {len(a)} rows "
+                                            f"for rows {local}:{local + n}; the manifest says the shard holds "
+                                            f"{self.shards[i]['rows']}")
+                parts[f.name].append(a)
             row += n
         arrays = {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in parts.items()}
         return arrays if raw or not self.encoded else decode_rows(arrays, self.schema)

@@ -41,14 +41,20 @@ def npz():
 
 
 def shard_arrays(rows: int, first: int, seq_len=6, k=3, vocab=50):
+    """Random rows that describe distributions, as the reader checks: sorted log-probs of unique ids, and the
+    label's log-prob its top-k column where it is among them, else at most the k-th."""
     rng = np.random.default_rng(first)
     lp = np.sort(np.log(rng.dirichlet(np.ones(k + 2), size=(rows, seq_len - 1)))[..., :k], -1)[..., ::-1]
-    return {"input_ids": rng.integers(0, vocab, (rows, seq_len)).astype(np.uint8),
-            "length": np.full(rows, seq_len, np.int32),
-            "topk_ids": np.stack([rng.permutation(vocab)[:k] for _ in range(rows * (seq_len - 1))]).reshape(
-                rows, seq_len - 1, k).astype(np.uint8),
-            "topk_logprobs": lp.astype(np.float16),
-            "label_logprob": np.full((rows, seq_len - 1), -5.0, np.float32)}
+    lp = lp.astype(np.float16)
+    input_ids = rng.integers(0, vocab, (rows, seq_len)).astype(np.uint8)
+    topk_ids = np.stack([rng.permutation(vocab)[:k] for _ in range(rows * (seq_len - 1))]).reshape(
+        rows, seq_len - 1, k).astype(np.uint8)
+    hit = topk_ids == input_ids[:, 1:, None]  # (R, T-1, K)
+    column = np.take_along_axis(lp, hit.argmax(-1)[..., None], -1)[..., 0].astype(np.float32)
+    tail = np.log(np.clip(1 - np.exp(lp.astype(np.float64)).sum(-1), 1e-30, None))  # the mass left for the label
+    outside = np.minimum(lp[..., -1], tail).astype(np.float32)
+    return {"input_ids": input_ids, "length": np.full(rows, seq_len, np.int32), "topk_ids": topk_ids,
+            "topk_logprobs": lp, "label_logprob": np.where(hit.any(-1), column, outside)}
 
 
 def test_a_registered_backend_writes_resumes_and_reads(npz, tmp_path):
