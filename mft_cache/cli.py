@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import sys
@@ -74,10 +73,10 @@ def _run(args: argparse.Namespace) -> int:
 
             build_cache(from_namespace(CacheConfig, args))
         elif args.command == "inspect":
-            from mft_cache.pipeline.inspect import cache_stats, format_stats
+            from mft_cache.pipeline.inspect import cache_stats, format_stats, stats_json
 
             stats = cache_stats(args.cache, verify=args.verify)
-            print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+            print(stats_json(stats) if args.json else format_stats(stats))
         elif args.command == "train":
             from mft_cache.trainer.config import TrainConfig
             from mft_cache.trainer.train import train
