@@ -10,6 +10,11 @@ from .loss import LOSS_IMPLS
 from .targets import OBJECTIVES, TAIL_MODES
 
 
+# the keys config.json holds besides TrainConfig's own: what the run resolved (written, never read back as options;
+# `--config` of a run's config.json skips them)
+RESOLVED_KEYS = ("resolved_model", "num_processes", "global_batch", "cache_manifest_sha256", "cache_top_k")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     cache: str = opt("caches/demo", "cache folder written by `mft cache` (ignored with --teacher online)")

@@ -21,7 +21,7 @@ from mft_cache.folder_lock import LOCK_FILE, FolderLock
 from mft_cache.storage.manifest import write_json_atomic
 
 from .checkpoint import STATE_FILE, read_state, usable_checkpoint
-from .config import TrainConfig
+from .config import RESOLVED_KEYS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ _IGNORED_ON_RESUME = ("out", "resume", "overwrite", "log_every")  # out: `./x` a
 # config.json keys besides TrainConfig's own, and their JSON types
 _RESOLVED_TYPES = {"resolved_model": (str,), "num_processes": (int,), "global_batch": (int,),
                    "cache_manifest_sha256": (str, type(None)), "cache_top_k": (int, type(None))}
+assert set(_RESOLVED_TYPES) == set(RESOLVED_KEYS)
 
 
 def resolve_out(out: str) -> Path:

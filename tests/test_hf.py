@@ -1,0 +1,136 @@
+"""The Hugging Face habits (docs/HF.md): config files, trackers, model cards, the cache in a user's own
+transformers.Trainer, and the Hub paths failing offline."""
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mft_cache.cli import main, parse
+from mft_cache.pipeline.cache import CacheConfig, build_cache
+
+SEQ = 32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(llama, docs_jsonl, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hf-caches") / "c"
+    build_cache(CacheConfig(model=str(llama), data=str(docs_jsonl), out=str(out), seq_len=SEQ, top_k=16))
+    return out
+
+
+def tiny_flags(cache: Path, docs: Path, out: Path) -> list[str]:
+    return ["--cache", str(cache), "--out", str(out), "--steps", "3", "--batch-size", "2", "--lr", "3e-3",
+            "--warmup-steps", "1", "--eval-every", "2", "--save-every", "0", "--eval-specialized", str(docs),
+            "--eval-general", str(docs), "--eval-max-sequences", "2", "--tau", "0.5"]
+
+
+def config_json(run: Path) -> dict:
+    return json.loads((run / "config.json").read_text())
+
+
+# -- config files ----------------------------------------------------------------------------------------
+def test_a_yaml_config_and_the_same_flags_give_identical_config_json(cache, docs_jsonl, tmp_path):
+    flags = tiny_flags(cache, docs_jsonl, tmp_path / "flags")
+    assert main(["train", *flags]) == 0
+    options = {k: v for k, v in config_json(tmp_path / "flags").items() if k in dict(zip(
+        [f[2:].replace("-", "_") for f in flags[::2]], flags[1::2]))}
+    (tmp_path / "c.yaml").write_text("train:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in options.items()))
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "yaml")]) == 0
+    a, b = config_json(tmp_path / "flags"), config_json(tmp_path / "yaml")
+    assert a.pop("out") != b.pop("out") and a == b
+
+
+def test_a_runs_config_json_reproduces_it(cache, docs_jsonl, tmp_path):
+    assert main(["train", *tiny_flags(cache, docs_jsonl, tmp_path / "x"), "--seed", "3"]) == 0
+    assert main(["train", "--config", str(tmp_path / "x" / "config.json"), "--out", str(tmp_path / "y")]) == 0
+    a, b = config_json(tmp_path / "x"), config_json(tmp_path / "y")
+    assert a.pop("out") != b.pop("out") and a == b
+    lines = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "xy"]
+    assert [x["loss"] for x in lines[0] if x["type"] == "train"] == [x["loss"] for x in lines[1] if x["type"] == "train"]
+
+
+def test_flags_override_the_file_and_values_are_typed(tmp_path):
+    (tmp_path / "c.yaml").write_text("steps: 7\nlr: 3e-4\ntrain:\n  tau: '0.5'\n  steps: 8\nsweep:\n  taus: 0.5\n")
+    args = parse(["train", "--config", str(tmp_path / "c.yaml"), "--lr", "1e-3"])
+    assert (args.steps, args.lr, args.tau) == (8, 1e-3, 0.5) and isinstance(args.tau, float)
+    assert parse(["sweep", "--config", str(tmp_path / "c.yaml")]).taus == "0.5"
+
+
+@pytest.mark.parametrize("command, text, words", [
+    ("train", "stepz: 3\n", ["unknown key 'stepz'", "c.yaml"]),
+    ("train", "eval-every: 3\n", ["unknown key 'eval-every'", "eval_every"]),
+    ("cache", "tau: 0.5\n", ["unknown key 'tau'", "mft cache"]),
+    ("cache", "train:\n  tau: 0.5\nresolved_model: x\n", ["unknown key 'resolved_model'"]),
+    ("train", "steps: many\n", ["steps", "not a valid value"]),
+    ("train", "resume: 1\n", ["resume", "not a valid value"]),
+    ("train", "objective: sft\n", ["objective", "not one of"]),
+    ("train", "- steps\n", ["must hold a mapping"]),
+    ("train", "steps: [\n", ["not valid YAML"]),
+])
+def test_a_bad_config_file_exits_2_naming_the_key_and_the_file(command, text, words, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(SystemExit) as e:
+        main([command, "--config", str(tmp_path / "c.yaml")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(tmp_path / "c.yaml") in err and all(w in err for w in words), err
+
+
+# what `make -n PRESET=... cache train sweep study` ran before the presets moved into configs/*.yaml
+_OLD_MAKE = {
+    "demo": [
+        "cache --model assets/model --data assets/data/licenses_train.jsonl --out caches/demo --seq-len 256 --top-k 32 "
+        "--format zarr --batch-size 4",
+        "train --cache caches/demo --out runs/demo --objective mft --tau 0.25 --steps 60 --batch-size 4 --lr 1e-4 "
+        "--eval-every 20 --mixed-precision no --eval-specialized assets/data/licenses_val.jsonl --eval-general "
+        "assets/data/bbc_val.jsonl --eval-max-sequences 32 --resume",
+        "sweep --cache caches/demo --out runs/sweep --taus 0.1,0.25,0.5 --steps 60 --batch-size 4 --lr 1e-4 "
+        "--eval-every 20 --mixed-precision no --eval-specialized assets/data/licenses_val.jsonl --eval-general "
+        "assets/data/bbc_val.jsonl --eval-max-sequences 32 --resume",
+        "study --model assets/model --data assets/data/licenses_train.jsonl --out runs/study --seq-len 256 --steps 20 "
+        "--batch-size 4 --lr 5e-4 --tau 0.25 --eval-every 20 --save-every 5 --eval-specialized "
+        "assets/data/licenses_val.jsonl --eval-general assets/data/bbc_val.jsonl --eval-max-sequences 16 --parts abcd "
+        "--report STUDIES.md"],
+    "gpu": [
+        "cache --model assets/model --data assets/data/licenses_train_full.jsonl --out caches/gpu --seq-len 2048 "
+        "--top-k 32 --format zarr --batch-size 16",
+        "train --cache caches/gpu --out runs/gpu --objective mft --tau 0.25 --steps 1000 --batch-size 16 --lr 1e-5 "
+        "--eval-every 100 --mixed-precision bf16 --eval-specialized assets/data/licenses_val_full.jsonl "
+        "--eval-general assets/data/bbc_val_full.jsonl --eval-max-sequences 0 --resume",
+        "sweep --cache caches/gpu --out runs/sweep --taus 0.1,0.25,0.5 --steps 1000 --batch-size 16 --lr 1e-5 "
+        "--eval-every 100 --mixed-precision bf16 --eval-specialized assets/data/licenses_val_full.jsonl "
+        "--eval-general assets/data/bbc_val_full.jsonl --eval-max-sequences 0 --resume",
+        "study --model assets/model --data assets/data/licenses_train_full.jsonl --out runs/study --seq-len 2048 "
+        "--steps 20 --batch-size 16 --lr 5e-4 --tau 0.25 --eval-every 20 --save-every 5 --eval-specialized "
+        "assets/data/licenses_val_full.jsonl --eval-general assets/data/bbc_val_full.jsonl --eval-max-sequences 16 "
+        "--parts abcd --report STUDIES.md"],
+}
+
+
+def make_commands(*make_args: str) -> list[list[str]]:
+    """The mft command lines `make -n` would run (the executable dropped)."""
+    out = subprocess.run(["make", "-n", "-C", str(ROOT), *make_args], capture_output=True, text=True, check=True).stdout
+    lines = out.replace("\\\n", " ").splitlines()
+    return [shlex.split(x)[1:] for x in lines if "bin/mft " in x]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("preset", ["demo", "gpu"])
+def test_make_resolves_the_same_options_as_before_the_config_files(preset, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the config paths in the commands are relative to the repository
+    new = make_commands(f"PRESET={preset}", "cache", "train", "sweep", "study")
+    assert [vars(parse(c)) | {"config": None} for c in new] == [
+        vars(parse(shlex.split(c))) | {"config": None} for c in _OLD_MAKE[preset]]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_variables_still_override(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    [train] = make_commands("train", "TAU=0.1", "STEPS=100", "RUN=runs/x")
+    args = parse(train)
+    assert (args.tau, args.steps, args.out, args.lr) == (0.1, 100, "runs/x", 1e-4)
