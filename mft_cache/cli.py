@@ -9,7 +9,7 @@ import os
 import sys
 
 from . import interrupts
-from .config import add_arguments, add_config_argument, config_defaults, from_namespace
+from .config import add_arguments, add_config_argument, config_defaults, from_namespace, set_command_line
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -88,6 +88,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    set_command_line(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("MFT_LOG_LEVEL", "INFO"), format="%(message)s")
     with interrupts.handled():  # SIGTERM stops a command as Ctrl-C does
         return _run(args)

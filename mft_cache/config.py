@@ -8,7 +8,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shlex
+import sys
 import typing
+
+_COMMAND_LINE: list[str] | None = None  # what `mft` was given, for model cards
+
+
+def set_command_line(argv: list[str]) -> None:
+    global _COMMAND_LINE
+    _COMMAND_LINE = list(argv)
+
+
+def command_line() -> str:
+    """The command as typed (`mft train ...`), or this process's argv when `mft` was not the entry point."""
+    return shlex.join(["mft", *_COMMAND_LINE]) if _COMMAND_LINE is not None else shlex.join(sys.argv)
 
 
 def opt(default, help: str, choices=None):

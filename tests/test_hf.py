@@ -134,3 +134,101 @@ def test_make_variables_still_override(monkeypatch):
     [train] = make_commands("train", "TAU=0.1", "STEPS=100", "RUN=runs/x")
     args = parse(train)
     assert (args.tau, args.steps, args.out, args.lr) == (0.1, 100, "runs/x", 1e-4)
+
+
+# -- trackers -----------------------------------------------------------------------------------------------
+def scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the TensorBoard event files in `folder`, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def expected_scalars(run: Path) -> dict[str, dict[int, float]]:
+    """What metrics.jsonl says the trackers were sent."""
+    want: dict[str, dict[int, float]] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        prefix, keys = ("train", ("loss", "lr", "tokens_per_s")) if r["type"] == "train" else (
+            "eval", ("ppl_specialized", "ppl_general", "S", "DG", "ratio"))
+        for k in keys:
+            if r.get(k) is not None:
+                want.setdefault(f"{prefix}/{k}", {})[r["step"]] = r[k]
+    return want
+
+
+def assert_same_scalars(got: dict, want: dict) -> None:
+    assert set(got) == set(want), (sorted(got), sorted(want))
+    for tag in want:
+        assert set(got[tag]) == set(want[tag]), tag
+        for step, value in want[tag].items():
+            assert got[tag][step] == pytest.approx(value, rel=1e-6, abs=1e-12), (tag, step)  # stored as float32
+
+
+def test_tensorboard_events_hold_the_metrics_of_a_run(cache, docs_jsonl, tmp_path):
+    run = tmp_path / "tb"
+    assert main(["train", *tiny_flags(cache, docs_jsonl, run), "--report-to", "tensorboard", "--run-name", "r1"]) == 0
+    want = expected_scalars(run)
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "eval/ppl_specialized", "eval/ppl_general", "eval/S",
+            "eval/DG", "eval/ratio"} <= set(want) and set(want["train/loss"]) == {1, 2, 3}
+    assert_same_scalars(scalars(run / "tensorboard" / "r1"), want)
+
+
+def test_a_sweep_logs_every_tau_as_a_run_of_one_tensorboard_folder(cache, docs_jsonl, tmp_path):
+    flags = tiny_flags(cache, docs_jsonl, tmp_path / "sw")
+    flags[flags.index("--steps") + 1] = "2"
+    assert main(["sweep", *flags, "--taus", "0.25,1", "--no-ft", "--report-to", "tensorboard"]) == 0
+    names = sorted(p.name for p in (tmp_path / "sw" / "tensorboard").iterdir())
+    assert names == ["sw-mft-tau0.25", "sw-mft-tau1"]
+    for name, run in zip(names, ("mft-tau0.25", "mft-tau1")):
+        assert_same_scalars(scalars(tmp_path / "sw" / "tensorboard" / name), expected_scalars(tmp_path / "sw" / run))
+        assert config_json(tmp_path / "sw" / run)["run_name"] == name
+
+
+def test_a_tracker_that_is_not_installed_exits_2_naming_it(cache, docs_jsonl, tmp_path, capsys, monkeypatch):
+    from accelerate.utils import imports
+
+    monkeypatch.setattr(imports, "is_wandb_available", lambda: False)
+    assert main(["train", *tiny_flags(cache, docs_jsonl, tmp_path / "w"), "--report-to", "wandb"]) == 2
+    assert "--report-to wandb" in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+# -- model cards --------------------------------------------------------------------------------------------
+def test_best_and_final_carry_a_model_card_with_the_summary_numbers(cache, docs_jsonl, tmp_path):
+    from huggingface_hub import ModelCard
+
+    run = tmp_path / "card"
+    argv = ["train", *tiny_flags(cache, docs_jsonl, run)]
+    assert main(argv) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for folder, prefix in (("best", "best_"), ("final", "final_")):
+        card = ModelCard.load(run / folder / "README.md")
+        m = card.data.to_dict()["mft"]
+        assert m["ppl_specialized"] == pytest.approx(summary[f"{prefix}ppl_specialized"], rel=1e-12)
+        assert m["ppl_general"] == pytest.approx(summary[f"{prefix}ppl_general"], rel=1e-12)
+        got = (m["S"], m["DG"], m["ratio"])
+        want = (summary["S"], summary["DG"], summary["ratio"]) if folder == "best" else (
+            summary["final_S"], summary["final_DG"], summary["final_ratio"])
+        assert got == pytest.approx(want, rel=1e-12)
+        assert (m["base_ppl_specialized"], m["base_ppl_general"]) == (summary["base_ppl_specialized"],
+                                                                      summary["base_ppl_general"])
+        assert (m["objective"], m["tau"], m["cache_top_k"], m["cache_logprob_dtype"]) == ("mft", 0.5, 16, "float16")
+        assert m["data_fingerprint"] == manifest["data"]["fingerprint"]
+        assert m["cache_manifest_sha256"] == manifest["manifest_sha256"]
+        assert m["command"] == shlex.join(["mft", *argv]) and m["mft_cache_version"]
+        assert card.data.library_name == "transformers" and "mft-cache" in card.data.tags
+        assert shlex.join(["mft", *argv]) in card.text and f"{summary['S']:.4f}" in (run / "best" / "README.md").read_text()
+
+
+def test_an_adapters_card_says_it_is_one(cache, docs_jsonl, tmp_path):
+    from huggingface_hub import ModelCard
+
+    flags = tiny_flags(cache, docs_jsonl, tmp_path / "lora")
+    flags[flags.index("--steps") + 1] = "1"
+    assert main(["train", *flags, "--peft", "lora"]) == 0
+    card = ModelCard.load(tmp_path / "lora" / "final" / "README.md")
+    assert card.data.library_name == "peft" and card.data.to_dict()["mft"]["adapter"] == "lora"
+    assert (tmp_path / "lora" / "final" / "adapter_config.json").exists()
