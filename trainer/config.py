@@ -76,6 +76,8 @@ class TrainConfig:
     report_to: str = opt("none", "also send the step and evaluation metrics to these trackers (through Accelerate; "
                          "TensorBoard under --out/tensorboard; all: those installed)", choices=REPORT_TO)
     run_name: str = opt("", "the run's name in the trackers (default: --out's folder name)")
+    push_to_hub: str = opt("", "then upload final/ (the model or adapter, with its model card) to this Hub model "
+                           "repository (OWNER/NAME); --cache also takes hf://OWNER/NAME[@REVISION], a cache on the Hub")
 
     def __post_init__(self):
         if not 0.0 <= self.tau <= 1.0:  # also refuses NaN

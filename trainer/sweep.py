@@ -27,6 +27,9 @@ def run_name(objective: str, tau: float) -> str:
 
 
 def sweep(cfg: TrainConfig, taus: list[float], with_ft: bool = True) -> list[dict]:
+    if cfg.push_to_hub:
+        raise ValueError("--push-to-hub uploads one run: push the sweep's best with `mft train ... --push-to-hub`, or "
+                         "`hf upload REPO RUN/final`")
     for tau in taus:
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"--taus: {tau} is outside [0, 1]")

@@ -32,6 +32,7 @@ from mft_cache.config import to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_active, fault_point
 from mft_cache.models import load_model, load_tokenizer
+from mft_cache.storage.hub import check_online, push_folder
 from mft_cache.storage.manifest import write_json_atomic
 
 from .adapters import add_adapter
@@ -384,16 +385,31 @@ def finish(run: Run, state: TrainState, metrics: Metrics, wall_time: Callable[[]
 def train(cfg: TrainConfig, tracking: Tracking | None = None) -> dict:
     """One run. `tracking`: the trackers' logging folder, project and run name (default: --out/tensorboard,
     "mft-cache", --run-name or --out's folder name; `mft sweep` passes one folder for all its runs)."""
+    if cfg.push_to_hub:
+        check_online("--push-to-hub", cfg.push_to_hub)  # before training, not after it
     with contextlib.ExitStack() as held:  # the lock on --out, until the run ends or stops
         run = set_up(cfg, held, tracking)
-        if isinstance(run, dict):  # already finished
-            return run
-        held.callback(run.accelerator.end_training)  # the trackers flushed and closed, before the lock goes
-        state = start_or_resume(run)
-        metrics = Metrics(run.out / "metrics.jsonl", run.accelerator.is_main_process)
-        with interrupts.deferred(enabled=run.accelerator.num_processes == 1):
-            wall_time = loop(run, state, metrics)
-        return finish(run, state, metrics, wall_time)
+        if isinstance(run, dict):  # already finished: --push-to-hub still pushes it (a retry of a failed upload)
+            summary = run
+        else:
+            held.callback(run.accelerator.end_training)  # the trackers flushed and closed, before the lock goes
+            state = start_or_resume(run)
+            metrics = Metrics(run.out / "metrics.jsonl", run.accelerator.is_main_process)
+            with interrupts.deferred(enabled=run.accelerator.num_processes == 1):
+                wall_time = loop(run, state, metrics)
+            summary = finish(run, state, metrics, wall_time)
+    if cfg.push_to_hub:
+        push_final(cfg)
+    return summary
+
+
+def push_final(cfg: TrainConfig) -> None:
+    """--push-to-hub: final/ (model or adapter, with its model card) to the Hub, from the first process."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        url = push_folder(resolve_out(cfg.out) / "final", cfg.push_to_hub, "model", "--push-to-hub")
+        log.info("final/ pushed to %s", url)
 
 
 # -- the summary ------------------------------------------------------------------------------------
