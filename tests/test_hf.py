@@ -404,3 +404,9 @@ def test_push_to_hub_uploads_final_and_the_cache_with_a_dataset_card(cache, llam
     assert (facts["top_k"], facts["logprob_dtype"], facts["bytes_per_token"]) == (16, "float16",
                                                                                   manifest["bytes_per_token"])
     assert facts["teacher"] == manifest["model"]["id"] and "--cache hf://me/c" in card.text
+
+
+@pytest.mark.parametrize("command", ["sweep", "study"])
+def test_sweep_and_study_refuse_push_to_hub(command, tmp_path, capsys):
+    assert main([command, "--out", str(tmp_path / "s"), "--push-to-hub", "me/x"]) == 2
+    assert "--push-to-hub uploads one run" in capsys.readouterr().err and not (tmp_path / "s").exists()
