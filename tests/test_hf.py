@@ -389,7 +389,7 @@ def test_push_to_hub_uploads_final_and_the_cache_with_a_dataset_card(cache, llam
     assert main(["train", *flags, "--push-to-hub", "me/model"]) == 0
     [(kind, repo, repo_type, names)] = FakeApi.uploads
     assert (kind, repo, repo_type) == ("folder", "me/model", "model") and {"README.md", "model.safetensors"} <= set(names)
-    assert config_json(tmp_path / "t")["push_to_hub"] == "me/model"
+    assert "push_to_hub" not in config_json(tmp_path / "t")  # so --config of it does not push again
 
     FakeApi.uploads = []
     out = tmp_path / "c"

@@ -143,7 +143,10 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | No
     num_processes = accelerator.num_processes
     global_batch = cfg.batch_size * cfg.grad_accum * num_processes
     m = training.manifest
-    resolved = {**to_dict(cfg), "resolved_model": training.model_id, "seq_len": training.seq_len,
+    # config.json: the options (but --push-to-hub: an action of this command, not part of the run, so `--config` of
+    # it reproduces the run without pushing again) and what they resolved to
+    options = {k: v for k, v in to_dict(cfg).items() if k != "push_to_hub"}
+    resolved = {**options, "resolved_model": training.model_id, "seq_len": training.seq_len,
                 "num_processes": num_processes, "global_batch": global_batch,
                 "cache_manifest_sha256": m["manifest_sha256"] if m else None, "cache_top_k": m["top_k"] if m else None}
     ckpt = decide_on_main(accelerator, lambda: claim_run_folder(held, out, resolved, cfg))  # may empty --out
