@@ -7,42 +7,38 @@ BIN := $(VENV)/bin
 # torch pinned only when the venv has none (a fresh venv): 2.13.0 is what CI and these machines use.
 TORCH_SPEC ?= torch==2.13.0
 
-PRESET ?= cpu
-ifeq ($(PRESET),gpu)  # the paper's setup: 1,000 steps of 16 x 2,048 tokens, tau 0.25, full licence split
-SEQ_LEN ?= 2048
-BATCH ?= 16
-STEPS ?= 1000
-EVAL_EVERY ?= 100
-DATA ?= assets/data/licenses_train_full.jsonl
-EVAL_SPECIALIZED ?= assets/data/licenses_val_full.jsonl
-EVAL_GENERAL ?= assets/data/bbc_val_full.jsonl
-LR ?= 1e-5
-MIXED_PRECISION ?= bf16
-EVAL_MAX ?= 0
-CACHE ?= caches/gpu
-RUN ?= runs/gpu
-endif
-MODEL ?= assets/model
-DATA ?= assets/data/licenses_train.jsonl
-EVAL_SPECIALIZED ?= assets/data/licenses_val.jsonl
-EVAL_GENERAL ?= assets/data/bbc_val.jsonl
-CACHE ?= caches/demo
-RUN ?= runs/demo
-SWEEP ?= runs/sweep
-SEQ_LEN ?= 256
-K ?= 32
-FORMAT ?= zarr
-BATCH ?= 4
-STEPS ?= 60
-LR ?= 1e-4
-TAU ?= 0.25
-OBJECTIVE ?= mft
-EVAL_EVERY ?= 20
-EVAL_MAX ?= 32
-MIXED_PRECISION ?= no
-TAUS ?= 0.1,0.25,0.5
+# The options live in a config file, one section per command: configs/demo.yaml (PRESET=demo, the default: the demo
+# on a CPU) or configs/paper.yaml (PRESET=paper, or gpu: the paper's 1,000 steps of 16 x 2,048 tokens, bf16, the
+# full licence split). CONFIG=your.yaml uses your own. A variable given to make becomes a flag, which overrides the file.
+PRESET ?= demo
+CONFIG ?= configs/$(if $(filter gpu paper,$(PRESET)),paper,demo).yaml
+# each of these, when given, is passed as its flag (e.g. TAU -> --tau); unset, the config file decides
+MODEL ?=
+DATA ?=
+EVAL_SPECIALIZED ?=
+EVAL_GENERAL ?=
+CACHE ?=
+RUN ?=
+SWEEP ?=
+SEQ_LEN ?=
+K ?=
+FORMAT ?=
+BATCH ?=
+STEPS ?=
+LR ?=
+TAU ?=
+OBJECTIVE ?=
+EVAL_EVERY ?=
+EVAL_MAX ?=
+MIXED_PRECISION ?=
+TAUS ?=
 CACHE_ARGS ?=
 TRAIN_ARGS ?=
+arg = $(if $(2),$(1) $(2))
+# The demo assets are fetched when a path that decides it (the variables named) is under assets/; an unset one
+# counts as under assets/ with a preset's config file, whose paths all are.
+PRESET_CONFIG := $(filter configs/demo.yaml configs/paper.yaml,$(CONFIG))
+assets_for = $(if $(filter assets/%,$(foreach v,$(1),$(or $($(v)),$(if $(PRESET_CONFIG),assets/)))),assets)
 
 .PHONY: setup assets gemma cache train sweep study reliability test bench clean
 
@@ -63,34 +59,38 @@ gemma: setup
 	$(BIN)/python -m demo gemma --out assets/gemma
 
 # Stage one. The demo assets are fetched only when the defaults point at them.
-cache: setup $(if $(filter assets/%,$(MODEL) $(DATA)),assets)
-	$(BIN)/mft cache --model $(MODEL) --data $(DATA) --out $(CACHE) --seq-len $(SEQ_LEN) --top-k $(K) \
-		--format $(FORMAT) --batch-size $(BATCH) $(CACHE_ARGS)
+cache: setup $(call assets_for,MODEL DATA)
+	$(BIN)/mft cache --config $(CONFIG) $(call arg,--model,$(MODEL)) $(call arg,--data,$(DATA)) \
+		$(call arg,--out,$(CACHE)) $(call arg,--seq-len,$(SEQ_LEN)) $(call arg,--top-k,$(K)) \
+		$(call arg,--format,$(FORMAT)) $(call arg,--batch-size,$(BATCH)) $(CACHE_ARGS)
 
 # Stage two: minifinetune from the cache, evaluated on both domains.
-train: setup $(if $(filter assets/%,$(EVAL_SPECIALIZED) $(EVAL_GENERAL)),assets)
-	$(BIN)/mft train --cache $(CACHE) --out $(RUN) --objective $(OBJECTIVE) --tau $(TAU) --steps $(STEPS) \
-		--batch-size $(BATCH) --lr $(LR) --eval-every $(EVAL_EVERY) --mixed-precision $(MIXED_PRECISION) \
-		--eval-specialized $(EVAL_SPECIALIZED) --eval-general $(EVAL_GENERAL) --eval-max-sequences $(EVAL_MAX) \
-		--resume $(TRAIN_ARGS)
+train: setup $(call assets_for,EVAL_SPECIALIZED EVAL_GENERAL)
+	$(BIN)/mft train --config $(CONFIG) $(call arg,--out,$(RUN)) $(call arg,--objective,$(OBJECTIVE)) \
+		$(call arg,--tau,$(TAU)) $(call arg,--cache,$(CACHE)) $(call arg,--steps,$(STEPS)) \
+		$(call arg,--batch-size,$(BATCH)) $(call arg,--lr,$(LR)) $(call arg,--eval-every,$(EVAL_EVERY)) \
+		$(call arg,--mixed-precision,$(MIXED_PRECISION)) $(call arg,--eval-specialized,$(EVAL_SPECIALIZED)) \
+		$(call arg,--eval-general,$(EVAL_GENERAL)) $(call arg,--eval-max-sequences,$(EVAL_MAX)) --resume $(TRAIN_ARGS)
 
 # One run per tau plus plain finetuning, all from the one cache; the teacher is never loaded.
-sweep: setup $(if $(filter assets/%,$(EVAL_SPECIALIZED) $(EVAL_GENERAL)),assets)
-	$(BIN)/mft sweep --cache $(CACHE) --out $(SWEEP) --taus $(TAUS) --steps $(STEPS) --batch-size $(BATCH) \
-		--lr $(LR) --eval-every $(EVAL_EVERY) --mixed-precision $(MIXED_PRECISION) \
-		--eval-specialized $(EVAL_SPECIALIZED) --eval-general $(EVAL_GENERAL) --eval-max-sequences $(EVAL_MAX) \
-		--resume $(TRAIN_ARGS)
+sweep: setup $(call assets_for,EVAL_SPECIALIZED EVAL_GENERAL)
+	$(BIN)/mft sweep --config $(CONFIG) $(call arg,--out,$(SWEEP)) $(call arg,--taus,$(TAUS)) \
+		$(call arg,--cache,$(CACHE)) $(call arg,--steps,$(STEPS)) \
+		$(call arg,--batch-size,$(BATCH)) $(call arg,--lr,$(LR)) $(call arg,--eval-every,$(EVAL_EVERY)) \
+		$(call arg,--mixed-precision,$(MIXED_PRECISION)) $(call arg,--eval-specialized,$(EVAL_SPECIALIZED)) \
+		$(call arg,--eval-general,$(EVAL_GENERAL)) $(call arg,--eval-max-sequences,$(EVAL_MAX)) --resume $(TRAIN_ARGS)
 
 # The paper's compositions and ablations: one k=256 teacher pass, ~25 short runs, STUDIES.md.
-STUDY ?= runs/study
-STUDY_STEPS ?= 20
-STUDY_LR ?= 5e-4
-STUDY_PARTS ?= abcd
-study: setup $(if $(filter assets/%,$(MODEL) $(DATA)),assets)
-	$(BIN)/mft study --model $(MODEL) --data $(DATA) --out $(STUDY) --seq-len $(SEQ_LEN) --steps $(STUDY_STEPS) \
-		--batch-size $(BATCH) --lr $(STUDY_LR) --tau $(TAU) --eval-every $(STUDY_STEPS) --save-every 5 \
-		--eval-specialized $(EVAL_SPECIALIZED) --eval-general $(EVAL_GENERAL) --eval-max-sequences 16 \
-		--parts $(STUDY_PARTS) --report STUDIES.md $(TRAIN_ARGS)
+STUDY ?=
+STUDY_STEPS ?=
+STUDY_LR ?=
+STUDY_PARTS ?=
+study: setup $(call assets_for,MODEL DATA)
+	$(BIN)/mft study --config $(CONFIG) $(call arg,--model,$(MODEL)) $(call arg,--data,$(DATA)) \
+		$(call arg,--out,$(STUDY)) $(call arg,--seq-len,$(SEQ_LEN)) $(call arg,--steps,$(STUDY_STEPS)) \
+		$(call arg,--eval-every,$(STUDY_STEPS)) $(call arg,--batch-size,$(BATCH)) $(call arg,--lr,$(STUDY_LR)) \
+		$(call arg,--tau,$(TAU)) $(call arg,--eval-specialized,$(EVAL_SPECIALIZED)) \
+		$(call arg,--eval-general,$(EVAL_GENERAL)) $(call arg,--parts,$(STUDY_PARTS)) $(TRAIN_ARGS)
 
 # The reliability suite and its table: faults injected, inputs tried, outcomes checked.
 RELIABILITY_TESTS ?= tests/test_reliability.py tests/test_resume_cache.py tests/test_hostile.py tests/test_inputs.py tests/test_train.py \

@@ -8,10 +8,11 @@ import os
 import sys
 
 from . import interrupts
-from .config import add_arguments, from_namespace
+from .config import add_arguments, add_config_argument, config_defaults, from_namespace, set_command_line
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser, and the subcommands that take --config."""
     from mft_cache.pipeline.cache import CacheConfig
 
     p = argparse.ArgumentParser(prog="mft", description="Minifinetuning from a cached teacher.")
@@ -20,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="stage one: the teacher reads the data once and writes the cache",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(c, CacheConfig)
+    with_config = {"cache": c}
 
     i = sub.add_parser("inspect", help="summarise a cache (and verify its checksums)")
     i.add_argument("cache", help="cache folder")
@@ -43,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add_arguments(st, TrainConfig)
         add_arguments(st, StudyConfig)
-    return p
+        with_config.update(train=t, sweep=s, study=st)
+    for parser in with_config.values():
+        add_config_argument(parser)
+    return p, with_config
 
 
 _WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -56,8 +61,33 @@ def _resume_hint(command: str) -> str:
     return "run the same command again to resume"
 
 
+def _config_ignored(command: str) -> tuple:
+    """Keys a config file may hold that are no option: those a run's config.json records besides its options."""
+    if command == "cache":
+        return ()
+    from mft_cache.trainer.config import RESOLVED_KEYS
+
+    return RESOLVED_KEYS
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; with --config FILE, the file's values are the defaults and the flags given win.
+    A bad file exits 2 naming it (and the key)."""
+    parser, with_config = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        sub = with_config[args.command]
+        try:
+            sub.set_defaults(**config_defaults(sub, args.config, args.command, _config_ignored(args.command)))
+        except ValueError as e:
+            sub.error(str(e))  # exits 2
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(argv)
+    set_command_line(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("MFT_LOG_LEVEL", "INFO"), format="%(message)s")
     with interrupts.handled():  # SIGTERM stops a command as Ctrl-C does
         return _run(args)

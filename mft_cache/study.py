@@ -100,6 +100,8 @@ def study(cfg: StudyConfig, tcfg) -> dict:
     from mft_cache.pipeline.cache import DEFAULT_DATA, DEFAULT_MODEL, CacheConfig, build_cache
     from mft_cache.trainer.train import train
 
+    if tcfg.push_to_hub:
+        raise ValueError("--push-to-hub uploads one run; a study makes ~25: push the one you choose with `hf upload`")
     bad = set(cfg.parts) - set(PARTS)
     if bad or not cfg.parts:
         raise ValueError(f"--parts must be letters of {PARTS!r}; got {cfg.parts!r}")

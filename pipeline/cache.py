@@ -34,6 +34,7 @@ from mft_cache.models import (backbone_and_head, check_head, describe_model, loa
                               weights_fingerprint)
 from mft_cache.storage import CacheWriter, Packed, build_sequences, cache_schema, load_manifest
 from mft_cache.storage.backends import formats
+from mft_cache.storage.hub import check_online, dataset_card, push_folder
 from mft_cache.storage.manifest import CacheMetadata
 from mft_cache.storage.packing import packing_description
 from mft_cache.storage.schema import LOGPROB_DTYPES, Field, encode_logprobs, row_bytes
@@ -69,6 +70,8 @@ class CacheConfig:
     max_sequences: int = opt(0, "cache only the first N packed sequences (0: all)")
     overwrite: bool = opt(False, "replace a finished cache in --out")
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub to run")
+    push_to_hub: str = opt("", "then upload the finished cache to this Hub dataset repository (OWNER/NAME) with a "
+                           "dataset card; `mft train --cache hf://OWNER/NAME` reads it back")
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -197,7 +200,7 @@ def plan_cache(cfg: CacheConfig) -> CachePlan:
     model = load_teacher(cfg, packed, dtype, device)
     schema = cache_schema(vocab_size=vocab_size_of(model), top_k=cfg.top_k, seq_len=cfg.seq_len,
                           logprob_dtype=cfg.logprob_dtype)
-    identity = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "overwrite", "device", "dtype")}
+    identity = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "overwrite", "device", "dtype", "push_to_hub")}
     identity.update(resolved_device=device.type, resolved_dtype=str(dtype).removeprefix("torch."),
                     data_fingerprint=documents.fingerprint, weights_fingerprint=weights_fingerprint(cfg.model),
                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), packing=packed.rule)
@@ -315,21 +318,34 @@ def metadata(plan: CachePlan) -> CacheMetadata:
 def build_cache(cfg: CacheConfig) -> dict:
     """Build (or resume, or find complete) the cache described by `cfg`; return its manifest."""
     t0 = time.perf_counter()
+    if cfg.push_to_hub:
+        check_online("--push-to-hub", cfg.push_to_hub)  # before the teacher's pass, not after it
     plan = plan_cache(cfg)
     try:
         if plan.state == "complete":
             log.info("cache in %s is already complete (same configuration); nothing to do (--overwrite rebuilds it)",
                      cfg.out)
-            return load_manifest(cfg.out)
+            manifest = load_manifest(cfg.out)
+            push_cache(cfg, manifest, plan.dist)
+            return manifest
         teach_shards(plan)
         manifest = finish_cache(plan)
     finally:
         plan.release()  # also when stopped (Ctrl-C, SIGTERM, an error): the next run takes the folder over
+    push_cache(cfg, manifest, plan.dist)
     n = plan.dist.num_processes
     log.info("cache written to %s: %d sequences, %d tokens, %d shards, %.1f bytes/token, %.1f s%s",
              cfg.out, manifest["num_sequences"], manifest["num_tokens"], plan.num_shards, manifest["bytes_per_token"],
              time.perf_counter() - t0, f", {n} processes" if n > 1 else "")
     return manifest
+
+
+def push_cache(cfg: CacheConfig, manifest: dict, dist) -> None:
+    """--push-to-hub: the finished folder and its dataset card to the Hub (the first process)."""
+    if cfg.push_to_hub and dist.is_main_process:
+        url = push_folder(Path(cfg.out), cfg.push_to_hub, "dataset", "--push-to-hub",
+                          card=dataset_card(manifest, cfg.push_to_hub))
+        log.info("cache pushed to %s; train from it with --cache hf://%s", url, cfg.push_to_hub)
 
 
 def _open_writer(cfg: CacheConfig, schema, identity: dict, dist) -> tuple[CacheWriter, str, set[int], FolderLock | None]:

@@ -205,9 +205,9 @@ def load_checkpoint(accelerator, out: Path, ckpt: Path) -> TrainState:
     return state
 
 
-def save_pretrained(accelerator, module, tokenizer, path: Path, merged: bool = False) -> None:
+def save_pretrained(accelerator, module, tokenizer, path: Path, merged: bool = False, card=None) -> None:
     """A folder that AutoModelForCausalLM.from_pretrained loads (or peft's PeftModel.from_pretrained with an
-    adapter), written under a temporary name."""
+    adapter), written under a temporary name; `card(folder)` adds its model card before it takes its name."""
     from accelerate.utils import DistributedType
 
     accelerator.wait_for_everyone()
@@ -226,6 +226,8 @@ def save_pretrained(accelerator, module, tokenizer, path: Path, merged: bool = F
             else:
                 model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            if card is not None:
+                card(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     accelerator.wait_for_everyone()

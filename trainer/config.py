@@ -8,6 +8,12 @@ from mft_cache.config import check_finite, opt
 from .adapters import PEFT_METHODS
 from .loss import LOSS_IMPLS
 from .targets import OBJECTIVES, TAIL_MODES
+from .tracking import REPORT_TO
+
+
+# the keys config.json holds besides TrainConfig's own: what the run resolved (written, never read back as options;
+# `--config` of a run's config.json skips them)
+RESOLVED_KEYS = ("resolved_model", "num_processes", "global_batch", "cache_manifest_sha256", "cache_top_k")
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,11 @@ class TrainConfig:
                          "or transformers (the model's own loss over full logits; --objective ft only)",
                          choices=LOSS_IMPLS)
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub to run")
+    report_to: str = opt("none", "also send the step and evaluation metrics to these trackers (through Accelerate; "
+                         "TensorBoard under --out/tensorboard; all: those installed)", choices=REPORT_TO)
+    run_name: str = opt("", "the run's name in the trackers (default: --out's folder name)")
+    push_to_hub: str = opt("", "then upload final/ (the model or adapter, with its model card) to this Hub model "
+                           "repository (OWNER/NAME); --cache also takes hf://OWNER/NAME[@REVISION], a cache on the Hub")
 
     def __post_init__(self):
         if not 0.0 <= self.tau <= 1.0:  # also refuses NaN

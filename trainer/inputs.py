@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mft_cache.storage import build_sequences, open_cache
+from mft_cache.storage.hub import download_cache, is_hub_ref
 
 from .checks import check_data, check_replay_cache
 from .config import TrainConfig
@@ -26,7 +27,8 @@ class TrainingRows:
 def open_training_rows(cfg: TrainConfig) -> TrainingRows:
     if cfg.teacher == "online":
         return TrainingRows(None, None, cfg.model, cfg.seq_len or DEFAULT_SEQ_LEN)
-    cache = open_cache(cfg.cache)  # validated; shards checksummed on first read
+    # validated; shards checksummed on first read (all of them at once after a download from the Hub)
+    cache = open_cache(download_cache(cfg.cache) if is_hub_ref(cfg.cache) else cfg.cache)
     m = cache.manifest
     model_id = cfg.model or (m["model"]["path"] if m["model"].get("path") and Path(m["model"]["path"]).is_dir()
                              else m["model"]["id"])

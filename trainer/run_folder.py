@@ -21,20 +21,22 @@ from mft_cache.folder_lock import LOCK_FILE, FolderLock
 from mft_cache.storage.manifest import write_json_atomic
 
 from .checkpoint import STATE_FILE, read_state, usable_checkpoint
-from .config import TrainConfig
+from .config import RESOLVED_KEYS, TrainConfig
 
 log = logging.getLogger(__name__)
 
 FINISHED = "finished"
 MARKER = ".mft-run.json"
 _MARKER_ID = {"tool": "mft-cache", "kind": "train-run"}
-# what `mft train` writes into --out (best.tmp / final.tmp: save_pretrained; .NAME.tmp-PID: write_json_atomic)
-_OURS = re.compile(r"^(config\.json|metrics\.jsonl|summary\.json|s_dg\.png|best|final|checkpoints|best\.tmp|final\.tmp"
+# what `mft train` writes into --out (tensorboard: --report-to's event files; best.tmp / final.tmp: save_pretrained; .NAME.tmp-PID: write_json_atomic)
+_OURS = re.compile(r"^(config\.json|metrics\.jsonl|summary\.json|s_dg\.png|best|final|checkpoints|best\.tmp|final\.tmp|tensorboard"
                    r"|\.mft-run\.json|\.mft-lock|\.(config\.json|summary\.json|\.mft-run\.json)\.tmp-\d+)$")
-_IGNORED_ON_RESUME = ("out", "resume", "overwrite", "log_every")  # out: `./x` and `x`, or a moved folder, resume
+_IGNORED_ON_RESUME = ("out", "resume", "overwrite", "log_every", "report_to", "run_name",
+                      "push_to_hub")  # out: `./x` and `x`, or a moved folder, resume
 # config.json keys besides TrainConfig's own, and their JSON types
 _RESOLVED_TYPES = {"resolved_model": (str,), "num_processes": (int,), "global_batch": (int,),
                    "cache_manifest_sha256": (str, type(None)), "cache_top_k": (int, type(None))}
+assert set(_RESOLVED_TYPES) == set(RESOLVED_KEYS)
 
 
 def resolve_out(out: str) -> Path:
@@ -181,14 +183,14 @@ def check_metrics_length(out: Path, ckpt: Path) -> None:
 
 def start_run_files(out: Path, resolved: dict, fresh: bool) -> None:
     """The marker, config.json; on a fresh start, forget what an interrupted run wrote (metrics, best/, final/,
-    summary)."""
+    summary, event files)."""
     out.mkdir(parents=True, exist_ok=True)
     mark_run_folder(out)  # first: the folder is a run from here on
     write_json_atomic(out / "config.json", resolved)
     (out / "metrics.jsonl").touch()
     if fresh:
         (out / "metrics.jsonl").write_text("")
-        for stale in ("best", "final", "summary.json"):
+        for stale in ("best", "final", "summary.json", "tensorboard"):
             path = out / stale
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from mft_cache.storage.manifest import write_json_atomic
 
 from .config import TrainConfig
+from .tracking import tracking_of
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,9 @@ def run_name(objective: str, tau: float) -> str:
 
 
 def sweep(cfg: TrainConfig, taus: list[float], with_ft: bool = True) -> list[dict]:
+    if cfg.push_to_hub:
+        raise ValueError("--push-to-hub uploads one run: push the sweep's best with `mft train ... --push-to-hub`, or "
+                         "`hf upload REPO RUN/final`")
     for tau in taus:
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"--taus: {tau} is outside [0, 1]")
@@ -33,10 +37,14 @@ def sweep(cfg: TrainConfig, taus: list[float], with_ft: bool = True) -> list[dic
     runs = [replace(cfg, objective="mft", tau=t, out=str(out / run_name("mft", t))) for t in taus]
     if with_ft:
         runs.append(replace(cfg, objective="ft", tau=1.0, out=str(out / "ft")))
+    # the trackers: one project (the sweep's folder name, or --run-name), a run per tau, one TensorBoard folder
+    project = cfg.run_name or out.resolve().name
     rows = []
     for i, run in enumerate(runs, 1):
-        log.info("sweep run %d/%d: %s", i, len(runs), run_name(run.objective, run.tau))
-        summary = train(run)
+        name = run_name(run.objective, run.tau)
+        log.info("sweep run %d/%d: %s", i, len(runs), name)
+        run = replace(run, run_name=f"{project}-{name}")
+        summary = train(run, tracking_of(Path(run.out), run.run_name, out / "tensorboard", project))
         rows.append({"run": run_name(run.objective, run.tau), **{k: summary.get(k) for k in COLUMNS if k != "run"},
                      "teacher_loaded": summary["teacher_loaded"]})
     loads = sum(r["teacher_loaded"] for r in rows)

@@ -32,9 +32,11 @@ from mft_cache.config import to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_active, fault_point
 from mft_cache.models import load_model, load_tokenizer
+from mft_cache.storage.hub import check_online, push_folder
 from mft_cache.storage.manifest import write_json_atomic
 
 from .adapters import add_adapter
+from .card import write_model_card
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint, save_pretrained
 from .checks import check_student, check_teacher_revision
 from .config import TrainConfig
@@ -45,6 +47,7 @@ from .loss_module import StudentLoss
 from .report import plot_s_dg
 from .run_folder import FINISHED, Metrics, lock_run_folder, prepare_run_folder, resolve_out, start_run_files
 from .targets import TeacherTargets, from_cache, from_logits, no_teacher
+from .tracking import Tracking, log_record, log_with, start_trackers, tracking_of
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ class Run:
     eval_sets: dict
     targets: Callable[[dict], TeacherTargets]
     online: bool  # the teacher is in memory
+    tracking: Tracking  # --report-to's run name and logging folder
+    manifest: dict | None  # the cache's (None with the online teacher), for the model cards
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -106,11 +111,12 @@ def student_forward(module, mb: dict, targets: TeacherTargets):
 
 
 # -- setting up -------------------------------------------------------------------------------------
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg: TrainConfig, tracking: Tracking):
     from accelerate import Accelerator
 
     gpu = torch.accelerator.current_accelerator()  # None without one
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_launch(gpu.type if gpu else None))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_launch(gpu.type if gpu else None),
+                              log_with=log_with(cfg.report_to, tracking), project_dir=str(tracking.logging_dir))
     if accelerator.num_processes > 1:
         leave_process_group_at_exit()
     return accelerator
@@ -122,20 +128,25 @@ def claim_run_folder(held: contextlib.ExitStack, out: Path, resolved: dict, cfg:
     return prepare_run_folder(out, resolved, cfg)
 
 
-def set_up(cfg: TrainConfig, held: contextlib.ExitStack) -> Run | dict:
+def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | None = None) -> Run | dict:
     """The run, ready for its first (or resumed) step; or the summary of a run that is already finished.
     The first process's lock on --out joins `held`."""
     from accelerate.utils import set_seed
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
-    accelerator = make_accelerator(cfg)
+    out = resolve_out(cfg.out)
+    tracking = tracking or tracking_of(out, cfg.run_name)
+    accelerator = make_accelerator(cfg, tracking)
     if not accelerator.is_main_process:  # one log, from the first process
         logging.getLogger("mft_cache").setLevel(logging.WARNING)
-    out, training = resolve_out(cfg.out), open_training_rows(cfg)
+    training = open_training_rows(cfg)
     num_processes = accelerator.num_processes
     global_batch = cfg.batch_size * cfg.grad_accum * num_processes
     m = training.manifest
-    resolved = {**to_dict(cfg), "resolved_model": training.model_id, "seq_len": training.seq_len,
+    # config.json: the options (but --push-to-hub: an action of this command, not part of the run, so `--config` of
+    # it reproduces the run without pushing again) and what they resolved to
+    options = {k: v for k, v in to_dict(cfg).items() if k != "push_to_hub"}
+    resolved = {**options, "resolved_model": training.model_id, "seq_len": training.seq_len,
                 "num_processes": num_processes, "global_batch": global_batch,
                 "cache_manifest_sha256": m["manifest_sha256"] if m else None, "cache_top_k": m["top_k"] if m else None}
     ckpt = decide_on_main(accelerator, lambda: claim_run_folder(held, out, resolved, cfg))  # may empty --out
@@ -154,7 +165,7 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack) -> Run | dict:
     eval_sets = open_eval_sets(cfg, tokenizer, training.seq_len)
     module, optimizer, scheduler = make_optimizer(cfg, model, accelerator)
     return Run(cfg, accelerator, out, resolved, ckpt, tokenizer, module, optimizer, scheduler, rows, rows_of_step,
-               eval_sets, make_targets(cfg, teacher), teacher is not None)
+               eval_sets, make_targets(cfg, teacher), teacher is not None, tracking, m)
 
 
 def load_models(cfg: TrainConfig, training, tokenizer, device):
@@ -201,6 +212,7 @@ def start_or_resume(run: Run) -> TrainState:
     if run.accelerator.is_main_process:
         start_run_files(run.out, run.resolved, fresh=run.checkpoint is None)
     run.accelerator.wait_for_everyone()
+    start_trackers(run.accelerator, run.tracking, run.resolved)
     if not run.checkpoint:
         return TrainState()
     state = load_checkpoint(run.accelerator, run.out, run.checkpoint)
@@ -265,17 +277,24 @@ def evaluate(run: Run, state: TrainState) -> dict:
     return record
 
 
+def emit(run: Run, metrics: Metrics, record: dict) -> None:
+    """A record to metrics.jsonl and to the trackers of --report-to."""
+    metrics.emit(record)
+    log_record(run.accelerator, record)
+
+
 def after_step(run: Run, state: TrainState, metrics: Metrics, bar) -> None:
     """Evaluate, keep the best model and save a checkpoint when their step has come."""
     cfg, main = run.cfg, run.accelerator.is_main_process
     if run.eval_sets and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
         ev = evaluate(run, state)
-        metrics.emit({"type": "eval", **ev})
+        emit(run, metrics, {"type": "eval", **ev})
         if main:
             bar.write(" | ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float)))
         if "ppl_specialized" in ev and (state.best is None or ev["ppl_specialized"] < state.best["ppl_specialized"]):
             state.best = ev
-            save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "best", cfg.merge_adapter)
+            save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "best", cfg.merge_adapter,
+                            card_writer(run, ev, state))
         if main:
             plot_s_dg(state.evals, run.out / "s_dg.png", run_label(cfg))
     if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
@@ -289,7 +308,7 @@ def loop(run: Run, state: TrainState, metrics: Metrics) -> Callable[[], float]:
     cfg, accelerator = run.cfg, run.accelerator
     t_run, wall_before = time.perf_counter(), state.wall_time_s
     if not state.evals and run.eval_sets:
-        metrics.emit({"type": "eval", **evaluate(run, state)})
+        emit(run, metrics, {"type": "eval", **evaluate(run, state)})
     prefetch = Prefetcher(run.rows, range(state.step, cfg.steps), lambda s: micro_batches(
         run.rows_of_step(s), cfg.batch_size, cfg.grad_accum, accelerator.process_index, accelerator.num_processes))
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"mft train ({cfg.objective})", unit="step",
@@ -302,7 +321,7 @@ def loop(run: Run, state: TrainState, metrics: Metrics) -> Callable[[], float]:
         state.step, state.tokens, state.train_time_s = step + 1, state.tokens + tokens, state.train_time_s + dt
         state.wall_time_s = wall_before + time.perf_counter() - t_run
         skipped = bool(state.skipped_steps) and state.skipped_steps[-1] == state.step
-        metrics.emit({"type": "train", "step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens,
+        emit(run, metrics, {"type": "train", "step": state.step, "loss": loss, "lr": lr, "tokens": state.tokens,
                       "step_time_s": dt, "tokens_per_s": tokens / dt, **({"skipped": True} if skipped else {})})
         fault_point(f"train:step-{state.step}")
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:,.0f}")
@@ -330,6 +349,13 @@ def stop_after_step(run: Run, state: TrainState, metrics: Metrics) -> None:
     interrupts.raise_pending()
 
 
+def card_writer(run: Run, record: dict, state: TrainState) -> Callable[[Path], None]:
+    """folder -> its model card (README.md), for the checkpoint evaluated as `record`."""
+    adapter = run.cfg.peft != "none" and not run.cfg.merge_adapter
+    base = state.evals[0] if state.evals else {}
+    return lambda folder: write_model_card(folder, run.resolved, run.manifest, record, base, adapter)
+
+
 def check_finite_weights(run: Run, state: TrainState) -> None:
     """Refuse to write final/ from weights holding NaN or inf (every process checks its own part of them)."""
     bad = [n.removeprefix("model.") for n, p in run.module.named_parameters() if not torch.isfinite(p.detach()).all()]
@@ -344,7 +370,9 @@ def check_finite_weights(run: Run, state: TrainState) -> None:
 def finish(run: Run, state: TrainState, metrics: Metrics, wall_time: Callable[[], float]) -> dict:
     """final/, summary.json; the checkpoints are no longer needed."""
     check_finite_weights(run, state)
-    save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "final", run.cfg.merge_adapter)
+    last = state.evals[-1] if state.evals and state.evals[-1]["step"] == state.step else {"step": state.step}
+    save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "final", run.cfg.merge_adapter,
+                    card_writer(run, last, state))
     state.wall_time_s = wall_time()
     summary = summarize(run.cfg, state, run.resolved, run.online)
     if run.accelerator.is_main_process:
@@ -357,16 +385,34 @@ def finish(run: Run, state: TrainState, metrics: Metrics, wall_time: Callable[[]
     return summary
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, tracking: Tracking | None = None) -> dict:
+    """One run. `tracking`: the trackers' logging folder, project and run name (default: --out/tensorboard,
+    "mft-cache", --run-name or --out's folder name; `mft sweep` passes one folder for all its runs)."""
+    if cfg.push_to_hub:
+        check_online("--push-to-hub", cfg.push_to_hub)  # before training, not after it
     with contextlib.ExitStack() as held:  # the lock on --out, until the run ends or stops
-        run = set_up(cfg, held)
-        if isinstance(run, dict):  # already finished
-            return run
-        state = start_or_resume(run)
-        metrics = Metrics(run.out / "metrics.jsonl", run.accelerator.is_main_process)
-        with interrupts.deferred(enabled=run.accelerator.num_processes == 1):
-            wall_time = loop(run, state, metrics)
-        return finish(run, state, metrics, wall_time)
+        run = set_up(cfg, held, tracking)
+        if isinstance(run, dict):  # already finished: --push-to-hub still pushes it (a retry of a failed upload)
+            summary = run
+        else:
+            held.callback(run.accelerator.end_training)  # the trackers flushed and closed, before the lock goes
+            state = start_or_resume(run)
+            metrics = Metrics(run.out / "metrics.jsonl", run.accelerator.is_main_process)
+            with interrupts.deferred(enabled=run.accelerator.num_processes == 1):
+                wall_time = loop(run, state, metrics)
+            summary = finish(run, state, metrics, wall_time)
+    if cfg.push_to_hub:
+        push_final(cfg)
+    return summary
+
+
+def push_final(cfg: TrainConfig) -> None:
+    """--push-to-hub: final/ (model or adapter, with its model card) to the Hub, from the first process."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        url = push_folder(resolve_out(cfg.out) / "final", cfg.push_to_hub, "model", "--push-to-hub")
+        log.info("final/ pushed to %s", url)
 
 
 # -- the summary ------------------------------------------------------------------------------------

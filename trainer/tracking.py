@@ -1,0 +1,80 @@
+"""`--report-to`: the run's step and evaluation metrics sent to TensorBoard, W&B or MLflow through Accelerate's
+tracker API (Accelerator(log_with=...), init_trackers, log, end_training); metrics.jsonl is written either way.
+
+TensorBoard's event files go to `<logging dir>/<run name>/`: `--out/tensorboard/<run name>/` for `mft train`, and
+`<sweep --out>/tensorboard/<run>/` for every run of `mft sweep`, so `tensorboard --logdir` on that folder overlays
+them. W&B and MLflow read their own settings (WANDB_*, MLFLOW_TRACKING_URI); the project (W&B project, MLflow
+experiment) is "mft-cache", or the sweep's folder name, and the run name is --run-name."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+TRAIN_KEYS = ("loss", "lr", "tokens_per_s")
+EVAL_KEYS = ("ppl_specialized", "ppl_general", "S", "DG", "ratio")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    logging_dir: Path  # TensorBoard writes to logging_dir / run_name
+    project: str
+    run_name: str
+
+
+def tracking_of(out: Path, run_name: str, logging_dir: Path | None = None, project: str = "mft-cache") -> Tracking:
+    return Tracking(logging_dir or out / "tensorboard", project, run_name or out.name)
+
+
+def _available(name: str) -> bool:
+    from accelerate.utils import imports
+
+    return getattr(imports, f"is_{name}_available")()
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """The trackers --report-to asks for; one that is not installed is refused naming the extra to install."""
+    if report_to == "none":
+        return []
+    if report_to == "all":
+        names = [n for n in TRACKERS if _available(n)]
+        if not names:
+            raise ValueError("--report-to all: none of tensorboard, wandb, mlflow is installed "
+                             "(pip install 'mft-cache[tensorboard]')")
+        return names
+    if not _available(report_to):
+        raise ValueError(f"--report-to {report_to}: the {report_to} package is not installed "
+                         f"(pip install 'mft-cache[{report_to}]')")
+    return [report_to]
+
+
+def log_with(report_to: str, tracking: Tracking) -> list | None:
+    """Accelerator(log_with=...): TensorBoard as Accelerate's own tracker, named for this run (so runs of a sweep
+    share one logging folder), the others by name."""
+    from accelerate.tracking import TensorBoardTracker
+
+    return [TensorBoardTracker(tracking.run_name, tracking.logging_dir) if n == "tensorboard" else n
+            for n in tracker_names(report_to)] or None
+
+
+def start_trackers(accelerator, tracking: Tracking, resolved: dict) -> None:
+    """init_trackers with the run's options as its configuration (scalars only: TensorBoard's hparams refuse None)."""
+    if not accelerator.log_with:
+        return
+    config = {k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers(tracking.project, config=config, init_kwargs={
+        "wandb": {"name": tracking.run_name}, "mlflow": {"run_name": tracking.run_name}})
+
+
+def log_record(accelerator, record: dict) -> None:
+    """A metrics.jsonl record to the trackers at its step: train/loss, train/lr, train/tokens_per_s; eval/ppl_*,
+    eval/S, eval/DG, eval/ratio (DG/S). Missing and non-finite values are left out."""
+    if not accelerator.log_with:
+        return
+    prefix, keys = ("train", TRAIN_KEYS) if record["type"] == "train" else ("eval", EVAL_KEYS)
+    values = {f"{prefix}/{k}": record[k] for k in keys
+              if isinstance(record.get(k), (int, float)) and math.isfinite(record[k])}
+    if values:
+        accelerator.log(values, step=record["step"])
