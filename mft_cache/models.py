@@ -88,8 +88,21 @@ def vocab_size_of(model: nn.Module) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
-def max_positions(model: nn.Module) -> int | None:
-    cfg = model.config.get_text_config()
+def load_config(model_id: str, trust_remote_code: bool = False):
+    """The model's config alone (no weights): enough to size a cache and to answer for a finished one."""
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    _check_model_source(model_id)
+    try:
+        return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {model_id}: cannot read its config ({str(e).splitlines()[0][:300]})") from None
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence a model's config allows (None: unbounded or unknown)."""
+    cfg = config.get_text_config()
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:

@@ -1,6 +1,7 @@
 """`mft cache`: the frozen teacher reads the finetuning set once and writes the cache.
 
-`build_cache` is three steps: `plan_cache` (read and pack the data, load the teacher, check it, open the folder),
+`build_cache` is three steps: `plan_cache` (read and pack the data, size the teacher from its config, open the
+folder, and load the teacher's weights unless the cache is already complete),
 `teach_shards` (the teacher's pass over this process's missing shards, written as they complete) and
 `finish_cache` (documents.npy and the manifest, written last).
 
@@ -29,7 +30,7 @@ from mft_cache.config import check_finite, opt, to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_point
 from mft_cache.folder_lock import FolderLock
-from mft_cache.models import (backbone_and_head, check_head, describe_model, load_model, load_tokenizer,
+from mft_cache.models import (backbone_and_head, check_head, describe_model, load_config, load_model, load_tokenizer,
                               max_positions, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
                               weights_fingerprint)
 from mft_cache.storage import CacheWriter, Packed, build_sequences, cache_schema, load_manifest
@@ -136,7 +137,7 @@ class CachePlan:
     tokenizer: object
     packed: Packed
     documents: object  # storage.Documents
-    model: object
+    model: object  # the teacher, or None when the cache is already complete
     schema: tuple[Field, ...]
     identity: dict  # what determines the cache's bytes (the manifest's "config")
     writer: CacheWriter
@@ -171,18 +172,28 @@ def read_and_pack(cfg: CacheConfig, tokenizer):
     return packed, documents
 
 
-def load_teacher(cfg: CacheConfig, packed: Packed, dtype: torch.dtype, device: torch.device):
-    """The teacher in eval mode, refused where the cache could not describe it (k, seq len, vocabulary)."""
-    model = load_model(cfg.model, dtype, device, cfg.trust_remote_code)
-    model.eval()
-    vocab = vocab_size_of(model)
+def teacher_vocab(cfg: CacheConfig, packed: Packed) -> int:
+    """The teacher's vocabulary size from its config, refused where the cache could not describe the teacher (k, seq
+    len, vocabulary). The weights are not read: a finished cache is answered without them."""
+    config = load_config(cfg.model, cfg.trust_remote_code)
+    vocab = int(config.get_text_config().vocab_size)
     if cfg.top_k > vocab:
         raise ValueError(f"--top-k {cfg.top_k} exceeds the model's vocabulary size {vocab}")
-    limit = max_positions(model)
+    limit = max_positions(config)
     if limit is not None and cfg.seq_len > limit:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's maximum of {limit} positions")
     if int(packed.input_ids.max()) >= vocab:
         raise ValueError(f"--model {cfg.model}: the tokenizer produces ids beyond the model's vocabulary ({vocab})")
+    return vocab
+
+
+def load_teacher(cfg: CacheConfig, vocab: int, dtype: torch.dtype, device: torch.device):
+    """The teacher in eval mode, its output layer checked against the vocabulary size its config gave."""
+    model = load_model(cfg.model, dtype, device, cfg.trust_remote_code)
+    model.eval()
+    if vocab_size_of(model) != vocab:
+        raise ValueError(f"--model {cfg.model}: its output layer has {vocab_size_of(model)} rows but its config says "
+                         f"vocab_size {vocab}")
     return model
 
 
@@ -197,14 +208,14 @@ def plan_cache(cfg: CacheConfig) -> CachePlan:
             logging.getLogger("mft_cache").setLevel(logging.WARNING)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     packed, documents = read_and_pack(cfg, tokenizer)
-    model = load_teacher(cfg, packed, dtype, device)
-    schema = cache_schema(vocab_size=vocab_size_of(model), top_k=cfg.top_k, seq_len=cfg.seq_len,
-                          logprob_dtype=cfg.logprob_dtype)
+    vocab = teacher_vocab(cfg, packed)
+    schema = cache_schema(vocab_size=vocab, top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype)
     identity = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "overwrite", "device", "dtype", "push_to_hub")}
     identity.update(resolved_device=device.type, resolved_dtype=str(dtype).removeprefix("torch."),
                     data_fingerprint=documents.fingerprint, weights_fingerprint=weights_fingerprint(cfg.model),
                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), packing=packed.rule)
     writer, state, done, lock = _open_writer(cfg, schema, identity, dist)
+    model = None if state == "complete" else load_teacher(cfg, vocab, dtype, device)  # a finished cache needs none
     plan = CachePlan(cfg, dist, device, dtype, tokenizer, packed, documents, model, schema, identity, writer, state,
                      done, trained=packed.label_mask(), lock=lock)
     plan.rows_per_shard = max(1, int(cfg.shard_mb * 2**20) // row_bytes(schema))

@@ -176,10 +176,18 @@ def test_missing_shard_is_detected(llama, docs_jsonl, tmp_path):
         open_cache(tmp_path / "c")
 
 
-def test_finished_cache_is_not_recomputed_and_other_config_is_refused(llama, docs_jsonl, tmp_path):
-    build(llama, docs_jsonl, tmp_path / "c")
+def test_finished_cache_is_not_recomputed_and_other_config_is_refused(llama, docs_jsonl, tmp_path, monkeypatch):
+    import mft_cache.pipeline.cache as stage
+
+    first = build(llama, docs_jsonl, tmp_path / "c")
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "c").rglob("*")}
-    build(llama, docs_jsonl, tmp_path / "c")  # same command: nothing to do
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the teacher's weights were loaded for a finished cache")
+
+    with monkeypatch.context() as m:  # same command: nothing to do, answered from the config without the weights
+        m.setattr(stage, "load_model", no_weights)
+        assert build(llama, docs_jsonl, tmp_path / "c") == first
     assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "c").rglob("*")}
     with pytest.raises(ValueError, match=r"another configuration \(differs in \['top_k'\]\).*--overwrite"):
         build(llama, docs_jsonl, tmp_path / "c", top_k=3)
