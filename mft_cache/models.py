@@ -60,26 +60,27 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_tokenizer(model_id: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
+def _from_pretrained(auto_class, model_id: str, what: str, **kwargs):
+    """auto_class.from_pretrained(model_id) after the source check, its errors one line naming --model and `what`."""
     _quiet_transformers()
     _check_model_source(model_id)
     try:
-        return AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        return auto_class.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError) as e:
-        raise ValueError(f"--model {model_id}: cannot load a tokenizer ({str(e).splitlines()[0][:300]})") from None
+        raise ValueError(f"--model {model_id}: cannot {what} ({str(e).splitlines()[0][:300]})") from None
+
+
+def load_tokenizer(model_id: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, model_id, "load a tokenizer", trust_remote_code=trust_remote_code)
 
 
 def load_model(model_id: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
-    _check_model_source(model_id)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--model {model_id}: cannot load a causal LM ({str(e).splitlines()[0][:300]})") from None
+    model = _from_pretrained(AutoModelForCausalLM, model_id, "load a causal LM", dtype=dtype,
+                             trust_remote_code=trust_remote_code)
     return model.to(device)
 
 
@@ -92,12 +93,7 @@ def load_config(model_id: str, trust_remote_code: bool = False):
     """The model's config alone (no weights): enough to size a cache and to answer for a finished one."""
     from transformers import AutoConfig
 
-    _quiet_transformers()
-    _check_model_source(model_id)
-    try:
-        return AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--model {model_id}: cannot read its config ({str(e).splitlines()[0][:300]})") from None
+    return _from_pretrained(AutoConfig, model_id, "read its config", trust_remote_code=trust_remote_code)
 
 
 def max_positions(config) -> int | None:

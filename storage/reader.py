@@ -33,7 +33,6 @@ from .schema import Field, row_bytes, schema_from_json
 from .validate import member_path
 
 VERIFY_MODES = ("none", "lazy", "full")
-REQUIRED_FIELDS = ("input_ids", "length", "topk_ids", "topk_logprobs", "label_logprob")
 _LOGPROB_SLACK = 1e-3  # log_softmax can round a hair above 0; anything more is not a log-probability
 _VERIFY_BLOCK_BYTES = 16 * 2**20  # verification reads a shard this many uncompressed bytes at a time
 
@@ -197,9 +196,6 @@ class Cache:
         self.manifest = load_manifest(self.folder)  # validated: types, ranges, schema, shard names, row counts
         self.format = self.manifest["format"]
         self.schema: tuple[Field, ...] = schema_from_json(self.manifest["schema"])
-        missing = [f for f in REQUIRED_FIELDS if f not in {x.name for x in self.schema}]
-        if missing:
-            raise ManifestError(f"{self.folder / 'manifest.json'}: the schema lacks the fields {missing}")
         self.shards = self.manifest["shards"]
         self._starts = [s["first_row"] for s in self.shards]
         self._open: dict[int, object] = {}
