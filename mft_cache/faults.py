@@ -1,6 +1,6 @@
 """Fault injection for the crash tests: `MFT_FAULT=<point>` makes the process SIGKILL itself there.
 
-Points: `cache:shard-N` (after shard N is complete), `cache:shard-write` (inside a shard write,
+Points: `cache:ingest` (after each piece of ingested rows is written), `cache:shard-N` (after shard N is complete), `cache:shard-write` (inside a shard write,
 before the rename), `train:step-N` (after optimiser step N), `train:checkpoint-N` (inside the
 checkpoint save at step N, before it is marked complete). `train:nan-loss-N` is not a crash: the loss
 of step N becomes NaN (fault_active). `MFT_FAULT=pause:<point>` does not crash either: the process writes

@@ -33,11 +33,14 @@ from mft_cache.folder_lock import FolderLock
 from mft_cache.models import (backbone_and_head, check_head, describe_model, load_config, load_model, load_tokenizer,
                               max_positions, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
                               weights_fingerprint)
-from mft_cache.storage import CacheWriter, Packed, build_sequences, cache_schema, load_manifest
+from mft_cache.storage import CacheWriter, cache_schema, load_manifest
 from mft_cache.storage.backends import formats
+from mft_cache.storage.documents import DocumentStream
 from mft_cache.storage.hub import check_online, dataset_card, push_folder
+from mft_cache.storage.ingest import Rows, ingest
+from mft_cache.storage.ingest import read_info as read_ingest
 from mft_cache.storage.manifest import CacheMetadata
-from mft_cache.storage.packing import packing_description
+from mft_cache.storage.packing import BOS_PER_ROW, CONCAT, bos_rule, label_mask, packing_description
 from mft_cache.storage.schema import LOGPROB_DTYPES, Field, encode_logprobs, row_bytes
 
 from .teacher import auto_chunk_tokens, teach_batch
@@ -128,25 +131,26 @@ def process_state(device: torch.device):
 
 @dataclass
 class CachePlan:
-    """Everything a build needs once the data is packed, the teacher loaded and the folder checked."""
+    """Everything a build needs once the data is ingested, the teacher loaded and the folder checked."""
 
     cfg: CacheConfig
     dist: object  # accelerate PartialState
     device: torch.device
     dtype: torch.dtype
     tokenizer: object
-    packed: Packed
-    documents: object  # storage.Documents
+    rows: Rows | None  # the ingested rows on disk (None when the cache is already complete)
     model: object  # the teacher, or None when the cache is already complete
     schema: tuple[Field, ...]
     identity: dict  # what determines the cache's bytes (the manifest's "config")
     writer: CacheWriter
     state: str  # "new", "resume" or "complete"
     done: set[int]  # shards already on disk
-    rows_per_shard: int = 0
-    num_shards: int = 0
-    trained: np.ndarray = field(default=None)  # (R, T-1) bool: the positions that get teacher values
+    rows_per_shard: int = 1
     lock: FolderLock | None = None  # on --out, held by the first process until the build ends
+
+    @property
+    def num_shards(self) -> int:
+        return 0 if self.rows is None else math.ceil(self.rows.num_sequences / self.rows_per_shard)
 
     def release(self) -> None:
         """Let the folder go (idempotent): the build is finished, or stopped."""
@@ -154,27 +158,12 @@ class CachePlan:
             self.lock.release()
 
     def shard_rows(self, i: int) -> range:
-        return range(i * self.rows_per_shard, min(self.packed.num_sequences, (i + 1) * self.rows_per_shard))
-
-    def shard_tokens(self, i: int) -> int:
-        rows = self.shard_rows(i)
-        return int(self.trained[rows.start: rows.stop].sum())
+        return range(i * self.rows_per_shard, min(self.rows.num_sequences, (i + 1) * self.rows_per_shard))
 
 
-def read_and_pack(cfg: CacheConfig, tokenizer):
-    packed, documents = build_sequences(cfg.data, tokenizer, cfg.seq_len, cfg.text_field, cfg.split)
-    if cfg.max_sequences:
-        packed.truncate(cfg.max_sequences)
-    log.info("data: %d documents -> %d sequences of %d tokens (%d label positions)",
-             len(documents.texts), packed.num_sequences, cfg.seq_len, packed.num_predictions)
-    if packed.num_predictions == 0:
-        raise ValueError(f"--data {cfg.data}: the documents hold fewer than 2 tokens in all")
-    return packed, documents
-
-
-def teacher_vocab(cfg: CacheConfig, packed: Packed) -> int:
+def model_vocab(cfg: CacheConfig) -> int:
     """The teacher's vocabulary size from its config, refused where the cache could not describe the teacher (k, seq
-    len, vocabulary). The weights are not read: a finished cache is answered without them."""
+    len). The weights are not read: a finished cache is answered without them."""
     config = load_config(cfg.model, cfg.trust_remote_code)
     vocab = int(config.get_text_config().vocab_size)
     if cfg.top_k > vocab:
@@ -182,9 +171,17 @@ def teacher_vocab(cfg: CacheConfig, packed: Packed) -> int:
     limit = max_positions(config)
     if limit is not None and cfg.seq_len > limit:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's maximum of {limit} positions")
-    if int(packed.input_ids.max()) >= vocab:
-        raise ValueError(f"--model {cfg.model}: the tokenizer produces ids beyond the model's vocabulary ({vocab})")
     return vocab
+
+
+def check_rows(cfg: CacheConfig, rows: Rows, vocab: int) -> None:
+    """The ingested rows, refused where the teacher could not read them."""
+    log.info("data: %d documents -> %d sequences of %d tokens (%d label positions)",
+             rows.info["num_documents"], rows.num_sequences, cfg.seq_len, rows.num_predictions)
+    if rows.num_predictions == 0:
+        raise ValueError(f"--data {cfg.data}: the documents hold fewer than 2 tokens in all")
+    if rows.info["max_token_id"] >= vocab:
+        raise ValueError(f"--model {cfg.model}: the tokenizer produces ids beyond the model's vocabulary ({vocab})")
 
 
 def load_teacher(cfg: CacheConfig, vocab: int, dtype: torch.dtype, device: torch.device):
@@ -207,26 +204,25 @@ def plan_cache(cfg: CacheConfig) -> CachePlan:
         if not dist.is_main_process:  # one log, from the first process
             logging.getLogger("mft_cache").setLevel(logging.WARNING)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    packed, documents = read_and_pack(cfg, tokenizer)
-    vocab = teacher_vocab(cfg, packed)
+    vocab = model_vocab(cfg)
     schema = cache_schema(vocab_size=vocab, top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype)
     identity = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "overwrite", "device", "dtype", "push_to_hub")}
     identity.update(resolved_device=device.type, resolved_dtype=str(dtype).removeprefix("torch."),
-                    data_fingerprint=documents.fingerprint, weights_fingerprint=weights_fingerprint(cfg.model),
-                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), packing=packed.rule)
-    writer, state, done, lock = _open_writer(cfg, schema, identity, dist)
+                    data_fingerprint=None, weights_fingerprint=weights_fingerprint(cfg.model),
+                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                    packing=CONCAT if bos_rule(tokenizer) is None else BOS_PER_ROW)
+    rows_per_shard = max(1, int(cfg.shard_mb * 2**20) // row_bytes(schema))
+    writer, state, done, lock = _open_writer(cfg, schema, identity, tokenizer, vocab, rows_per_shard, dist)
+    rows = None if state == "complete" else Rows(Path(cfg.out), read_ingest(cfg.out))
     model = None if state == "complete" else load_teacher(cfg, vocab, dtype, device)  # a finished cache needs none
-    plan = CachePlan(cfg, dist, device, dtype, tokenizer, packed, documents, model, schema, identity, writer, state,
-                     done, trained=packed.label_mask(), lock=lock)
-    plan.rows_per_shard = max(1, int(cfg.shard_mb * 2**20) // row_bytes(schema))
-    plan.num_shards = math.ceil(packed.num_sequences / plan.rows_per_shard)
-    return plan
+    return CachePlan(cfg, dist, device, dtype, tokenizer, rows, model, schema, writer.identity, writer, state, done,
+                     rows_per_shard=rows_per_shard, lock=lock)
 
 
 def teach_shards(plan: CachePlan) -> None:
     """The teacher's pass over this process's share of the missing shards; the writer thread encodes (dtype cast
     or q8) and writes shard i while the teacher computes shard i+1."""
-    cfg, dist, packed = plan.cfg, plan.dist, plan.packed
+    cfg, dist, rows = plan.cfg, plan.dist, plan.rows
     if plan.state == "resume":
         log.info("resuming: %d of %d shards already written", len([i for i in plan.done if i < plan.num_shards]),
                  plan.num_shards)
@@ -235,14 +231,14 @@ def teach_shards(plan: CachePlan) -> None:
     if dist.num_processes > 1:
         log.info("%d processes: %d shards to compute, about %d each", dist.num_processes, len(missing), len(mine))
     backbone, head = backbone_and_head(plan.model)
-    check_head(plan.model, backbone, head, torch.as_tensor(packed.input_ids[:1], device=plan.device))
-    done_tokens = sum(plan.shard_tokens(i) for i in plan.done if i < plan.num_shards)
-    bar = tqdm(total=packed.num_predictions, initial=done_tokens, unit="tok", unit_scale=True, desc="mft cache",
+    check_head(plan.model, backbone, head, torch.as_tensor(rows.read(0, 1)[0], device=plan.device))
+    done_tokens = sum(rows.shard_tokens(i) for i in plan.done if i < plan.num_shards)
+    bar = tqdm(total=rows.num_predictions, initial=done_tokens, unit="tok", unit_scale=True, desc="mft cache",
                dynamic_ncols=True, disable=not dist.is_main_process)
 
     def sync_bar() -> None:  # several processes: count every shard on disk, not only the first process's
         if dist.num_processes > 1 and not bar.disable:
-            bar.n = max(bar.n, sum(plan.shard_tokens(i) for i in plan.writer.recorded_shards() if i < plan.num_shards))
+            bar.n = max(bar.n, sum(rows.shard_tokens(i) for i in plan.writer.recorded_shards() if i < plan.num_shards))
             bar.refresh()
 
     pending: Future | None = None
@@ -262,11 +258,12 @@ def teach_shards(plan: CachePlan) -> None:
 
 def teach_shard(plan: CachePlan, i: int, backbone, head, bar) -> dict[str, np.ndarray]:
     """The rows of shard i and the teacher's values for them (float32 log-probs, not yet encoded)."""
-    cfg, packed, device = plan.cfg, plan.packed, plan.device
+    cfg, device = plan.cfg, plan.device
     rows = plan.shard_rows(i)
+    input_ids, lengths_np = plan.rows.read(rows.start, rows.stop)  # from the ingested rows on disk
+    trained = label_mask(input_ids, lengths_np, plan.rows.bos_id)
     id_np = np.dtype(plan.schema[0].dtype)
-    out = {"input_ids": packed.input_ids[rows.start: rows.stop].astype(id_np),
-           "length": packed.lengths[rows.start: rows.stop].astype(np.int32)}
+    out = {"input_ids": input_ids.astype(id_np), "length": lengths_np}
     parts: dict[str, list] = {"topk_ids": [], "topk_logprobs": [], "label_logprob": []}
     chunk = cfg.chunk_tokens or auto_chunk_tokens(vocab_size_of(plan.model))
     inflight: HostCopy | None = None  # the previous batch's device-to-host copy, overlapping this batch
@@ -278,13 +275,13 @@ def teach_shard(plan: CachePlan, i: int, backbone, head, bar) -> dict[str, np.nd
         parts["label_logprob"].append(label_lp)
         bar.update(copy.tokens)
 
-    for b in range(rows.start, rows.stop, cfg.batch_size):
-        e = min(rows.stop, b + cfg.batch_size)
-        ids = torch.as_tensor(packed.input_ids[b:e], device=device)
-        lengths = torch.as_tensor(packed.lengths[b:e], device=device, dtype=torch.long)
-        valid = torch.as_tensor(plan.trained[b:e], device=device)
+    for b in range(0, len(rows), cfg.batch_size):
+        e = min(len(rows), b + cfg.batch_size)
+        ids = torch.as_tensor(input_ids[b:e], device=device)
+        lengths = torch.as_tensor(lengths_np[b:e], device=device, dtype=torch.long)
+        valid = torch.as_tensor(trained[b:e], device=device)
         lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk, valid)
-        copy = HostCopy((top_ids, lp, label_lp), int(plan.trained[b:e].sum()))
+        copy = HostCopy((top_ids, lp, label_lp), int(trained[b:e].sum()))
         if inflight is not None:
             collect(inflight)
         inflight = copy
@@ -300,7 +297,7 @@ def finish_cache(plan: CachePlan) -> dict:
     if not dist.is_main_process:
         dist.wait_for_everyone()  # the first process writes the manifest
         return load_manifest(cfg.out)
-    manifest = plan.writer.finish(metadata(plan), plan.num_shards, plan.packed.doc_offsets)
+    manifest = plan.writer.finish(metadata(plan), plan.num_shards, plan.rows)
     plan.release()
     dist.wait_for_everyone()
     return manifest
@@ -309,7 +306,7 @@ def finish_cache(plan: CachePlan) -> dict:
 def metadata(plan: CachePlan) -> CacheMetadata:
     import transformers
 
-    cfg, packed, documents, tokenizer = plan.cfg, plan.packed, plan.documents, plan.tokenizer
+    cfg, rows, tokenizer = plan.cfg, plan.rows, plan.tokenizer
     return CacheMetadata(
         model={**describe_model(cfg.model, plan.model, plan.identity["weights_fingerprint"]),
                "dtype": str(plan.dtype).removeprefix("torch.")},
@@ -317,11 +314,11 @@ def metadata(plan: CachePlan) -> CacheMetadata:
                    "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
         vocab_size=vocab_size_of(plan.model), top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype,
         data={"source": cfg.data, "text_field": cfg.text_field, "split": cfg.split,
-              "fingerprint": documents.fingerprint, "num_documents": len(documents.texts),
-              "num_empty_skipped": documents.num_empty},
-        packing=packing_description(packed.bos_id),
-        num_sequences=packed.num_sequences, num_tokens=packed.num_predictions,
-        num_input_tokens=int(packed.lengths.sum()), rows_per_shard=plan.rows_per_shard,
+              "fingerprint": rows.info["fingerprint"], "num_documents": rows.info["num_documents"],
+              "num_empty_skipped": rows.info["num_empty"]},
+        packing=packing_description(rows.bos_id),
+        num_sequences=rows.num_sequences, num_tokens=rows.num_predictions,
+        num_input_tokens=rows.info["num_input_tokens"], rows_per_shard=plan.rows_per_shard,
         num_processes=plan.dist.num_processes,
         created_by={"mft_cache": __version__, "torch": torch.__version__, "transformers": transformers.__version__})
 
@@ -359,23 +356,54 @@ def push_cache(cfg: CacheConfig, manifest: dict, dist) -> None:
         log.info("cache pushed to %s; train from it with --cache hf://%s", url, cfg.push_to_hub)
 
 
-def _open_writer(cfg: CacheConfig, schema, identity: dict, dist) -> tuple[CacheWriter, str, set[int], FolderLock | None]:
+def _open_writer(cfg: CacheConfig, schema, identity: dict, tokenizer, vocab: int, rows_per_shard: int,
+                 dist) -> tuple[CacheWriter, str, set[int], FolderLock | None]:
     """(writer, folder state, indices of the shards already written, the folder's lock). The first process locks
-    the folder (a second build on it stops here, naming this one's pid) and checks it (refusing, wiping or resuming
-    it) while the others wait; then all of them see its verdict."""
+    the folder (a second build on it stops here, naming this one's pid), checks it, reads the data (`ingest`) and
+    then refuses, wipes or resumes the folder while the others wait; then all of them see its verdict and the
+    data's fingerprint, and read the ingested rows from the folder."""
     prepared = {}
 
     def decide():
         lock = prepared["lock"] = FolderLock.acquire(Path(cfg.out))
         try:
-            prepared["writer"] = CacheWriter(cfg.out, fmt=cfg.format, schema=schema, identity=identity,
-                                             overwrite=cfg.overwrite)
+            writer = prepared["writer"] = CacheWriter(cfg.out, fmt=cfg.format, schema=schema, identity=identity,
+                                                      prepare=False)
+            writer.identity = {**identity, "data_fingerprint": read_data(cfg, writer, tokenizer, vocab, rows_per_shard)}
+            writer.state = writer.prepare(cfg.overwrite)
         except BaseException:
             lock.release()
             raise
-        return prepared["writer"].state, sorted(prepared["writer"].done_shards())
+        return writer.state, sorted(writer.done_shards()), writer.identity["data_fingerprint"]
 
-    state, done = decide_on_main(dist, decide)
-    writer = prepared.get("writer") or CacheWriter(cfg.out, fmt=cfg.format, schema=schema, identity=identity,
+    state, done, fingerprint = decide_on_main(dist, decide)
+    writer = prepared.get("writer") or CacheWriter(cfg.out, fmt=cfg.format, schema=schema,
+                                                   identity={**identity, "data_fingerprint": fingerprint},
                                                    prepare=False)
     return writer, state, set(done), prepared.get("lock")
+
+
+def read_data(cfg: CacheConfig, writer: CacheWriter, tokenizer, vocab: int, rows_per_shard: int) -> str:
+    """The data's fingerprint, computed as the documents stream by. Where the folder holds a finished cache (and
+    no --overwrite), the documents are only read: the fingerprint says whether it is this build's. Otherwise they
+    are tokenized and packed into the folder's ingested rows (storage.ingest), reused from an earlier run of the
+    same build where the source has not changed."""
+    writer.check_folder()  # before reading anything: a foreign folder is refused at once
+    stream = DocumentStream(cfg.data, cfg.text_field, cfg.split)
+    if not cfg.overwrite and writer.finished_identity() is not None:
+        for _ in tqdm(stream, unit="doc", desc="mft cache: reading", dynamic_ncols=True, leave=False):
+            pass
+        return stream.fingerprint
+    with tqdm(unit="tok", unit_scale=True, desc="mft cache: tokenizing", dynamic_ncols=True, leave=False) as bar:
+        def progress(tokens: int) -> None:
+            bar.update(tokens - bar.n)
+
+        rows = ingest(Path(cfg.out), stream, tokenizer, seq_len=cfg.seq_len, id_dtype=schema_id_dtype(writer.schema),
+                      rows_per_shard=rows_per_shard, max_sequences=cfg.max_sequences,
+                      key={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}, progress=progress)
+    check_rows(cfg, rows, vocab)
+    return rows.info["fingerprint"]
+
+
+def schema_id_dtype(schema) -> str:
+    return np.dtype(schema[0].dtype).name

@@ -1,5 +1,8 @@
 """Reading text documents for both stages: local files, folders, `save_to_disk` folders, hub datasets.
 
+Documents are read as a stream (DocumentStream), one at a time, so that a corpus of any size is read in bounded
+memory; `read_documents` holds them all, for small sources. A hub dataset is loaded with `streaming=True`.
+
 Order is deterministic: files of a folder are taken in sorted order of their relative paths, rows in
 file order. A `.txt` file is one document. Empty documents (only whitespace) are skipped and counted.
 
@@ -54,6 +57,7 @@ CAP_ENV = "MFT_MAX_DOCUMENT_MB"
 LINE_FACTOR = 4  # a .jsonl/.csv line may hold this many times the cap: JSON escapes (json.dumps writes "é", 2 bytes
 #                  of UTF-8, as the 6 bytes \u00e9), CSV quotes, other fields
 _CHUNK = 1 << 20
+_BATCH_ROWS = 1024  # rows read at a time from Parquet and `datasets` sources
 _LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # the place after a CR that ends a line on its own
 _CR_HINT = (" (this file seems to end its lines with a lone CR, old Mac style, which is read in bounded memory only "
             "up to that size: convert its line ends to LF)")
@@ -179,7 +183,7 @@ def _json(text: str, where: str, whole_file: bool = False):
         raise DocumentError(f"{where}: not valid JSON ({str(e)[:200]})") from None
 
 
-def _read_csv(path: Path, field: str, where: str, cap: int) -> list[str]:
+def _read_csv(path: Path, field: str, where: str, cap: int):
     def text_lines():
         for n, offset, line in _lines(path, where, LINE_FACTOR * cap):
             yield _decode(line, f"{where}: line {n}", offset)
@@ -188,7 +192,7 @@ def _read_csv(path: Path, field: str, where: str, cap: int) -> list[str]:
     csv.field_size_limit(min(cap, 2**31 - 1))  # csv counts characters; a field of more is over the cap in bytes too
     try:
         reader = csv.reader(text_lines())
-        out, last = [], 0
+        last = 0
         try:
             header = next(reader, None)
             if header is None or field not in header:
@@ -199,110 +203,196 @@ def _read_csv(path: Path, field: str, where: str, cap: int) -> list[str]:
                 start, last = last + 1, reader.line_num
                 if row:  # blank lines are no rows
                     at = f"{where}: line {start}" if start == last else f"{where}: lines {start}-{last}"
-                    out.append(_text(row[col], at, cap) if col < len(row) else "")
+                    yield _text(row[col], at, cap) if col < len(row) else ""
         except csv.Error as e:
             if "field limit" in str(e):
                 raise DocumentError(f"{where}: line {reader.line_num}: a field of more than {cap:,} characters, over "
                                     f"the {_size(cap)} cap on one document; {_lift(cap)}") from None
             raise DocumentError(f"{where}: line {reader.line_num}: not valid CSV ({e})") from None
-        return out
     finally:
         csv.field_size_limit(old)
 
 
-def _read_file(path: Path, field: str, what: str, cap: int) -> list[str]:
+def _read_file(path: Path, field: str, what: str, cap: int):
+    """The texts of one file, one at a time (a .json file is parsed whole; the others are read in bounded memory)."""
     suffix = path.suffix.lower()
     where = f"{what} {path}"
     if suffix == ".txt":
         size = path.stat().st_size
         if size > cap:  # refused before it is read
             raise _too_big(where, size, cap, "a .txt document")
-        return [_text(_decode(path.read_bytes(), where), where, cap)]
-    if suffix == ".jsonl":
-        out = []
+        yield _text(_decode(path.read_bytes(), where), where, cap)
+    elif suffix == ".jsonl":
         for n, offset, line in _lines(path, where, LINE_FACTOR * cap):
             if not line.strip():
                 continue
             at = f"{where}: line {n}"
-            out.append(_field(_json(_decode(line, at, offset), at), field, at, cap))
-        return out
-    if suffix == ".json":
+            yield _field(_json(_decode(line, at, offset), at), field, at, cap)
+    elif suffix == ".json":
         data = _json(_decode(path.read_bytes(), where), where, whole_file=True)
         if isinstance(data, dict) and isinstance(data.get(field), list):  # column-oriented
-            return [_field({field: v}, field, f"{where}: index {i}", cap) for i, v in enumerate(data[field])]
+            for i, v in enumerate(data[field]):
+                yield _field({field: v}, field, f"{where}: index {i}", cap)
+            return
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
             raise DocumentError(f"{where}: expected a JSON list of objects with a {field!r} field")
-        return [_field(row, field, f"{where}: index {i}", cap) for i, row in enumerate(data)]
-    if suffix == ".parquet":
+        for i, row in enumerate(data):
+            yield _field(row, field, f"{where}: index {i}", cap)
+    elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            schema = pq.read_schema(path)
+            parquet = pq.ParquetFile(path)
         except Exception as e:
             raise DocumentError(f"{where}: not a readable Parquet file ({e})") from None
-        if field not in schema.names:
-            raise DocumentError(f"{where}: no column {field!r} (columns: {schema.names[:10]}); choose one with --text-field")
-        col = pq.read_table(path, columns=[field]).column(field)
-        return [_field({field: v}, field, f"{where}: row {i}", cap) for i, v in enumerate(col.to_pylist())]
-    if suffix == ".csv":
-        return _read_csv(path, field, where, cap)
-    raise DocumentError(f"{where}: unsupported file type {suffix!r}; use one of {SUFFIXES}")
+        names = parquet.schema_arrow.names
+        if field not in names:
+            raise DocumentError(f"{where}: no column {field!r} (columns: {names[:10]}); choose one with --text-field")
+        i = 0
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[field]):
+            for v in batch.column(0).to_pylist():
+                yield _field({field: v}, field, f"{where}: row {i}", cap)
+                i += 1
+    elif suffix == ".csv":
+        yield from _read_csv(path, field, where, cap)
+    else:
+        raise DocumentError(f"{where}: unsupported file type {suffix!r}; use one of {SUFFIXES}")
 
 
-def _from_datasets(ds, field: str, where: str, split: str, cap: int) -> list[str]:
-    from datasets import DatasetDict
+def _from_datasets(ds, field: str, where: str, split: str, cap: int):
+    """The texts of a `datasets` Dataset (memory-mapped Arrow) or IterableDataset (streamed), in batches."""
+    from datasets import DatasetDict, IterableDatasetDict
 
-    if isinstance(ds, DatasetDict):
+    if isinstance(ds, (DatasetDict, IterableDatasetDict)):
         if split not in ds:
             raise DocumentError(f"{where}: no split {split!r} (splits: {list(ds)}); choose one with --split")
         ds = ds[split]
-    if field not in ds.column_names:
-        raise DocumentError(f"{where}: no field {field!r} (fields: {ds.column_names[:10]}); choose one with --text-field")
-    return [_field({field: v}, field, f"{where}: row {i}", cap) for i, v in enumerate(ds[field])]
+    names = ds.column_names  # None for a streamed dataset whose features are not known before reading
+    if names is not None and field not in names:
+        raise DocumentError(f"{where}: no field {field!r} (fields: {names[:10]}); choose one with --text-field")
+    if names is not None:
+        ds = ds.select_columns([field])
+    i = 0
+    for batch in ds.iter(batch_size=_BATCH_ROWS):
+        if field not in batch:
+            raise DocumentError(f"{where}: row {i}: no field {field!r} (fields: {sorted(batch)[:10]}); choose one "
+                                "with --text-field")
+        for v in batch[field]:
+            yield _field({field: v}, field, f"{where}: row {i}", cap)
+            i += 1
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / n).exists() for n in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+class DocumentStream:
+    """The non-empty documents of a source, read one at a time in bounded memory (a .json file is parsed whole):
+    a file, a folder of files, a `datasets.save_to_disk` folder (its memory-mapped Arrow), or a hub dataset id
+    (loaded with `streaming=True`). Iterate it once; then `fingerprint` (the same value as Documents.fingerprint of
+    the same documents), `num_documents`, `num_empty` and `num_files` describe what was read.
+
+    The source is checked when the stream is made (a missing file raises FileNotFoundError, an empty folder a
+    DocumentError); every other refusal (see the module docstring) comes when its row is read, and a source with
+    no non-empty document raises at the end of the iteration.
+    """
+
+    def __init__(self, source: str | Path, text_field: str = "text", split: str = "train", *, what: str = "--data"):
+        self.source, self.text_field, self.split, self.what = str(source), text_field, split, what
+        self.where = f"{what} {self.source}"
+        self.cap = max_document_bytes()
+        self.path = Path(self.source).expanduser()
+        self.files: list[Path] = []
+        if _is_saved_dataset(self.path):
+            self.kind = "saved"
+        elif self.path.is_dir():
+            self.kind = "folder"
+            self.files = sorted((p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES),
+                                key=lambda p: p.relative_to(self.path).as_posix())
+            if not self.files:
+                raise DocumentError(f"{self.where}: folder holds no {'/'.join(SUFFIXES)} files")
+        elif self.path.is_file():
+            self.kind, self.files = "file", [self.path]
+        elif self.path.suffix.lower() in SUFFIXES or self.source.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"{self.where}: no such file or folder")
+        else:
+            self.kind = "hub"
+        self.num_files = len(self.files) if self.files else int(self.kind == "saved")
+        self.num_documents = self.num_empty = 0
+        self._hash, self.complete = hashlib.sha256(), False
+
+    def signature(self) -> dict | None:
+        """What identifies the source's content without reading it: each file's path, size and modification time
+        (a saved dataset's files included), or None for a hub dataset, which only reading can tell."""
+        if self.kind == "hub":
+            return None
+        files = self.files if self.files else sorted(p for p in self.path.rglob("*") if p.is_file())
+        return {"source": str(self.path.resolve()), "text_field": self.text_field, "split": self.split,
+                "files": [[p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+    def _texts(self):
+        if self.kind == "saved":
+            from datasets import load_from_disk
+
+            yield from _from_datasets(load_from_disk(str(self.path)), self.text_field, self.where, self.split, self.cap)
+        elif self.kind == "hub":
+            yield from self._from_hub()
+        else:
+            for f in self.files:
+                yield from _read_file(f, self.text_field, self.what, self.cap)
+
+    def _from_hub(self):
+        from datasets import load_dataset
+
+        try:
+            ds = load_dataset(self.source, split=self.split, streaming=True)
+            rows = _from_datasets(ds, self.text_field, self.where, self.split, self.cap)
+            first = next(rows, None)  # reading starts here: a missing dataset or split fails now
+        except DocumentError:
+            raise
+        except Exception as e:
+            raise DocumentError(f"{self.where}: no such local file or folder, and loading it as a hub dataset failed: "
+                                f"{type(e).__name__}: {str(e)[:300]}") from None
+        if first is not None:
+            yield first
+            yield from rows
+
+    def __iter__(self):
+        if self.complete or self.num_documents or self.num_empty:
+            raise RuntimeError("a DocumentStream is read once")
+        for text in self._texts():
+            if not text.strip():
+                self.num_empty += 1
+                continue
+            b = text.encode("utf-8")
+            self._hash.update(len(b).to_bytes(8, "little") + b)
+            self.num_documents += 1
+            yield text
+        if not self.num_documents:
+            raise DocumentError(f"{self.where}: no non-empty documents in field {self.text_field!r} "
+                                f"({self.num_empty} rows read)")
+        if self.num_empty:
+            log.info("skipped %d empty documents of %d in %s", self.num_empty, self.num_empty + self.num_documents,
+                     self.source)
+        self.complete = True
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the documents' text, in order: Documents.fingerprint, computed as they are read."""
+        if not self.complete:
+            raise RuntimeError("the fingerprint is known once the stream has been read to its end")
+        return self._hash.hexdigest()
 
 
 def read_documents(source: str | Path, text_field: str = "text", split: str = "train", *,
                    what: str = "--data") -> Documents:
-    """Read documents from a file, a folder of files, a `datasets.save_to_disk` folder, or a hub dataset id.
+    """Read every document of a source into memory (DocumentStream, held whole): for small sources.
 
     Raises FileNotFoundError / ValueError (DocumentError) naming `what` (the flag that gave the source), the file,
     the row and the field; never returns zero documents.
     """
-    src = str(source)
-    where = f"{what} {src}"
-    path = Path(src).expanduser()
-    cap = max_document_bytes()
-    files: list[Path]
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
-                          or (path / "state.json").exists()):
-        from datasets import load_from_disk
-
-        texts, nfiles = _from_datasets(load_from_disk(str(path)), text_field, where, split, cap), 1
-    elif path.is_dir():
-        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES),
-                       key=lambda p: p.relative_to(path).as_posix())
-        if not files:
-            raise DocumentError(f"{where}: folder holds no {'/'.join(SUFFIXES)} files")
-        texts = [t for f in files for t in _read_file(f, text_field, what, cap)]
-        nfiles = len(files)
-    elif path.is_file():
-        texts, nfiles = _read_file(path, text_field, what, cap), 1
-    elif path.suffix.lower() in SUFFIXES or src.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{where}: no such file or folder")
-    else:  # a hub dataset id
-        try:
-            from datasets import load_dataset
-
-            ds = load_dataset(src, split=split)
-        except Exception as e:
-            raise DocumentError(f"{where}: no such local file or folder, and loading it as a hub dataset failed: "
-                                f"{type(e).__name__}: {str(e)[:300]}") from None
-        texts, nfiles = _from_datasets(ds, text_field, where, split, cap), 0
-    kept = [t for t in texts if t.strip()]
-    if not kept:
-        raise DocumentError(f"{where}: no non-empty documents in field {text_field!r} ({len(texts)} rows read)")
-    if len(kept) < len(texts):
-        log.info("skipped %d empty documents of %d in %s", len(texts) - len(kept), len(texts), src)
-    return Documents(kept, src, text_field, nfiles, len(texts) - len(kept))
+    stream = DocumentStream(source, text_field, split, what=what)
+    texts = list(stream)
+    return Documents(texts, stream.source, text_field, stream.num_files, stream.num_empty)

@@ -19,11 +19,12 @@ tokenizer adds a BOS is read from what it produces (`bos_rule`), never from a fl
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from .documents import Documents, read_documents
+from .documents import DocumentStream
 
 CONCAT = "concat"  # rows are plain slices of the stream (tokenizers without BOS; caches made before the rule)
 BOS_PER_ROW = "bos-per-row"  # every row starts with BOS; positions whose label is BOS are not trained
@@ -160,6 +161,77 @@ def pack(docs: list[list[int]], seq_len: int, pad_id: int = 0, bos_id: int | Non
     return Packed(input_ids, row_lengths, offsets, bos_id)
 
 
+class StreamPacker:
+    """The rows `pack` makes, cut from documents given a batch at a time: only the tokens not yet in a complete row
+    are held. `add(docs)` returns the rows its documents complete, `finish()` the last (padded) one; `doc_offsets`
+    collects each document's start in the stream, as `pack` gives it."""
+
+    def __init__(self, seq_len: int, pad_id: int = 0, bos_id: int | None = None):
+        if seq_len < 2:
+            raise ValueError(f"--seq-len must be at least 2 (one input and one label), got {seq_len}")
+        self.seq_len, self.pad_id, self.bos_id = seq_len, pad_id, bos_id
+        self.buf = np.empty(0, dtype=np.int64)  # stream tokens from position `start` on, not yet in a row
+        self.start = 0
+        self.total = 0  # stream tokens given so far
+        self.doc_starts: deque[int] = deque()  # starts of the documents at or after `start`
+
+    def add(self, docs: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows (n, seq_len) int64, lengths (n,) int32, the documents' start offsets (len(docs),) int64)."""
+        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+        offsets = self.total + np.concatenate(([0], np.cumsum(lengths)[:-1])) if len(docs) else lengths
+        if self.bos_id is not None:
+            assert all(d and d[0] == self.bos_id for d in docs), "every document must start with the BOS under this rule"
+            self.doc_starts.extend(int(o) for o in offsets)
+        new = np.fromiter((t for d in docs for t in d), dtype=np.int64, count=int(lengths.sum()))
+        self.buf = np.concatenate((self.buf, new)) if len(self.buf) else new
+        self.total += len(new)
+        rows, row_lengths = self._rows(final=False)
+        return rows, row_lengths, offsets.astype(np.int64)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows left (at most one without the BOS rule), the last one padded."""
+        return self._rows(final=True)
+
+    def _rows(self, final: bool) -> tuple[np.ndarray, np.ndarray]:
+        t, buf = self.seq_len, self.buf
+        if self.bos_id is None:  # plain slices: every complete row at once
+            n = -(-len(buf) // t) if final else len(buf) // t
+            rows = np.full((n, t), self.pad_id, dtype=np.int64)
+            used = min(len(buf), n * t)
+            rows.reshape(-1)[:used] = buf[:used]
+            lengths = np.full(n, t, dtype=np.int32)
+            if n and final and used % t:
+                lengths[-1] = used % t
+            self._consume(used)
+            return rows, lengths
+        out, lengths, p = [], [], 0  # p: offset in buf of the next row's start
+        while p < len(buf):
+            at = self.start + p
+            while self.doc_starts and self.doc_starts[0] < at:
+                self.doc_starts.popleft()
+            opens = bool(self.doc_starts) and self.doc_starts[0] == at
+            need = t if opens else t - 1
+            if len(buf) - p < need and not final:
+                break
+            seg = buf[p: p + need]
+            row = np.full(t, self.pad_id, dtype=np.int64)
+            if opens:
+                row[: len(seg)] = seg
+            else:
+                row[0] = self.bos_id
+                row[1: 1 + len(seg)] = seg
+            out.append(row)
+            lengths.append(len(seg) + (not opens))
+            p += len(seg)
+        self._consume(p)
+        rows = np.stack(out) if out else np.empty((0, t), dtype=np.int64)
+        return rows, np.asarray(lengths, dtype=np.int32)
+
+    def _consume(self, n: int) -> None:
+        self.buf = self.buf[n:].copy() if n < len(self.buf) else np.empty(0, dtype=np.int64)
+        self.start += n
+
+
 def pad_id_of(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if tid is not None:
@@ -167,10 +239,34 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
+ENCODE_BATCH = 256  # documents tokenized at a time
+
+
+def stream_rows(stream: DocumentStream, tokenizer, seq_len: int, batch_size: int = ENCODE_BATCH):
+    """Read, tokenize (a batch of documents at a time, with the fast tokenizer) and pack a document stream:
+    yields (rows, lengths, document offsets) as rows complete; the offsets end with the stream's total. The rows are
+    exactly those of `pack` over all the documents."""
+    packer = StreamPacker(seq_len, pad_id_of(tokenizer), bos_rule(tokenizer))
+    batch: list[str] = []
+    for text in stream:
+        batch.append(text)
+        if len(batch) == batch_size:
+            yield packer.add(encode_documents(batch, tokenizer, batch_size))
+            batch = []
+    if batch:
+        yield packer.add(encode_documents(batch, tokenizer, batch_size))
+    rows, lengths = packer.finish()
+    yield rows, lengths, np.array([packer.total], dtype=np.int64)
+
+
 def build_sequences(source, tokenizer, seq_len: int, text_field: str = "text", split: str = "train", *,
-                    what: str = "--data") -> tuple[Packed, Documents]:
-    """Read, tokenize and pack a data source: the one entry point both stages use. `what` is the flag that named
-    the source, for error messages."""
-    documents = read_documents(source, text_field=text_field, split=split, what=what)
-    packed = pack(encode_documents(documents.texts, tokenizer), seq_len, pad_id_of(tokenizer), bos_rule(tokenizer))
-    return packed, documents
+                    what: str = "--data") -> tuple[Packed, DocumentStream]:
+    """Read, tokenize and pack a data source into memory (the rows only: documents are streamed): the entry point
+    for the small sets stage two packs (evaluation, the online teacher's data, replay documents). `what` is the flag
+    that named the source, for error messages. Stage one writes the same rows to disk as they complete
+    (storage.ingest)."""
+    stream = DocumentStream(source, text_field, split, what=what)
+    parts = list(stream_rows(stream, tokenizer, seq_len))
+    packed = Packed(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                    np.concatenate([p[2] for p in parts]), bos_rule(tokenizer))
+    return packed, stream

@@ -35,6 +35,8 @@ import numpy as np
 from mft_cache.faults import fault_point
 from mft_cache.folder_lock import LOCK_FILE
 
+from .ingest import FILES as INGEST_FILES
+from .ingest import INGEST, Rows
 from .backends import checksum, get_backend, parse_shard_name, shard_name, size_on_disk
 from .manifest import (DOCUMENTS, MANIFEST, CacheMetadata, ManifestError, build_manifest, load_manifest, save_manifest,
                        write_json_atomic)
@@ -45,7 +47,8 @@ log = logging.getLogger(__name__)
 PROGRESS = ".mft-cache-progress.json"
 # what a writer puts in a folder besides the shards themselves: the manifest, the progress file, documents.npy,
 # shard records (.shard-NNNNN.json) and anything under a temporary name (.NAME.tmp-PID)
-_OURS = re.compile(r"^(manifest\.json|\.mft-cache-progress\.json|documents\.npy|\.shard-\d{5}\.json|\..+\.tmp-\d+)$")
+_OURS = re.compile(r"^(manifest\.json|\.mft-cache-progress\.json|documents\.npy|\.shard-\d{5}\.json|\..+\.tmp-\d+"
+                   r"|\.ingest\.json|\.ingest-[a-z_]+\.bin)$")
 _PROGRESS_TMP = re.compile(r"^\.\.mft-cache-progress\.json\.tmp-\d+$")  # write_json_atomic's name for it
 
 
@@ -107,10 +110,13 @@ class CacheWriter:
         self.backend = get_backend(fmt)
         self.folder = Path(folder)
         self.fmt, self.schema, self.identity = fmt, schema, identity
-        self.state = self._prepare(overwrite) if prepare else None
+        self.state = self.prepare(overwrite) if prepare else None
 
     # -- folder state -------------------------------------------------------------------------
-    def _prepare(self, overwrite: bool) -> str:
+    def check_folder(self) -> list[str]:
+        """The folder's names (the lock left out), once it is shown to be a folder this build may use: new or
+        empty, or holding only a writer's files and a writer's own record (refused otherwise, nothing removed).
+        Needs no identity: a build checks it before reading its data."""
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"--out {self.folder} is a file, not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -127,19 +133,32 @@ class CacheWriter:
                 f"manifest.json or {PROGRESS}: it cannot be shown to be a cache, so nothing was removed; "
                 "remove them by hand or choose another folder"
             )
-        if MANIFEST in names and not overwrite:
-            try:
-                old = load_manifest(self.folder)
-            except ManifestError as e:
-                raise ValueError(f"--out {self.folder} holds a damaged cache ({e}); pass --overwrite to rebuild it") from e
-            if _identity(old["config"]) == _identity(self.identity):
+        return names
+
+    def finished_identity(self) -> dict | None:
+        """The identity of the finished cache in the folder (None where there is none); raises where its manifest
+        is damaged."""
+        if not (self.folder / MANIFEST).exists():
+            return None
+        try:
+            return _identity(load_manifest(self.folder)["config"])
+        except ManifestError as e:
+            raise ValueError(f"--out {self.folder} holds a damaged cache ({e}); pass --overwrite to rebuild it") from e
+
+    def prepare(self, overwrite: bool) -> str:
+        """Refuse, wipe or resume the folder for `identity`: its state, "new", "resume" or "complete"."""
+        names = self.check_folder()
+        old = None if overwrite else self.finished_identity()
+        if old is not None:
+            if old == _identity(self.identity):
                 for n in names:  # leftovers of a run stopped inside finish(), after the manifest was written
-                    if n.startswith("."):  # progress file, shard records, *.tmp-PID (all ours: is_ours matched)
+                    if n.startswith("."):  # progress file, shard records, *.tmp-PID, ingested rows (all ours)
                         _remove(self.folder / n)
                 return "complete"
             raise ValueError(
                 f"--out {self.folder} holds a finished cache built with another configuration "
-                f"(differs in {_diff(old['config'], self.identity)}); pass --overwrite to replace it, or choose another folder"
+                f"(differs in {_diff(old, _identity(self.identity))}); pass --overwrite to replace it, or choose "
+                "another folder"
             )
         progress = self.folder / PROGRESS
         if progress.exists() and not overwrite and MANIFEST not in names:
@@ -153,6 +172,7 @@ class CacheWriter:
                 if ".tmp-" in n:
                     _remove(self.folder / n)
             return "resume"
+        names = [n for n in names if n not in INGEST_FILES]  # this build's rows, ingested before the folder was prepared
         if names:
             log.info("removing %s in %s", "the cache (--overwrite)" if overwrite else "an unfinished start", self.folder)
             for n in names:
@@ -169,6 +189,8 @@ class CacheWriter:
             if manifest.get("format_name") == FORMAT_NAME:
                 return True
         if PROGRESS in names and _read_json(self.folder / PROGRESS, quiet=True):
+            return True
+        if INGEST in names and _read_json(self.folder / INGEST, quiet=True):  # a build stopped while reading its data
             return True
         return any(_PROGRESS_TMP.match(n) for n in names)
 
@@ -214,8 +236,9 @@ class CacheWriter:
         os.replace(tmp, self.folder / name)
         return {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
-    def finish(self, meta: CacheMetadata, num_shards: int, doc_offsets: np.ndarray) -> dict:
-        """Write documents.npy, then manifest.json (last) from the shard records and `meta`; clean up; return it."""
+    def finish(self, meta: CacheMetadata, num_shards: int, doc_offsets: np.ndarray | Rows) -> dict:
+        """Write documents.npy (from the offsets, or from ingested rows on disk), then manifest.json (last) from the
+        shard records and `meta`; clean up (the ingested rows too); return it."""
         done = self.done_shards()
         missing = [i for i in range(num_shards) if i not in done]
         assert not missing, f"finish() with shards still missing: {missing[:10]}"
@@ -223,12 +246,20 @@ class CacheWriter:
         for i in range(num_shards):
             shards.append({**done[i], "first_row": first})
             first += done[i]["rows"]
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(doc_offsets, dtype=np.int64), allow_pickle=False)
-        documents_file = self.write_file(DOCUMENTS, buf.getvalue())
+        if isinstance(doc_offsets, Rows):
+            tmp = self.folder / f".{DOCUMENTS}.tmp-{os.getpid()}"
+            documents_file = doc_offsets.write_documents(tmp)
+            os.replace(tmp, self.folder / DOCUMENTS)
+            documents_file["name"] = DOCUMENTS
+        else:
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(doc_offsets, dtype=np.int64), allow_pickle=False)
+            documents_file = self.write_file(DOCUMENTS, buf.getvalue())
         manifest = save_manifest(self.folder, build_manifest(meta, fmt=self.fmt, schema=self.schema, identity=self.identity,
                                                              shards=shards, documents_file=documents_file))
         for i in range(num_shards):
             _remove(self._record_path(i))
+        for name in INGEST_FILES:
+            _remove(self.folder / name)
         _remove(self.folder / PROGRESS)
         return manifest

@@ -1,0 +1,171 @@
+"""Stage one's ingestion: documents streamed, tokenized and packed into rows on disk, in bounded memory.
+
+`ingest` reads a DocumentStream once and appends every completed row to files in the cache folder, so that
+the teacher's pass (on one process or many) reads the rows it needs from disk and nothing holds the corpus:
+
+    .ingest-input_ids.bin   (R, seq_len) rows, the cache's id dtype, raw little-endian
+    .ingest-lengths.bin     (R,) int32
+    .ingest-documents.bin   (D + 1,) int64 document offsets in the stream (documents.npy's content)
+    .ingest.json            what was ingested, and from what: written with "complete": false before the first row
+                            and rewritten, complete, after the last
+
+The rows, the offsets and the data fingerprint are exactly those `pack` and Documents.fingerprint give for the same
+documents (the cache's bytes do not depend on the path that made them). The files are the build's own: they are
+removed once the manifest is written.
+
+Seeking on a rerun: a complete ingestion whose key (the source's files with their sizes and modification times,
+the tokenizer, the packing and the shard size) is unchanged is reused without reading the source again; an
+ingestion that was stopped is started again from the beginning (it is a small part of a build: the teacher
+dominates), and a hub dataset, whose content only reading can tell, is always read again.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mft_cache.faults import fault_point
+
+from .documents import DocumentStream
+from .manifest import write_json_atomic
+from .packing import BOS_PER_ROW, CONCAT, bos_rule, label_mask, stream_rows
+
+log = logging.getLogger(__name__)
+
+INGEST = ".ingest.json"
+INPUT_IDS, LENGTHS, OFFSETS = ".ingest-input_ids.bin", ".ingest-lengths.bin", ".ingest-documents.bin"
+FILES = (INGEST, INPUT_IDS, LENGTHS, OFFSETS)
+_COPY = 1 << 20  # int64s copied at a time into documents.npy
+
+
+@dataclass
+class Rows:
+    """The ingested rows of a cache folder, read from disk a range at a time."""
+
+    folder: Path
+    info: dict  # .ingest.json
+
+    @property
+    def num_sequences(self) -> int:
+        return self.info["num_sequences"]
+
+    @property
+    def seq_len(self) -> int:
+        return self.info["seq_len"]
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.info["bos_token_id"]
+
+    @property
+    def rule(self) -> str:
+        return CONCAT if self.bos_id is None else BOS_PER_ROW
+
+    @property
+    def num_predictions(self) -> int:
+        return self.info["num_predictions"]
+
+    def shard_tokens(self, i: int) -> int:
+        """Trained positions of shard i (rows_per_shard rows)."""
+        return self.info["shard_tokens"][i]
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids (n, T) int64, lengths (n,) int32) of rows start..stop-1."""
+        t, dtype = self.seq_len, np.dtype(self.info["id_dtype"])
+        ids = np.fromfile(self.folder / INPUT_IDS, dtype=dtype, count=(stop - start) * t,
+                          offset=start * t * dtype.itemsize).astype(np.int64).reshape(-1, t)
+        lengths = np.fromfile(self.folder / LENGTHS, dtype=np.int32, count=stop - start, offset=start * 4)
+        return ids, lengths
+
+    def write_documents(self, path: Path) -> dict:
+        """documents.npy (the same bytes np.save writes for the offsets), copied from disk a piece at a time;
+        returns {name, sha256, bytes}."""
+        n = self.info["num_documents"] + 1
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<i8", "fortran_order": False, "shape": (n,)})
+        h, size = hashlib.sha256(header.getvalue()), len(header.getvalue())
+        with open(self.folder / OFFSETS, "rb") as src, open(path, "wb") as dst:
+            dst.write(header.getvalue())
+            while piece := src.read(8 * _COPY):
+                h.update(piece)
+                dst.write(piece)
+                size += len(piece)
+            dst.flush()
+            os.fsync(dst.fileno())
+        return {"name": path.name, "sha256": h.hexdigest(), "bytes": size}
+
+    def remove(self) -> None:
+        for name in FILES:
+            (self.folder / name).unlink(missing_ok=True)
+
+
+def read_info(folder: Path) -> dict:
+    """.ingest.json, or {} where there is none (or it cannot be read)."""
+    try:
+        info = json.loads((Path(folder) / INGEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_dtype: str, rows_per_shard: int,
+           max_sequences: int = 0, key: dict | None = None, progress=None) -> Rows:
+    """Ingest `stream` into `folder` (or reuse a complete ingestion of the same key there); see the module docstring.
+
+    `key` holds what else decides the rows (e.g. the tokenizer's fingerprint); with the source's signature, the
+    seq len, the id dtype, the shard size and max_sequences it must equal the recorded one for a reuse.
+    `progress(tokens)` is called as documents are tokenized."""
+    folder = Path(folder)
+    signature = stream.signature()
+    full_key = {"signature": signature, "seq_len": seq_len, "id_dtype": id_dtype, "rows_per_shard": rows_per_shard,
+                "max_sequences": max_sequences, **(key or {})}
+    old = read_info(folder)
+    if signature is not None and old.get("complete") and old.get("key") == full_key:
+        log.info("reusing the ingested rows in %s (the source is unchanged: same files, sizes and times)", folder)
+        return Rows(folder, old)
+    write_json_atomic(folder / INGEST, {"complete": False, "key": full_key})
+    dtype = np.dtype(id_dtype)
+    num_rows = predictions = input_tokens = max_id = 0
+    shard_tokens: list[int] = []
+    bos_id = bos_rule(tokenizer)
+    with open(folder / INPUT_IDS, "wb") as f_ids, open(folder / LENGTHS, "wb") as f_len, \
+            open(folder / OFFSETS, "wb") as f_off:
+        for rows, lengths, offsets in stream_rows(stream, tokenizer, seq_len):
+            offsets.astype("<i8").tofile(f_off)
+            if progress is not None and len(offsets):
+                progress(int(offsets[-1]))
+            if max_sequences:
+                keep = max(0, min(len(rows), max_sequences - num_rows))
+                rows, lengths = rows[:keep], lengths[:keep]
+            if not len(rows):
+                continue
+            max_id = max(max_id, int(rows.max()))
+            if max_id > np.iinfo(dtype).max:
+                raise ValueError(f"token id {max_id} does not fit the cache's id dtype {id_dtype}")
+            rows.astype(dtype.newbyteorder("<")).tofile(f_ids)
+            lengths.astype("<i4").tofile(f_len)
+            trained = label_mask(rows, lengths, bos_id).sum(axis=1)
+            for r, count in enumerate(trained, num_rows):  # per-shard sums of trained positions
+                if r // rows_per_shard == len(shard_tokens):
+                    shard_tokens.append(0)
+                shard_tokens[-1] += int(count)
+            num_rows += len(rows)
+            fault_point("cache:ingest")  # the crash tests: killed with rows written, the ingestion unfinished
+            predictions += int(trained.sum())
+            input_tokens += int(lengths.sum())
+        for f in (f_ids, f_len, f_off):
+            f.flush()
+            os.fsync(f.fileno())
+    info = {"complete": True, "key": full_key, "seq_len": seq_len, "id_dtype": id_dtype,
+            "bos_token_id": bos_id, "num_sequences": num_rows, "num_predictions": predictions,
+            "num_input_tokens": input_tokens, "max_token_id": max_id, "shard_tokens": shard_tokens,
+            "fingerprint": stream.fingerprint, "num_documents": stream.num_documents, "num_empty": stream.num_empty,
+            "num_files": stream.num_files}
+    write_json_atomic(folder / INGEST, info)
+    return Rows(folder, info)
