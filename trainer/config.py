@@ -137,10 +137,10 @@ class SweepConfig:
     taus: str = opt("0.1,0.25,0.5,1.0", "comma-separated tau values: one MFT run each (at --lr)")
     no_ft: bool = opt(False, "skip the plain finetuning runs")
     seeds: str = opt("", "comma-separated seeds (they set the data order): every configuration runs once per seed, "
-                     "into <run>/seed<k>/ when there are several (default: --seed alone, into <run>/)")
+                     "into <run>/seed<k>/ when there are several; empty: --seed alone, into <run>/")
     lrs: str = opt("", "comma-separated learning rates of plain finetuning, one FT run each, so that FT's "
-                   "trajectories at several rates can be compared with MFT's (default: --lr alone); MFT runs at --lr, "
-                   "which is added to them when missing")
+                   "trajectories at several rates can be compared with MFT's; MFT runs at --lr, which is added to "
+                   "them when missing; empty: --lr alone")
 
     def __post_init__(self):
         taus, lrs = self.tau_values(), self.lr_values()
