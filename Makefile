@@ -32,6 +32,8 @@ EVAL_EVERY ?=
 EVAL_MAX ?=
 MIXED_PRECISION ?=
 TAUS ?=
+SEEDS ?=
+LRS ?=
 CACHE_ARGS ?=
 TRAIN_ARGS ?=
 arg = $(if $(2),$(1) $(2))
@@ -72,10 +74,11 @@ train: setup $(call assets_for,EVAL_SPECIALIZED EVAL_GENERAL)
 		$(call arg,--mixed-precision,$(MIXED_PRECISION)) $(call arg,--eval-specialized,$(EVAL_SPECIALIZED)) \
 		$(call arg,--eval-general,$(EVAL_GENERAL)) $(call arg,--eval-max-sequences,$(EVAL_MAX)) --resume $(TRAIN_ARGS)
 
-# One run per tau plus plain finetuning, all from the one cache; the teacher is never loaded.
+# One run per tau plus plain finetuning, all from the one cache; the teacher is never loaded. SEEDS=0,1,2 runs each
+# once per seed, LRS=1e-4,5e-4 plain finetuning at each rate (MFT at LR).
 sweep: setup $(call assets_for,EVAL_SPECIALIZED EVAL_GENERAL)
 	$(BIN)/mft sweep --config $(CONFIG) $(call arg,--out,$(SWEEP)) $(call arg,--taus,$(TAUS)) \
-		$(call arg,--cache,$(CACHE)) $(call arg,--steps,$(STEPS)) \
+		$(call arg,--seeds,$(SEEDS)) $(call arg,--lrs,$(LRS)) $(call arg,--cache,$(CACHE)) $(call arg,--steps,$(STEPS)) \
 		$(call arg,--batch-size,$(BATCH)) $(call arg,--lr,$(LR)) $(call arg,--eval-every,$(EVAL_EVERY)) \
 		$(call arg,--mixed-precision,$(MIXED_PRECISION)) $(call arg,--eval-specialized,$(EVAL_SPECIALIZED)) \
 		$(call arg,--eval-general,$(EVAL_GENERAL)) $(call arg,--eval-max-sequences,$(EVAL_MAX)) --resume $(TRAIN_ARGS)

@@ -29,16 +29,15 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     i.add_argument("--verify", action="store_true", help="check every shard's checksum; exit non-zero naming a bad shard")
 
     try:
-        from mft_cache.trainer.config import TrainConfig
+        from mft_cache.trainer.config import SweepConfig, TrainConfig
     except ImportError:  # stage two not installed in this build
         TrainConfig = None
     if TrainConfig is not None:
         t = sub.add_parser("train", help="stage two: minifinetune from the cache")
         add_arguments(t, TrainConfig)
-        s = sub.add_parser("sweep", help="one training run per tau (and ft) from one cache")
+        s = sub.add_parser("sweep", help="a run per tau (and ft per learning rate), per seed, from one cache")
         add_arguments(s, TrainConfig)
-        s.add_argument("--taus", default="0.1,0.25,0.5,1.0", help="comma-separated tau values")
-        s.add_argument("--no-ft", action="store_true", help="skip the plain finetuning run")
+        add_arguments(s, SweepConfig)
         from mft_cache.study import StudyConfig
 
         st = sub.add_parser("study", help="the paper's compositions and ablations on one cache (writes STUDIES.md)",
@@ -113,11 +112,12 @@ def _run(args: argparse.Namespace) -> int:
 
             train(from_namespace(TrainConfig, args))
         elif args.command == "sweep":
-            from mft_cache.trainer.config import TrainConfig
+            from mft_cache.trainer.config import SweepConfig, TrainConfig
             from mft_cache.trainer.sweep import sweep
 
-            taus = [float(x) for x in args.taus.split(",") if x.strip()]
-            sweep(from_namespace(TrainConfig, args), taus, with_ft=not args.no_ft)
+            sc = from_namespace(SweepConfig, args)
+            sweep(from_namespace(TrainConfig, args), sc.tau_values(), with_ft=not sc.no_ft, seeds=sc.seed_values(),
+                  lrs=sc.lr_values())
         elif args.command == "study":
             from mft_cache.study import StudyConfig, study
             from mft_cache.trainer.config import TrainConfig

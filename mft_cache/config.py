@@ -60,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if callable(choices):  # a registry, read when the parser is built
             choices = choices()
         default = f.default if f.default is not dataclasses.MISSING else None
-        if tp is bool:
+        if tp is bool and f.name.startswith("no_"):  # BooleanOptionalAction would read --no-x as x = False
+            parser.add_argument(flag(f.name), action="store_true", default=default, help=help_)
+        elif tp is bool:
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_)
         else:
             parser.add_argument(flag(f.name), type=tp, default=default, choices=choices,

@@ -70,7 +70,8 @@ def cache_args(model: Path, data: Path, out: Path) -> list[str]:
 
 
 def _metrics(run: Path) -> list[dict]:
-    keep = ("type", "step", "loss", "lr", "tokens", "ppl_specialized", "ppl_general", "S", "DG")
+    keep = ("type", "step", "loss", "lr", "tokens", "ppl_specialized", "ppl_general", "S", "DG", "ppl_specialized_se",
+            "ppl_general_se")
     return [{k: v for k, v in json.loads(x).items() if k in keep} for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -138,7 +139,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(one_process_cac
     schedule = [(x["type"], x["step"], x["tokens"], x.get("lr")) for x in one]
     assert schedule == [(x["type"], x["step"], x["tokens"], x.get("lr")) for x in two]
     assert len([x for x in two if x["type"] == "train"]) == 4
-    for key in ("loss", "ppl_specialized", "ppl_general"):
+    for key in ("loss", "ppl_specialized", "ppl_general", "ppl_specialized_se", "ppl_general_se"):  # 5 rows split 3 + 2
         a = torch.tensor([x[key] for x in one if key in x], dtype=torch.float64)
         b = torch.tensor([x[key] for x in two if key in x], dtype=torch.float64)
         torch.testing.assert_close(b, a, rtol=1e-5, atol=0)

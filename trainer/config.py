@@ -1,6 +1,7 @@
-"""The configuration of `mft train` (and of each run of `mft sweep`)."""
+"""The configuration of `mft train` (and of each run of `mft sweep`), and what `mft sweep` varies."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from mft_cache.config import check_finite, opt
@@ -109,3 +110,58 @@ class TrainConfig:
         if self.teacher == "online" and (self.top_k or self.tail != "bucket"):
             raise ValueError("--top-k and --tail choose how a cache is read; --teacher online uses the full distribution")
         check_finite(self)  # last: the range checks above say more, where they apply
+
+
+def _parse_list(flag: str, text: str, kind) -> list:
+    """A comma-separated list of numbers, refused naming the flag (a bad, repeated or non-finite value)."""
+    values = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = kind(item)
+        except ValueError:
+            raise ValueError(f"{flag}: {item!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"{flag}: {item!r} is not a finite number")
+        if value in values:
+            raise ValueError(f"{flag}: {item!r} is given twice")
+        values.append(value)
+    return values
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What `mft sweep` varies; every run takes the other options from TrainConfig."""
+
+    taus: str = opt("0.1,0.25,0.5,1.0", "comma-separated tau values: one MFT run each (at --lr)")
+    no_ft: bool = opt(False, "skip the plain finetuning runs")
+    seeds: str = opt("", "comma-separated seeds (they set the data order): every configuration runs once per seed, "
+                     "into <run>/seed<k>/ when there are several; empty: --seed alone, into <run>/")
+    lrs: str = opt("", "comma-separated learning rates of plain finetuning, one FT run each, so that FT's "
+                   "trajectories at several rates can be compared with MFT's; MFT runs at --lr, which is added to "
+                   "them when missing; empty: --lr alone")
+
+    def __post_init__(self):
+        taus, lrs = self.tau_values(), self.lr_values()
+        if not taus and self.no_ft:
+            raise ValueError("--taus is empty and --no-ft skips plain finetuning: the sweep has no runs")
+        for tau in taus:
+            if not 0.0 <= tau <= 1.0:
+                raise ValueError(f"--taus: {tau} is outside [0, 1]")
+        for lr in lrs:
+            if not lr > 0:
+                raise ValueError(f"--lrs: {lr} is not a positive learning rate")
+        if lrs and self.no_ft:
+            raise ValueError("--lrs sets the learning rates of plain finetuning, which --no-ft skips: drop one of them")
+        if any(s < 0 for s in self.seed_values()):
+            raise ValueError(f"--seeds must be >= 0; got {self.seeds}")
+
+    def tau_values(self) -> list[float]:
+        return _parse_list("--taus", self.taus, float)
+
+    def seed_values(self) -> list[int]:
+        return _parse_list("--seeds", self.seeds, int)
+
+    def lr_values(self) -> list[float]:
+        return _parse_list("--lrs", self.lrs, float)

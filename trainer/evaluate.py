@@ -10,31 +10,65 @@ from .data import PackedRows
 
 @torch.no_grad()
 def evaluate_perplexity(loss_module, rows: PackedRows, batch_size: int, accelerator) -> float:
-    """exp(mean next-token NLL) over every trained position of `rows`, split across processes.
+    """exp(mean next-token NLL) over every trained position of `rows` (see evaluate_perplexity_se)."""
+    return evaluate_perplexity_se(loss_module, rows, batch_size, accelerator)[0]
 
-    Process r takes rows r, r+P, r+2P, ...; every process runs the same number of forward passes
-    (a process short of rows runs one on a row cut to a single token, which has no label), since
-    DDP and FSDP forward passes hold collectives that must match across processes.
+
+@torch.no_grad()
+def evaluate_perplexity_se(loss_module, rows: PackedRows, batch_size: int, accelerator) -> tuple[float, float | None]:
+    """(perplexity, its standard error over sequences) of `rows`, split across processes.
+
+    Perplexity is exp(mean next-token NLL) over every trained position. Process r takes rows r, r+P, r+2P, ...;
+    every process runs the same number of forward passes (a process short of rows runs one on a row cut to a
+    single token, which has no label), since DDP and FSDP forward passes hold collectives that must match across
+    processes. The processes add up the moments of the per-sequence sums (sequence_moments), so the standard
+    error needs no gather.
     """
     loss_module.eval()
-    total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    moments = torch.zeros(len(_MOMENTS), dtype=torch.float64, device=accelerator.device)
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
     num_batches = math.ceil(math.ceil(len(rows) / accelerator.num_processes) / batch_size)  # the same everywhere
     for s in range(0, num_batches * batch_size, batch_size):
         part = mine[s:s + batch_size]
         batch = rows.batch(part or [0])
         if not part:
-            batch["length"] = torch.ones_like(batch["length"])  # no label token: adds 0 to both sums
+            batch["length"] = torch.ones_like(batch["length"])  # no label token: adds 0 to every sum
             batch["mask"] = torch.zeros_like(batch["mask"])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            loss, n = loss_module(**batch)
-        total += loss.double()
-        count += n.double()
+            nll, n = loss_module(**batch, per_row=True)  # (B,) summed NLL and trained tokens of each row
+        moments += sequence_moments(nll.double(), n.double())
     loss_module.train()
-    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
-    return math.exp(total.item() / max(count.item(), 1.0))
+    return perplexity_se(accelerator.reduce(moments, "sum"))
+
+
+_MOMENTS = ("sequences", "sum_nll", "sum_tokens", "sum_nll_sq", "sum_nll_tokens", "sum_tokens_sq")
+
+
+def sequence_moments(nll: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(6,) the sums perplexity_se needs, from per-sequence sums: (B,) summed NLL x_i and (B,) trained tokens n_i.
+    Sequences without a trained token do not count. Sums of moments add up across batches and processes."""
+    live = tokens > 0  # (B,)
+    x, n = nll[live], tokens[live]
+    return torch.stack([live.sum().to(x.dtype), x.sum(), n.sum(), (x * x).sum(), (x * n).sum(), (n * n).sum()])
+
+
+def perplexity_se(moments: torch.Tensor) -> tuple[float, float | None]:
+    """(exp(R), its standard error) where R = Σx_i / Σn_i is the mean NLL per token over m sequences.
+
+    The standard error treats sequences as the sampled units (tokens of one sequence are not independent): R is a
+    ratio estimator, whose variance is Σ(x_i - R·n_i)² / (m (m-1) n̄²) with n̄ = Σn_i / m; by the delta method
+    se(exp R) = exp(R)·se(R). With sequences of equal length it is exp(R)·std(x_i/n_i)/√m, the standard error of the
+    mean per-sequence NLL. None for fewer than 2 sequences; perplexity 1 (NLL 0) when nothing was evaluated.
+    """
+    m, sx, sn, sxx, sxn, snn = moments.double().tolist()
+    r = sx / max(sn, 1.0)
+    ppl = math.exp(r)
+    if m < 2:
+        return ppl, None
+    resid = max(sxx - 2 * r * sxn + r * r * snn, 0.0)  # Σ(x_i - R n_i)², clipped at 0 against rounding
+    se_r = math.sqrt(resid / (m * (m - 1))) / (sn / m)
+    return ppl, ppl * se_r
 
 
 def specialization(base: float, now: float) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mft_cache.models import backbone_and_head, hidden_states, output_linear
 
@@ -12,7 +13,8 @@ from .targets import TeacherTargets
 
 
 class StudentLoss(nn.Module):
-    """forward(input_ids, length, mask, **teacher tensors) -> (summed loss, number of trained positions).
+    """forward(input_ids, length, mask, **teacher tensors) -> (summed loss, number of trained positions); with
+    per_row=True (evaluation) -> ((B,) summed loss of each row, (B,) trained positions of each row).
 
     Args:
         model: a transformers causal LM (possibly wrapped by peft).
@@ -30,11 +32,13 @@ class StudentLoss(nn.Module):
         self.model, self.chunk_size, self.impl = model, chunk_size, impl
 
     def forward(self, input_ids, length, mask, weight=None, topk_ids=None, logprobs=None, label_logprob=None,
-                drop_tail=False):
+                drop_tail=False, per_row=False):
         b, t = input_ids.shape
         attention = (torch.arange(t, device=input_ids.device)[None, :] < length[:, None]).long()  # (B, T)
         targets = TeacherTargets(weight, topk_ids, logprobs, label_logprob, drop_tail)
         if self.impl == "transformers":
+            if per_row:
+                return self._transformers_row_losses(input_ids, attention, mask, targets)
             return self._transformers_loss(input_ids, attention, mask, targets)
         backbone, head = backbone_and_head(self.model)
         h = hidden_states(backbone, input_ids, attention)[:, :-1].reshape(b * (t - 1), -1)  # (N, H)
@@ -42,6 +46,18 @@ class StudentLoss(nn.Module):
         labels = input_ids[:, 1:].reshape(-1)  # (N,)
         targets = targets.flatten()
         linear, softcap = output_linear(self.model) if self.impl == "fused" else (None, None)
+
+        def loss_of(rows: slice):  # the summed loss of the positions in `rows`
+            idx = torch.arange(rows.start, rows.stop, device=h.device)
+            if linear is not None:
+                return fused_linear_mft_loss(h[rows], linear.weight, linear.bias, labels[rows], flat_mask[rows],
+                                             targets.rows(idx), chunk_size=self.chunk_size, softcap=softcap)
+            return chunked_mft_loss(h[rows], head, labels[rows], flat_mask[rows], targets.rows(idx),
+                                    chunk_size=self.chunk_size)
+
+        if per_row:  # each row's own sum: the standard error of an evaluation is over sequences
+            losses = torch.stack([loss_of(slice(i * (t - 1), (i + 1) * (t - 1))) for i in range(b)])  # (B,)
+            return losses, mask.sum(-1)
         if linear is not None:
             loss = fused_linear_mft_loss(h, linear.weight, linear.bias, labels, flat_mask, targets,
                                          chunk_size=self.chunk_size, softcap=softcap)
@@ -57,3 +73,11 @@ class StudentLoss(nn.Module):
         n = mask.sum()
         loss = self.model(input_ids=input_ids, attention_mask=attention, labels=labels, use_cache=False).loss
         return loss.float() * n, n
+
+    def _transformers_row_losses(self, input_ids, attention, mask, targets: TeacherTargets):
+        """per_row for --loss-impl transformers: the model's full logits, cross-entropy summed per row."""
+        if targets.kind != "none":
+            raise ValueError("--loss-impl transformers computes plain cross-entropy only (--objective ft)")
+        logits = self.model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+        nll = F.cross_entropy(logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none")  # (B, T-1)
+        return torch.where(mask, nll, 0.0).sum(-1), mask.sum(-1)

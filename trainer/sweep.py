@@ -1,11 +1,15 @@
-"""`mft sweep`: one run per tau (and plain finetuning) from one cache; a table and a DG-vs-S plot.
+"""`mft sweep`: one run per tau (and plain finetuning, per learning rate), per seed, from one cache; tables over
+seeds, DG at matched specialization, and a DG-vs-S plot of every run's trajectory.
 
-Every run reads the same cache; with --teacher cache (the default) the teacher is loaded zero
-times, and the log and sweep.json say so.
+Every run reads the same cache; with --teacher cache (the default) the teacher is loaded zero times, and the log
+and sweep.json say so. Each run's evaluations over steps (its metrics.jsonl) are its trajectory in the (S, DG)
+plane; sweep.json keeps all of them, and compares every MFT run with plain finetuning of the same seed at the
+same S (trainer/matched.py).
 """
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +17,7 @@ from pathlib import Path
 from mft_cache.storage.manifest import write_json_atomic
 
 from .config import TrainConfig
+from .matched import match, spread
 from .tracking import tracking_of
 from .train import train
 
@@ -20,42 +25,161 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("run", "objective", "tau", "S", "DG", "ratio", "best_step", "base_ppl_specialized", "best_ppl_specialized",
            "base_ppl_general", "best_ppl_general", "tokens", "wall_time_s")
+# added after COLUMNS in sweep.csv: the run's seed, lr and folder; standard errors; DG at matched S against FT of the
+# same seed and lr; the configuration's spread over seeds (the same on each of its rows)
+EXTRA_COLUMNS = ("seed", "lr", "path", "best_ppl_specialized_se", "best_ppl_general_se", "final_S", "final_DG",
+                 "final_ratio", "matched_ft", "matched_in_range", "dg_ft_at_S", "dg_ft_minus_dg", "dg_ft_over_dg",
+                 "dg_ft_lowest",
+                 "n_seeds", *(f"{q}_{s}" for q in ("S", "DG", "ratio") for s in ("mean", "std", "min", "max")))
+SUMMARY_EXTRA = ("best_ppl_specialized_se", "best_ppl_general_se", "final_S", "final_DG", "final_ratio")
+# the keys of an evaluation record kept as a trajectory point
+POINT_KEYS = ("step", "tokens", "S", "DG", "ratio", "ppl_specialized", "ppl_specialized_se", "ppl_general",
+              "ppl_general_se")
 
 
-def run_name(objective: str, tau: float) -> str:
-    return "ft" if objective == "ft" else f"{objective}-tau{tau:g}"
+def lr_tag(lr: float) -> str:
+    """1e-4 -> "1e-4", 2.5e-4 -> "2.5e-4": short and exact enough for a folder name."""
+    mantissa, exponent = f"{lr:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def sweep(cfg: TrainConfig, taus: list[float], with_ft: bool = True) -> list[dict]:
+def run_name(objective: str, tau: float, lr: float | None = None) -> str:
+    """The configuration's name: ft, mft-tau0.25; with a learning rate (sweeps over several), ft-lr1e-4, ..."""
+    name = "ft" if objective == "ft" else f"{objective}-tau{tau:g}"
+    return name if lr is None else f"{name}-lr{lr_tag(lr)}"
+
+
+def plan(cfg: TrainConfig, taus: list[float], with_ft: bool, seeds: list[int], lrs: list[float]) -> list[dict]:
+    """Every run of the sweep, seed by seed (a stopped sweep has whole seeds done first): MFT at each tau (at --lr),
+    then FT at each learning rate. Each: name, seed, lr, path (under --out) and its TrainConfig."""
+    several_lrs = len(lrs) > 1
+    configs = [("mft", t, cfg.lr) for t in taus] + ([("ft", 1.0, lr) for lr in lrs] if with_ft else [])
+    names = [run_name(o, t, lr if several_lrs else None) for o, t, lr in configs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"--taus / --lrs: two runs would share a name ({names}); give values that differ more")
+    runs = []
+    for seed in seeds:
+        for name, (objective, tau, lr) in zip(names, configs):
+            path = name if len(seeds) == 1 else f"{name}/seed{seed}"
+            runs.append({"name": name, "seed": seed, "lr": lr, "path": path,
+                         "cfg": replace(cfg, objective=objective, tau=tau, lr=lr, seed=seed,
+                                        out=str(Path(cfg.out) / path))})
+    return runs
+
+
+def sweep(cfg: TrainConfig, taus: list[float], with_ft: bool = True, seeds: list[int] | None = None,
+          lrs: list[float] | None = None) -> list[dict]:
+    """Run every configuration once per seed; write sweep.md, sweep.csv, sweep.json and dg_vs_s.png into --out.
+    seeds default to [--seed]; lrs (plain finetuning's learning rates) to [--lr], and --lr joins them if missing
+    (MFT runs at --lr, and is compared with FT at its own rate). Returns a row per run."""
     if cfg.push_to_hub:
         raise ValueError("--push-to-hub uploads one run: push the sweep's best with `mft train ... --push-to-hub`, or "
                          "`hf upload REPO RUN/final`")
     for tau in taus:
         if not 0.0 <= tau <= 1.0:
             raise ValueError(f"--taus: {tau} is outside [0, 1]")
+    seeds = list(seeds or [cfg.seed])
+    lrs = list(lrs or [cfg.lr])
+    if lrs != [cfg.lr] and not with_ft:
+        raise ValueError("--lrs sets the learning rates of plain finetuning, which --no-ft skips: drop one of them")
+    if cfg.lr not in lrs:
+        log.info("--lrs: adding --lr %g, the rate of the MFT runs, so that they have FT at their own rate", cfg.lr)
+        lrs.append(cfg.lr)
     out = Path(cfg.out)
-    runs = [replace(cfg, objective="mft", tau=t, out=str(out / run_name("mft", t))) for t in taus]
-    if with_ft:
-        runs.append(replace(cfg, objective="ft", tau=1.0, out=str(out / "ft")))
-    # the trackers: one project (the sweep's folder name, or --run-name), a run per tau, one TensorBoard folder
+    runs = plan(cfg, taus, with_ft, seeds, lrs)
+    # the trackers: one project (the sweep's folder name, or --run-name), a run per configuration and seed, one
+    # TensorBoard folder
     project = cfg.run_name or out.resolve().name
     rows = []
-    for i, run in enumerate(runs, 1):
-        name = run_name(run.objective, run.tau)
-        log.info("sweep run %d/%d: %s", i, len(runs), name)
-        run = replace(run, run_name=f"{project}-{name}")
+    for i, r in enumerate(runs, 1):
+        log.info("sweep run %d/%d: %s", i, len(runs), r["path"])
+        run = replace(r["cfg"], run_name=f"{project}-{r['path'].replace('/', '-')}")
         summary = train(run, tracking_of(Path(run.out), run.run_name, out / "tensorboard", project))
-        rows.append({"run": run_name(run.objective, run.tau), **{k: summary.get(k) for k in COLUMNS if k != "run"},
-                     "teacher_loaded": summary["teacher_loaded"]})
+        rows.append({"run": r["name"], **{k: summary.get(k) for k in COLUMNS if k != "run"},
+                     "seed": r["seed"], "lr": r["lr"], "path": r["path"],
+                     **{k: summary.get(k) for k in SUMMARY_EXTRA},
+                     "teacher_loaded": summary["teacher_loaded"], "trajectory": read_trajectory(Path(run.out))})
     loads = sum(r["teacher_loaded"] for r in rows)
     log.info("sweep done: %d runs from one cache; the teacher was loaded %d times", len(rows), loads)
-    write_tables(rows, out)
-    write_json_atomic(out / "sweep.json", {"cache": cfg.cache, "runs": rows, "teacher_loads": loads})
+    add_matches(rows)
+    configs = aggregate(rows)
+    write_tables(rows, configs, out, seeds, lrs)
+    write_json_atomic(out / "sweep.json", {"cache": cfg.cache, "seeds": seeds, "lrs": lrs, "mft_lr": cfg.lr,
+                                           "runs": rows, "configs": configs, "teacher_loads": loads})
     plot_dg_vs_s(rows, out / "dg_vs_s.png")
-    print(markdown_table(rows))
+    print((out / "sweep.md").read_text(), end="")
     return rows
 
 
+def read_trajectory(folder: Path) -> list[dict]:
+    """The run's evaluation records from its metrics.jsonl, in step order (POINT_KEYS of each)."""
+    path = folder / "metrics.jsonl"
+    points: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("type") == "eval":
+                points[record["step"]] = {k: record.get(k) for k in POINT_KEYS}  # a repeated step: the last wins
+    return [points[s] for s in sorted(points)]
+
+
+def _s_dg(trajectory: list[dict]) -> list[tuple[float, float]]:
+    return [(p["S"], p["DG"]) for p in trajectory if p.get("S") is not None and p.get("DG") is not None]
+
+
+def add_matches(rows: list[dict]) -> None:
+    """Each MFT row gets "matched": its reported point and every point of its trajectory against the trajectory of
+    each FT run of the same seed (same_lr marks FT at the MFT run's own rate)."""
+    fts = [r for r in rows if r["objective"] == "ft" and _s_dg(r["trajectory"])]
+    for r in rows:
+        if r["objective"] == "ft":
+            continue
+        r["matched"] = []
+        for ft in (f for f in fts if f["seed"] == r["seed"]):
+            if r["S"] is None or r["DG"] is None:
+                continue
+            ft_points = _s_dg(ft["trajectory"])
+            r["matched"].append({
+                "ft_run": ft["run"], "ft_path": ft["path"], "ft_lr": ft["lr"], "same_lr": ft["lr"] == r["lr"],
+                **match(r["S"], r["DG"], ft_points),
+                "points": [{"step": p["step"], **match(p["S"], p["DG"], ft_points)} for p in r["trajectory"]
+                           if p.get("S") is not None and p.get("DG") is not None]})
+
+
+def same_lr_match(row: dict) -> dict | None:
+    return next((m for m in row.get("matched", []) if m["same_lr"]), None)
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """A record per configuration: its seeds and the spread over them (trainer.matched.spread: n, mean, sample
+    std, min, max) of S, DG and DG/S (the mean of each seed's ratio) at the reported (best) point, and of DG at
+    matched S against FT at each learning rate (over the seeds where the MFT S is in FT's range)."""
+    configs = []
+    for name in dict.fromkeys(r["run"] for r in rows):
+        mine = [r for r in rows if r["run"] == name]
+        first = mine[0]
+        record = {"config": name, "objective": first["objective"], "tau": first["tau"], "lr": first["lr"],
+                  "seeds": [r["seed"] for r in mine], "paths": [r["path"] for r in mine],
+                  **{q: spread([r[q] for r in mine]) for q in ("S", "DG", "ratio", "final_S", "final_DG")}}
+        if first["objective"] != "ft":
+            record["matched"] = []
+            for ft_run in dict.fromkeys(m["ft_run"] for r in mine for m in r["matched"]):
+                ms = [m for r in mine for m in r["matched"] if m["ft_run"] == ft_run]
+                record["matched"].append({
+                    "ft_run": ft_run, "ft_lr": ms[0]["ft_lr"], "same_lr": ms[0]["same_lr"], "seeds": len(ms),
+                    "in_range": sum(m["in_range"] for m in ms),
+                    **{q: spread([m[q] for m in ms if m["in_range"]])
+                       for q in ("S", "dg_mft", "dg_ft", "difference", "ratio")},
+                    "difference_lowest": spread([m["difference_lowest"] for m in ms])})
+        configs.append(record)
+    for r in rows:  # the configuration's spread on each of its rows, for sweep.csv
+        c = next(c for c in configs if c["config"] == r["run"])
+        r["n_seeds"] = len(c["seeds"])
+        r.update({f"{q}_{s}": c[q][s] for q in ("S", "DG", "ratio") for s in ("mean", "std", "min", "max")})
+    return configs
+
+
+# -- tables -------------------------------------------------------------------------------------------------
 def _cell(v) -> str:
     if v is None:
         return "n/a"
@@ -64,26 +188,130 @@ def _cell(v) -> str:
     return str(v)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    cols = ("run", "S", "DG", "ratio", "best_step", "best_ppl_specialized", "best_ppl_general", "wall_time_s")
-    head = ["run", "S", "DG", "DG/S", "best step", "ppl spec.", "ppl gen.", "wall s"]
+def _pm(value, se) -> str:
+    """A perplexity and its standard error, to the same decimals."""
+    if value is None or se is None:
+        return _cell(value)
+    d = 4 if abs(value) < 100 else 1
+    return f"{value:.{d}f} ± {se:.{d}f}"
+
+
+def _spread_cell(sp: dict) -> str:
+    """mean ± sample std [min, max] (a single value alone)."""
+    if not sp["n"]:
+        return "n/a"
+    if sp["std"] is None:
+        return _cell(sp["mean"])
+    return f"{_cell(sp['mean'])} ± {_cell(sp['std'])} [{_cell(sp['min'])}, {_cell(sp['max'])}]"
+
+
+def _matched_cells(row: dict) -> list[str]:
+    """DG of FT (same seed, same lr) at the run's S, and DG_FT / DG_MFT there."""
+    if row["objective"] == "ft":
+        return ["", ""]
+    m = same_lr_match(row)
+    if m is None:
+        return ["n/a", "n/a"]
+    if not m["in_range"]:
+        return [f"out of FT's range [{_cell(m['ft_s_min'])}, {_cell(m['ft_s_max'])}]", "n/a"]
+    return [_cell(m["dg_ft"]), _cell(m["ratio"])]
+
+
+def markdown_table(rows: list[dict], with_seed: bool = False) -> str:
+    """A row per run: S, DG, DG/S at the best checkpoint, perplexities ± their standard errors over evaluation
+    sequences, and DG at matched S against FT of the same seed and learning rate."""
+    head = ["run", *(["seed"] if with_seed else []), "S", "DG", "DG/S", "best step", "ppl spec.", "ppl gen.",
+            "wall s", "DG FT at S", "DG FT / DG at S"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    for r in rows:
+        cells = [r["run"], *([str(r["seed"])] if with_seed else []), _cell(r["S"]), _cell(r["DG"]),
+                 _cell(r["ratio"]), _cell(r["best_step"]),
+                 _pm(r["best_ppl_specialized"], r.get("best_ppl_specialized_se")),
+                 _pm(r["best_ppl_general"], r.get("best_ppl_general_se")), _cell(r["wall_time_s"]), *_matched_cells(r)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_tables(rows: list[dict], out: Path) -> None:
+def seeds_table(configs: list[dict]) -> str:
+    head = ["configuration", "seeds", "S", "DG", "DG/S"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [f"| {c['config']} | {len(c['seeds'])} | {_spread_cell(c['S'])} | {_spread_cell(c['DG'])} | "
+              f"{_spread_cell(c['ratio'])} |" for c in configs]
+    return "\n".join(lines)
+
+
+def matched_table(configs: list[dict]) -> str:
+    head = ["MFT", "against", "in FT's range", "S", "DG MFT", "DG FT at S", "DG FT - DG MFT", "DG FT / DG MFT",
+            "best FT checkpoint at >= S: DG FT - DG MFT"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in configs:
+        for m in c.get("matched", []):
+            lines.append(f"| {c['config']} | {m['ft_run']}{' (same lr)' if m['same_lr'] else ''} | "
+                         f"{m['in_range']} of {m['seeds']} | "
+                         + " | ".join(_spread_cell(m[q]) for q in ("S", "dg_mft", "dg_ft", "difference", "ratio",
+                                                                    "difference_lowest")) + " |")
+    return "\n".join(lines)
+
+
+def sweep_markdown(rows: list[dict], configs: list[dict], seeds: list[int], lrs: list[float]) -> str:
+    """sweep.md: with one seed and one learning rate, the table of runs alone (as before seeds existed); else
+    also the spread over seeds and DG at matched S against FT at every learning rate."""
+    runs = markdown_table(rows, with_seed=len(seeds) > 1)
+    if len(seeds) == 1 and len(lrs) == 1:
+        return runs + "\n"
+    parts = []
+    if len(seeds) > 1:
+        parts += ["## Over seeds", "",
+                  f"Seeds {', '.join(map(str, seeds))}: mean ± sample standard deviation [min, max] over the seeds, "
+                  "at each run's best checkpoint (least specialized perplexity); DG/S is the mean of each seed's "
+                  "ratio.",
+                  "", seeds_table(configs), ""]
+    if any(c.get("matched") for c in configs):
+        parts += ["## DG at matched S", "",
+                  "Each MFT run's S and DG (best checkpoint) against FT of the same seed: DG FT at S is FT's DG when "
+                  "it first reached that S, linear between its evaluations; outside the S range FT reached there "
+                  "is no number, and 'in FT's range' counts the seeds that have one (the spreads are over those). "
+                  "DG FT / DG MFT only where DG MFT > 0. The last column takes FT's best evaluated checkpoint with at "
+                  "least that S instead (no interpolation; over every seed that has one).",
+                  "", matched_table(configs), ""]
+    parts += ["## Runs", "", runs]
+    return "\n".join(parts) + "\n"
+
+
+def write_tables(rows: list[dict], configs: list[dict], out: Path, seeds: list[int], lrs: list[float]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.md").write_text(markdown_table(rows) + "\n")
+    (out / "sweep.md").write_text(sweep_markdown(rows, configs, seeds, lrs))
+    columns = (*COLUMNS, *EXTRA_COLUMNS)
     with open(out / "sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        w = csv.DictWriter(f, fieldnames=list(columns))
         w.writeheader()
-        w.writerows({k: r.get(k) for k in COLUMNS} for r in rows)
+        for r in rows:
+            m = same_lr_match(r) or {}
+            matched = {"matched_ft": m.get("ft_path"), "matched_in_range": m.get("in_range"),
+                       "dg_ft_at_S": m.get("dg_ft"), "dg_ft_minus_dg": m.get("difference"),
+                       "dg_ft_over_dg": m.get("ratio"), "dg_ft_lowest": m.get("dg_ft_lowest")}
+            w.writerow({**{k: r.get(k) for k in columns}, **matched})
+
+
+# -- the plot -----------------------------------------------------------------------------------------------
+def _colours(rows: list[dict]) -> dict:
+    """A colour per configuration: MFT from blue to green by tau, FT from red to orange by learning rate."""
+    import matplotlib
+
+    names = list(dict.fromkeys(r["run"] for r in rows))
+    ft = list(dict.fromkeys(r["run"] for r in rows if r["objective"] == "ft"))
+    mft = [n for n in names if n not in ft]
+    cool, warm = matplotlib.colormaps["winter"], matplotlib.colormaps["autumn"]
+    colours = {n: cool(i / max(1, len(mft) - 1)) for i, n in enumerate(mft)}
+    colours.update({n: warm(0.6 * i / max(1, len(ft) - 1)) for i, n in enumerate(ft)})
+    return colours
 
 
 def plot_dg_vs_s(rows: list[dict], path: Path) -> bool:
-    """DG against S, one point per run (the paper's Figure 2 style): down and right is better."""
-    pts = [r for r in rows if r["S"] is not None and r["DG"] is not None]
+    """DG against S (the paper's Figure 2 style): down and right is better. Rows with a trajectory are drawn as
+    lines with a marker per evaluation, a colour per configuration (each seed its own line) and the end point
+    enlarged; rows without one as a point each."""
+    pts = [r for r in rows if _s_dg(r.get("trajectory") or []) or (r["S"] is not None and r["DG"] is not None)]
     if not pts:
         return False
     import matplotlib
@@ -91,15 +319,28 @@ def plot_dg_vs_s(rows: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for r in pts:
-        marker, color = ("s", "tab:red") if r["objective"] == "ft" else ("o", "tab:blue")
-        ax.scatter(100 * r["S"], 100 * r["DG"], marker=marker, color=color)
-        ax.annotate(r["run"], (100 * r["S"], 100 * r["DG"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colours = _colours(pts)
+    labelled = set()
+    for r in sorted(pts, key=lambda r: r["objective"] != "ft"):  # MFT drawn over FT
+        ft = r["objective"] == "ft"
+        marker, colour = ("s" if ft else "o"), colours[r["run"]]
+        points = _s_dg(r.get("trajectory") or [])
+        if not points:
+            ax.scatter(100 * r["S"], 100 * r["DG"], marker=marker, color=colour)
+            ax.annotate(r["run"], (100 * r["S"], 100 * r["DG"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            continue
+        xs, ys = [100 * s for s, _ in points], [100 * d for _, d in points]
+        label = None if r["run"] in labelled else r["run"]
+        labelled.add(r["run"])
+        ax.plot(xs, ys, marker=marker, ms=3, lw=1.2, ls="--" if ft else "-", color=colour, alpha=0.85, label=label)
+        ax.scatter(xs[-1:], ys[-1:], marker=marker, s=60, color=colour, edgecolors="black", zorder=3)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("S: specialization, % drop of specialized ppl")
     ax.set_ylabel("DG: degeneralization, % rise of general ppl")
-    ax.set_title("DG vs S (lower right is better)")
+    ax.set_title("DG vs S over training (lower right is better; large: end)")
+    if labelled:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -41,7 +41,7 @@ from .checkpoint import TrainState, load_checkpoint, save_checkpoint, save_pretr
 from .checks import check_student, check_teacher_revision
 from .config import TrainConfig
 from .data import MixedRows, Prefetcher, micro_batches, mixed_step_rows, step_rows
-from .evaluate import degeneralization, evaluate_perplexity, ratio, specialization
+from .evaluate import degeneralization, evaluate_perplexity_se, ratio, specialization
 from .inputs import open_eval_sets, open_replay, open_training_rows, online_rows
 from .loss_module import StudentLoss
 from .report import plot_s_dg
@@ -263,10 +263,12 @@ def train_step(run: Run, micro: list[dict], step: int, state: TrainState) -> tup
 
 
 def evaluate(run: Run, state: TrainState) -> dict:
-    """Perplexity of every evaluation set, and S, DG and DG/S against the first evaluation."""
+    """Perplexity of every evaluation set with its standard error over sequences (ppl_<set>_se; None with fewer
+    than 2 sequences), and S, DG and DG/S against the first evaluation."""
     record = {"step": state.step, "tokens": state.tokens}
     for name, rows in run.eval_sets.items():
-        record[f"ppl_{name}"] = evaluate_perplexity(run.module, rows, run.cfg.eval_batch_size, run.accelerator)
+        ppl, se = evaluate_perplexity_se(run.module, rows, run.cfg.eval_batch_size, run.accelerator)
+        record[f"ppl_{name}"], record[f"ppl_{name}_se"] = ppl, se
     base = state.evals[0] if state.evals else record
     if "ppl_specialized" in record:
         record["S"] = specialization(base["ppl_specialized"], record["ppl_specialized"])
@@ -449,6 +451,12 @@ def summarize(cfg: TrainConfig, state: TrainState, resolved: dict, online: bool)
         "best_ppl_general": best.get("ppl_general"),
         "final_ppl_specialized": last.get("ppl_specialized"),
         "final_ppl_general": last.get("ppl_general"),
+        "base_ppl_specialized_se": base.get("ppl_specialized_se"),
+        "base_ppl_general_se": base.get("ppl_general_se"),
+        "best_ppl_specialized_se": best.get("ppl_specialized_se"),
+        "best_ppl_general_se": best.get("ppl_general_se"),
+        "final_ppl_specialized_se": last.get("ppl_specialized_se"),
+        "final_ppl_general_se": last.get("ppl_general_se"),
         "final_S": last.get("S"),
         "final_DG": last.get("DG"),
         "final_ratio": last.get("ratio"),
