@@ -116,28 +116,29 @@ def check_packed_attention(model, max_length: int = 64) -> float:
     """Refuse (ValueError) a model for which two documents packed in one row, with padding, do not give the
     logits each gives alone; returns the largest difference. The first document is longer than the sliding
     window where the window is under `max_length` tokens, so that the window is checked too."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
     try:
         windows = [w for w in layer_windows(model.config).values() if w]
     except ValueError:  # layer types only flash attention serves
         windows = []
-    la = min(max(8, max(windows, default=0) + 3), max_length - 8)
-    lengths = (la, 5)
+    lengths = (min(max(8, max(windows, default=0) + 3), max_length - 8), 5)
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(0, vocab, (n,), generator=g).to(device) for n in lengths]
-    row = torch.cat(docs + [torch.zeros(3, dtype=torch.long, device=device)])[None]  # (1, T)
-    seg = torch.tensor([1] * lengths[0] + [2] * lengths[1] + [0] * 3, device=device)[None]
-    packed = model(input_ids=row, use_cache=False, **packed_forward_kwargs(model, seg)).logits[0].float()
-    err, scale, p = 0.0, 1e-6, 0
-    for d in docs:
-        alone = model(input_ids=d[None], use_cache=False).logits[0].float()
-        err = max(err, (packed[p:p + len(d)] - alone).abs().max().item())
-        scale = max(scale, alone.abs().max().item())
-        p += len(d)
-    model.train(was_training)
+    row = torch.cat(docs + [torch.zeros(3, dtype=torch.long, device=device)])[None]  # (1, T), 3 padding tokens
+    seg = torch.tensor([1] * lengths[0] + [2] * lengths[1] + [0] * 3, device=device)[None]  # (1, T)
+    was_training = model.training
+    model.eval()
+    try:
+        packed = model(input_ids=row, use_cache=False, **packed_forward_kwargs(model, seg)).logits[0].float()
+        err, scale, p = 0.0, 1e-6, 0
+        for d in docs:
+            alone = model(input_ids=d[None], use_cache=False).logits[0].float()
+            err = max(err, (packed[p:p + len(d)] - alone).abs().max().item())
+            scale = max(scale, alone.abs().max().item())
+            p += len(d)
+    finally:
+        model.train(was_training)
     fp32 = next(model.parameters()).dtype == torch.float32
     if not err <= (1e-4 if fp32 else 2e-2) * scale:
         raise ValueError(f"{type(model).__name__} with attn_implementation={attn_implementation(model)!r}: documents "
