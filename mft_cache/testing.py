@@ -100,3 +100,63 @@ def make_model(folder: Path, kind: str, vocab_size: int = 300, seed: int = 0, bo
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
+
+
+# -- chat templates of real models, verbatim, for the tests of chat rendering ---------------------------------
+CHAT_TEMPLATES = {
+    # HuggingFaceTB/SmolLM2-135M-Instruct (ChatML with a default system message)
+    "smollm2": (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>'"
+        " + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    # meta-llama/Meta-Llama-3-8B-Instruct
+    "llama3": (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+        "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+        "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    # google/gemma-3-*-it (the system message joins the first user turn; roles must alternate)
+    "gemma3": (
+        "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
+        "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n"
+        "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n"
+        "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
+        "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
+        "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+        "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+        "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
+        "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
+        "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+        "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
+        "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
+        "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
+        "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
+        "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
+        "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\n' }}\n"
+        "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n"),
+    # SmolLM2's template with the assistant's content and end token inside {% generation %} markers (as SmolLM3's
+    # and other recent templates do), which renders the same text
+    "smollm2-generation": (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+        "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+        "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}{{'<|im_start|>'"
+        " + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+CHAT_SPECIAL_TOKENS = {
+    "smollm2": ["<|im_start|>", "<|im_end|>"],
+    "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "gemma3": ["<start_of_turn>", "<end_of_turn>"],
+    "smollm2-generation": ["<|im_start|>", "<|im_end|>"],
+}
+
+
+def make_chat_tokenizer(name: str, bos: bool | None = None, vocab_size: int = 300):
+    """make_tokenizer's tokenizer with CHAT_TEMPLATES[name] and that template's special tokens; it adds a BOS like
+    the real model's does (Llama 3 and Gemma 3 do, SmolLM2 does not) unless `bos` says otherwise."""
+    tok = make_tokenizer(None, bos=name in ("llama3", "gemma3") if bos is None else bos, vocab_size=vocab_size)
+    tok.add_special_tokens({"additional_special_tokens": CHAT_SPECIAL_TOKENS[name]})
+    tok.chat_template = CHAT_TEMPLATES[name]
+    return tok
