@@ -35,7 +35,7 @@ from mft_cache.models import (backbone_and_head, check_head, describe_model, loa
                               weights_fingerprint)
 from mft_cache.storage import CacheWriter, cache_schema, load_manifest
 from mft_cache.storage.backends import formats
-from mft_cache.storage.documents import DocumentStream
+from mft_cache.storage.documents import DocumentStream, data_fingerprint
 from mft_cache.storage.hub import check_online, dataset_card, push_folder
 from mft_cache.storage.ingest import Rows, ingest
 from mft_cache.storage.ingest import read_info as read_ingest
@@ -389,11 +389,10 @@ def read_data(cfg: CacheConfig, writer: CacheWriter, tokenizer, vocab: int, rows
     are tokenized and packed into the folder's ingested rows (storage.ingest), reused from an earlier run of the
     same build where the source has not changed."""
     writer.check_folder()  # before reading anything: a foreign folder is refused at once
-    stream = DocumentStream(cfg.data, cfg.text_field, cfg.split)
     if not cfg.overwrite and writer.finished_identity() is not None:
-        for _ in tqdm(stream, unit="doc", desc="mft cache: reading", dynamic_ncols=True, leave=False):
-            pass
-        return stream.fingerprint
+        return data_fingerprint(cfg.data, cfg.text_field, cfg.split, progress=lambda docs: tqdm(
+            docs, unit="doc", desc="mft cache: reading", dynamic_ncols=True, leave=False))
+    stream = DocumentStream(cfg.data, cfg.text_field, cfg.split)
     with tqdm(unit="tok", unit_scale=True, desc="mft cache: tokenizing", dynamic_ncols=True, leave=False) as bar:
         def progress(tokens: int) -> None:
             bar.update(tokens - bar.n)

@@ -386,6 +386,16 @@ class DocumentStream:
         return self._hash.hexdigest()
 
 
+def data_fingerprint(source: str | Path, text_field: str = "text", split: str = "train", *, what: str = "--data",
+                     progress=None) -> str:
+    """The data fingerprint of a source (Documents.fingerprint), its documents streamed, never held. `progress`
+    wraps the iteration (e.g. tqdm)."""
+    stream = DocumentStream(source, text_field, split, what=what)
+    for _ in (progress(stream) if progress else stream):
+        pass
+    return stream.fingerprint
+
+
 def read_documents(source: str | Path, text_field: str = "text", split: str = "train", *,
                    what: str = "--data") -> Documents:
     """Read every document of a source into memory (DocumentStream, held whole): for small sources.

@@ -16,10 +16,12 @@ gives the stored fields.
 from __future__ import annotations
 
 import bisect
+import gc
 import math
 import os
 import stat
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +183,9 @@ def decode_rows(arrays: dict[str, np.ndarray], schema: tuple[Field, ...]) -> dic
     return out
 
 
+MAX_OPEN_SHARDS = 8  # shard readers kept open at once by a Cache
+
+
 class Cache:
     """A finished cache. `len(cache)` sequences; `cache[i]` -> dict of torch tensors for row i.
 
@@ -198,8 +203,9 @@ class Cache:
         self.schema: tuple[Field, ...] = schema_from_json(self.manifest["schema"])
         self.shards = self.manifest["shards"]
         self._starts = [s["first_row"] for s in self.shards]
-        self._open: dict[int, object] = {}
+        self._open: OrderedDict[int, object] = OrderedDict()  # the most recently read shards' readers
         self._verified: set[int] = set()
+        self._closed = 0  # shard readers closed so far
         self._lock = threading.Lock()
         self.verify_mode = verify
         for i, s in enumerate(self.shards):  # cheap structural check, metadata only: each a member of the folder, of its size
@@ -278,12 +284,21 @@ class Cache:
 
     # -- rows -----------------------------------------------------------------------------------
     def _shard(self, index: int):
+        """The shard's reader; at most MAX_OPEN_SHARDS stay open (least recently read closed first), so that reading
+        a cache of any size holds a bounded number of them (and of their memory maps)."""
         with self._lock:
-            if index not in self._open:
+            if index in self._open:
+                self._open.move_to_end(index)
+            else:
                 if self.verify_mode != "none" and index not in self._verified:
                     self._open[index] = self._verified_reader(index)  # checksum before any parser touches the bytes
                 else:
                     self._open[index] = get_backend(self.format)(self.folder / self.shards[index]["name"], self.schema)
+                if len(self._open) > MAX_OPEN_SHARDS:
+                    self._open.popitem(last=False)
+                    self._closed += 1
+                    if self._closed % MAX_OPEN_SHARDS == 0:  # zarr's readers hold reference cycles (instance-local
+                        gc.collect()  # lru_caches) that only a full collection frees; one (~0.1 s) per 8 closed
             return self._open[index]
 
     def locate(self, row: int) -> tuple[int, int]:

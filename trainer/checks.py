@@ -6,7 +6,7 @@ import logging
 import torch.nn as nn
 
 from mft_cache.models import tokenizer_fingerprint, vocab_size_of, weights_fingerprint
-from mft_cache.storage import read_documents
+from mft_cache.storage.documents import data_fingerprint
 from mft_cache.storage.packing import bos_rule
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def check_teacher_revision(manifest: dict, model_id: str, allow_different: bool)
 
 def check_data(manifest: dict, data: str, text_field: str, cache: str) -> None:
     """--data with a cache only names what the user believes the cache holds: it must be those documents."""
-    fp = read_documents(data, text_field=text_field, split=manifest["data"]["split"]).fingerprint
+    fp = data_fingerprint(data, text_field=text_field, split=manifest["data"]["split"])  # streamed, not held
     if fp != manifest["data"]["fingerprint"]:
         raise ValueError(f"--data {data} is not the data the cache {cache} was made from "
                          f"({manifest['data']['source']}); rebuild the cache with `mft cache --data {data}`")
