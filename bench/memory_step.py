@@ -62,6 +62,7 @@ def run(spec: dict) -> dict:
     model.config.use_cache = False
     teacher = load_model(spec["model"], dtype, device).eval().requires_grad_(False) if mode == "mft-online" else None
     model = prepare_student(cfg, model)
+    loaded = mem.report()  # the peak so far: loading (on CPU it can exceed training's, with a cast base)
     module = StudentLoss(model, cfg.chunk_size, cfg.loss_impl)
     optimizer = build_optimizer(cfg.optimizer, [p for p in module.parameters() if p.requires_grad], cfg.lr,
                                 cfg.weight_decay)
@@ -70,7 +71,7 @@ def run(spec: dict) -> dict:
     warmup, steps, batch = spec["warmup"], spec["steps"], spec["batch"]
     prefetch = Prefetcher(rows, range(warmup + steps),
                           lambda s: micro_batches(step_rows(s, batch, len(rows), 0), batch, 1, 0, 1))
-    times, losses = [], []
+    times, losses, step_peaks = [], [], []
     for i, (_, micro) in enumerate(prefetch):
         t0 = now()
         mb = {k: v.to(device, non_blocking=True) for k, v in micro[0].items()}
@@ -82,11 +83,13 @@ def run(spec: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mem.sync()
+        step_peaks.append(mem.report()["delta_mb"])
         if i >= warmup:
             times.append(now() - t0)
             losses.append(float(loss.detach()))
         del loss, loss_sum, mb
-    return {"mode": mode, "spec": spec, "step_s": times, "loss": losses, "memory": {**mem.report(), **mark},
+    return {"mode": mode, "spec": spec, "step_s": times, "loss": losses, "memory": {**mem.report(), **mark, "loading_delta_mb": loaded["delta_mb"],
+                                                                       "after_step_delta_mb": step_peaks},
             "params": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "tokens_per_step": int(micro[0]["mask"].sum())}

@@ -79,8 +79,8 @@ class TrainConfig:
                          "or transformers (the model's own loss over full logits; --objective ft only)",
                          choices=LOSS_IMPLS)
     gradient_checkpointing: bool = opt(False, "keep only each decoder layer's input in the forward and recompute "
-                                       "the layer in the backward: far less activation memory, about a third more "
-                                       "compute (`mft train --plan` shows both)")
+                                       "the layer in the backward: far less activation memory for a second forward "
+                                       "pass of compute (`mft train --plan` shows both)")
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub to run")
     report_to: str = opt("none", "also send the step and evaluation metrics to these trackers (through Accelerate; "
                          "TensorBoard under --out/tensorboard; all: those installed)", choices=REPORT_TO)

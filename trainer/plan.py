@@ -23,6 +23,7 @@ says; the memory section of the benchmarks re-checks them (estimate / measured) 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -38,9 +39,13 @@ _PROBE_LENGTHS = (32, 64)  # two sequence lengths: the per-token part and the T^
 _PROBE_VOCAB = 512
 
 # -- constants measured on the CPU (bench/memory_step.py; see the module docstring) -------------------------------
-# Resident memory a CPU run holds besides its tensors: the model's own modules imported on first use, the
-# tokenizer, the cache reader, malloc's arenas and the pages freed tensors leave behind.
-CPU_RUNTIME_BYTES = 200 * MB
+# Resident memory a CPU run holds besides the tensors alive at its peak: 100 MB (the model's own modules imported on
+# first use, the tokenizer, the cache reader) plus 0.4 x the student's weights (what malloc keeps of blocks freed
+# during a step, and the weight file's pages still mapped). Fitted to ru_maxrss on eight SmolLM2-135M-shaped
+# configurations at 256 tokens (full and LoRA, with and without checkpointing, a bf16 base, transformers' loss,
+# cached and online MFT): each within 5% with it, 10% under without it.
+CPU_RUNTIME_BYTES = 100 * MB
+CPU_RUNTIME_PER_WEIGHT_BYTE = 0.4
 # The backward's working set while it walks the layers (the gradients of one layer's outputs and intermediates),
 # as a multiple of one layer's saved activations.
 BACKWARD_WORKING_LAYERS = 1.0
@@ -115,6 +120,7 @@ def _build(config, cfg, device: str, dtype: torch.dtype):
 
     from .train import prepare_student
 
+    config = copy.deepcopy(config)  # from_config records the dtype in the config it is given
     with _quiet(), torch.device(device):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
         model.config.use_cache = False
@@ -126,6 +132,7 @@ def model_shape(config, cfg) -> ModelShape:
     from mft_cache.models import DTYPES
 
     dtype = DTYPES[cfg.base_dtype]
+    stored = _stored_dtype_bytes(config)
     model = _build(config, cfg, "meta", dtype)
     params = list(model.parameters())
     trained = [p for p in params if p.requires_grad]
@@ -136,7 +143,7 @@ def model_shape(config, cfg) -> ModelShape:
     text = _text_config(config)
     n = sum(p.numel() for p in params)
     adapter = sum(p.numel() for p in trained) if cfg.peft != "none" else 0
-    return ModelShape(weight_bytes=weight, base_bytes=base, file_bytes=(n - adapter) * _stored_dtype_bytes(config),
+    return ModelShape(weight_bytes=weight, base_bytes=base, file_bytes=(n - adapter) * stored,
                       trainable_shapes=tuple(tuple(p.shape) for p in trained), trainable=sum(p.numel() for p in trained),
                       params=n, vocab=int(head.weight.shape[0]), hidden=int(head.weight.shape[1]),
                       layers=int(text.num_hidden_layers), head_trained=bool(head.weight.requires_grad),
@@ -260,9 +267,9 @@ def estimate(shape: ModelShape, acts: ActivationProfile, cfg, seq_len: int, devi
     else:
         c = min(cfg.chunk_size, n)
         half = acts.hidden_dtype_bytes == 2
-        # the chunk's float32 logits become its gradient in place; a half-precision matmul adds its own copy
-        # and the gradient's cast; a dense teacher adds the chunk's log-probs and probabilities
-        chunk = c * v * (4 + (4 if half else 0) + (8 if dense else 0))
+        # the chunk's float32 logits become its gradient in place; a half-precision matmul adds its output (or
+        # later the gradient's cast), 2 bytes; a dense teacher adds the chunk's log-probs and probabilities
+        chunk = c * v * (4 + (2 if half else 0) + (8 if dense else 0))
         dh = n * h * acts.hidden_dtype_bytes
         # forward: dL/dW of the head (float32, when trained) and dL/dh are built chunk by chunk; the backward
         # scales both into new tensors before the saved ones are freed
@@ -275,7 +282,7 @@ def estimate(shape: ModelShape, acts: ActivationProfile, cfg, seq_len: int, devi
     teacher_logits = 4 * tokens * v if cfg.teacher == "online" and cfg.objective != "ft" else 0
     rows_in_flight = 4 * b * cfg.grad_accum  # the Prefetcher: 2 queued steps, one being read, one training
     rows = rows_in_flight * cache_row_bytes(t, top_k, logprob_bytes)
-    runtime = CPU_RUNTIME_BYTES if device == "cpu" else 0
+    runtime = CPU_RUNTIME_BYTES + CPU_RUNTIME_PER_WEIGHT_BYTE * weights if device == "cpu" else 0
 
     # the optimiser step's temporaries: on CUDA the foreach kernels make one float32 copy of every trained
     # parameter (AdamW's sqrt of the second moment, Adafactor's variance estimates); on the CPU the
@@ -297,8 +304,9 @@ def estimate(shape: ModelShape, acts: ActivationProfile, cfg, seq_len: int, devi
     }
     loading = 0
     if device == "cpu" and shape.file_bytes != shape.base_bytes:
-        # from_pretrained reads the stored weights while it casts them: both are resident for a moment
-        loading = shape.file_bytes + shape.weight_bytes + runtime
+        # from_pretrained reads the stored weights (mapped from the file) while it casts them: both are resident
+        # until it is done (measured: the peak after loading a float32 SmolLM2 in bfloat16 is exactly the two)
+        loading = shape.file_bytes + shape.weight_bytes
         phases["loading"] = loading
     peak_phase = max(phases, key=phases.get)
     return {
