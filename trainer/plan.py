@@ -39,13 +39,14 @@ _PROBE_LENGTHS = (32, 64)  # two sequence lengths: the per-token part and the T^
 _PROBE_VOCAB = 512
 
 # -- constants measured on the CPU (bench/memory_step.py; see the module docstring) -------------------------------
-# Resident memory a CPU run holds besides the tensors alive at its peak: 100 MB (the model's own modules imported on
-# first use, the tokenizer, the cache reader) plus 0.4 x the student's weights (what malloc keeps of blocks freed
-# during a step, and the weight file's pages still mapped). Fitted to ru_maxrss on eight SmolLM2-135M-shaped
-# configurations at 256 tokens (full and LoRA, with and without checkpointing, a bf16 base, transformers' loss,
-# cached and online MFT): each within 5% with it, 10% under without it.
-CPU_RUNTIME_BYTES = 100 * MB
-CPU_RUNTIME_PER_WEIGHT_BYTE = 0.4
+# Resident memory a CPU run holds besides the tensors alive at its peak: 40 MB (the model's own modules and the cache
+# reader's imported on first use, the tokenizer) plus 0.6 x the student's weights (what malloc keeps of blocks freed
+# during a step, and the weight file's pages still mapped). Fitted to ru_maxrss: a tiny Llama (0.5 MB of weights)
+# holds 26-46 MB; eleven SmolLM2-135M-shaped configurations at 256 tokens (full and LoRA, with and without
+# checkpointing, a bf16 base, adafactor and sgd, transformers' loss, cached and online MFT) land within 6% with it
+# and 10% under without it.
+CPU_RUNTIME_BYTES = 40 * MB
+CPU_RUNTIME_PER_WEIGHT_BYTE = 0.6
 # The backward's working set while it walks the layers (the gradients of one layer's outputs and intermediates),
 # as a multiple of one layer's saved activations.
 BACKWARD_WORKING_LAYERS = 1.0
