@@ -273,3 +273,85 @@ def test_plan_activations_are_what_autograd_keeps():
     e = estimate(model_shape(config, cfg), activation_profile(config, cfg), cfg, 96, "cpu")
     model = build_model("llama", 512, hidden=64, layers=4, max_positions=512).train()
     assert e["activations"] == pytest.approx(_saved_bytes(model, 96, None), rel=1e-6)
+
+
+# -- on a CUDA GPU (skipped without one; bench/gpu_check.sh runs them) --------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_checkpointing_and_bf16_base_match_on_the_gpu():
+    dev = torch.device("cuda")
+    plain = build_model("llama", 300, seed=3).to(dev)
+    ckpt = copy.deepcopy(plain)
+    enable_checkpointing(ckpt)
+    batch = {k: v.to(dev) for k, v in _batch(300).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_a, grads_a = _loss_and_grads(plain, batch)
+        loss_b, grads_b = _loss_and_grads(ckpt, batch)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6, msg=n)
+    model = prepare_student(TrainConfig(peft="lora", base_dtype="bfloat16", gradient_checkpointing=True),
+                            build_model("llama", 300, seed=3).to(dev, torch.bfloat16))
+    loss, grads = _loss_and_grads(model, batch)
+    assert torch.isfinite(loss) and grads and all(g.dtype == torch.float32 for g in grads.values())
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("kw", [{}, {"gradient_checkpointing": True}, {"peft": "lora", "base_dtype": "bfloat16"},
+                                {"optimizer": "adafactor"}, {"loss_impl": "transformers", "objective": "ft"}])
+def test_cuda_plan_estimate_is_within_15_percent_of_max_memory_allocated(kw):
+    """The estimate on CUDA has no runtime term: it must match what the allocator handed out."""
+    from mft_cache.testing import model_config
+    from mft_cache.trainer.plan import activation_profile, estimate, model_shape
+
+    dev = torch.device("cuda")
+    config = model_config("llama", 16384, hidden=512, layers=6, max_positions=1024, tied=True)
+    cfg = TrainConfig(**{"batch_size": 2, "objective": "ft", **kw})
+    e = estimate(model_shape(config, cfg), activation_profile(config, cfg), cfg, 512, "cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    model = build_model("llama", 16384, hidden=512, layers=6, max_positions=1024, tied=True)
+    model = prepare_student(cfg, model.to(dev, {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.base_dtype]))
+    module = StudentLoss(model, cfg.chunk_size, cfg.loss_impl).train()
+    opt = build_optimizer(cfg.optimizer, [p for p in module.parameters() if p.requires_grad], 1e-4, 0.0)
+    batch = {k: v.to(dev) for k, v in _batch(16384, b=2, t=512).items()}
+    batch["mask"][:] = True
+    batch["length"][:] = 512
+    for _ in range(3):
+        loss, n = module(**batch)
+        (loss / n).backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    measured = torch.cuda.max_memory_allocated() - start
+    assert 0.85 <= e["total"] / measured <= 1.15, (e["total"] / measured, e["peak_phase"], measured / 2**20)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_adamw8bit_trains_and_resumes(cache, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    import mft_cache.trainer.train as train_module
+
+    def cfg(name, **kw):
+        return TrainConfig(cache=str(cache), out=str(tmp_path / name), steps=6, batch_size=2, lr=1e-3,
+                           warmup_steps=1, eval_every=100, save_every=2, log_every=100, optimizer="adamw8bit", **kw)
+
+    class Stop(Exception):
+        pass
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "fault_point", lambda name: (_ for _ in ()).throw(Stop()) if name == "train:step-5"
+                  else None)
+        with pytest.raises(Stop):
+            train(cfg("r"))
+    train(cfg("r", resume=True))
+    train(cfg("u"))
+    a = load_file(tmp_path / "r" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "u" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
