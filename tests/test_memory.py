@@ -3,6 +3,7 @@ optimisers (and their resume), and `mft train --plan`'s estimate."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -140,6 +141,20 @@ def test_base_dtype_without_an_adapter_is_refused(cache, tmp_path, capsys):
     code = main(["train", "--cache", str(cache), "--out", str(tmp_path / "r"), "--base-dtype", "bfloat16"])
     assert code == 2 and "--base-dtype bfloat16 needs --peft" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_from_before_these_options_still_resumes(cache, tmp_path):
+    """config.json written before --optimizer, --base-dtype and --gradient-checkpointing existed: they ran with their
+    defaults, which is no difference."""
+    cfg = TrainConfig(cache=str(cache), out=str(tmp_path / "r"), steps=2, batch_size=2, eval_every=100, save_every=0)
+    summary = train(cfg)
+    path = tmp_path / "r" / "config.json"
+    old = {k: v for k, v in json.loads(path.read_text()).items()
+           if k not in ("optimizer", "base_dtype", "gradient_checkpointing")}
+    path.write_text(json.dumps(old))
+    assert train(dataclasses.replace(cfg, resume=True)) == summary  # finished, not "another configuration"
+    with pytest.raises(ValueError, match="another configuration"):
+        train(dataclasses.replace(cfg, resume=True, optimizer="sgd"))
 
 
 def test_default_optimizer_is_torchs_adamw_as_before():

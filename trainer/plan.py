@@ -121,9 +121,10 @@ def _build(config, cfg, device: str, dtype: torch.dtype):
 
     from .train import prepare_student
 
-    config = copy.deepcopy(config)  # from_config records the dtype in the config it is given
+    config = copy.deepcopy(config)  # from_config may record what it builds in the config it is given
     with _quiet(), torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        model = model.to(dtype)  # the base as load_model gives it; the adapter is added after, in float32
         model.config.use_cache = False
         return prepare_student(cfg, model)
 
