@@ -106,7 +106,7 @@ test: setup
 
 # Benchmarks (about 12 min on 2 CPU cores): tables on stdout, bench/results.json and BENCHMARKS.md (generated; refuses a tree with uncommitted changes).
 # The demo model in assets/ if fetched (make assets), else a tiny Llama. BENCH_ARGS=--quick for a smoke run;
-# --sections train,cache,storage,scaling to pick some; --device cuda on a GPU.
+# --sections train,cache,storage,scaling to pick some (memory: only when named, long); --device cuda on a GPU.
 BENCH_ARGS ?=
 bench: setup
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

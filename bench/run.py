@@ -12,6 +12,10 @@ Sections (--sections, comma-separated; default all):
   cache    stage one's throughput (the real build_cache) against a bare teacher forward, phase by phase
   storage  bytes/token and write/read throughput per backend, --logprob-dtype and k
   scaling  step time and peak memory against sequence length and vocabulary size (tiny Llamas from config)
+  memory   (only when named: it is long) peak memory and step time of each memory option of `mft train` (LoRA,
+           --gradient-checkpointing, a bf16 base) for FT with transformers' loss, our FT, cached and online MFT,
+           on the demo's SmolLM2-135M and Gemma-3-270M at 256 and 2,048 tokens, batch 1, each in a fresh process,
+           beside `mft train --plan`'s estimate of the same run (--memory-models, --memory-seq-lens, ...)
 
 Each section runs its variants interleaved (the order rotates every repeat) and reports medians and
 ratios to the baseline taken within a repeat: absolute times drift on shared machines, ratios much less.
@@ -34,7 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 from benchlib import ROOT, median  # noqa: E402
 
-SECTIONS = ("train", "cache", "storage", "scaling")
+SECTIONS = ("train", "cache", "storage", "scaling", "memory")
+DEFAULT_SECTIONS = ("train", "cache", "storage", "scaling")  # memory: only when named
+MEMORY_MODES = ("ft-hf", "ft", "mft-cache", "mft-online")
+# variant: (peft, gradient checkpointing, base dtype)
+MEMORY_VARIANTS = {"full": ("none", False, "float32"), "full+ckpt": ("none", True, "float32"),
+                   "lora": ("lora", False, "float32"), "lora+ckpt": ("lora", True, "float32"),
+                   "lora+bf16": ("lora", False, "bfloat16")}
 TRAIN_MODES = ("ft-hf", "ft", "mft-cache", "mft-online")
 MODE_NAMES = {"ft-hf": "FT, transformers loss (a)", "ft": "FT, our loss (b)",
               "mft-cache": "MFT from the cache (c)", "mft-online": "MFT, online teacher (d)",
@@ -45,7 +55,8 @@ SCALING_MODES = ("ft-hf", "mft-cache", "mft-online")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke test in about a minute")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but memory)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--model", default="", help="model for train/cache/storage (default: assets/model, else a tiny Llama)")
     p.add_argument("--data", default="", help="documents (default: assets/data/licenses_train.jsonl, else synthetic)")
@@ -59,6 +70,13 @@ def parse_args(argv=None):
     p.add_argument("--seq-lens", default="", help="scaling: sequence lengths at the first vocabulary (default 128,512,1024)")
     p.add_argument("--vocabs", default="", help="scaling: vocabulary sizes at seq len 512 (or the first seq len) (default 32768,131072,262144)")
     p.add_argument("--scaling-batch", type=int, default=1, help="scaling: sequences per step")
+    p.add_argument("--memory-models", default="", help="memory: comma-separated model folders (default: assets/model "
+                   "and assets/gemma/model, those that exist; else --model or a tiny Llama)")
+    p.add_argument("--memory-seq-lens", default="", help="memory: sequence lengths (default 256,2048; quick 64)")
+    p.add_argument("--memory-modes", default=",".join(MEMORY_MODES), help="memory: modes, a subset of "
+                   f"{','.join(MEMORY_MODES)}")
+    p.add_argument("--memory-variants", default=",".join(MEMORY_VARIANTS), help="memory: variants, a subset of "
+                   f"{','.join(MEMORY_VARIANTS)}")
     p.add_argument("--unfused", action="store_true",
                    help="train: also (c) through StudentLoss's checkpointed-chunks fallback instead of the fused loss")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables of the train section")
@@ -82,6 +100,12 @@ def parse_args(argv=None):
     args.sequences = args.sequences or (8 if q else 16)
     args.seq_lens = [int(x) for x in (args.seq_lens or ("32" if q else "128,512,1024")).split(",")]
     args.vocabs = [int(x) for x in (args.vocabs or ("1024,262144" if q else "32768,131072,262144")).split(",")]
+    args.memory_seq_lens = [int(x) for x in (args.memory_seq_lens or ("64" if q else "256,2048")).split(",")]
+    for name, allowed in (("memory_modes", MEMORY_MODES), ("memory_variants", MEMORY_VARIANTS)):
+        chosen = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
+        if not chosen or [x for x in chosen if x not in allowed]:
+            p.error(f"--{name.replace('_', '-')}: choose from {','.join(allowed)}; got {getattr(args, name)}")
+        setattr(args, name, chosen)
     return args
 
 
@@ -115,14 +139,15 @@ def say(msg: str) -> None:
 
 
 # -- sections ---------------------------------------------------------------------------------------
-def build_train_cache(args, work: Path, model: str, data: str, device: str) -> Path:
-    """The cache the train section reads, built by `mft cache` itself (once: a finished cache is kept)."""
-    out = work / "train-cache"
-    n = max(args.sequences, args.batch * (args.warmup + args.steps + 2))
+def build_train_cache(args, work: Path, model: str, data: str, device: str, out: Path | None = None,
+                      seq_len: int = 0, sequences: int = 0) -> Path:
+    """The cache the train (and memory) section reads, built by `mft cache` itself (once: a finished cache is kept)."""
+    out = out or work / "train-cache"
+    n = sequences or max(args.sequences, args.batch * (args.warmup + args.steps + 2))
     cmd = [sys.executable, "-m", "mft_cache.cli", "cache", "--model", model, "--data", data, "--out", str(out),
-           "--seq-len", str(args.seq_len), "--top-k", str(args.top_k), "--batch-size", str(args.batch),
+           "--seq-len", str(seq_len or args.seq_len), "--top-k", str(args.top_k), "--batch-size", str(min(args.batch, n)),
            "--max-sequences", str(n), "--device", device]
-    log = work / "logs" / "train-cache.log"
+    log = work / "logs" / f"{out.name}.log"
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
@@ -152,6 +177,72 @@ def section_train(args, work: Path, model: str, data: str, device: str) -> dict:
     return summarize_modes(runs, modes) | {"cache": str(cache), "batch": args.batch, "seq_len": args.seq_len,
                                                  "warmup_steps": args.warmup, "timed_steps": args.steps,
                                                  "repeats": repeats, "tau": 0.25, "top_k": args.top_k}
+
+
+def memory_models(args, work: Path, model: str) -> list[tuple[str, str]]:
+    """(folder, name) of each model the memory section measures."""
+    if args.memory_models:
+        return [(m, Path(m).name) for m in args.memory_models.split(",") if m.strip()]
+    if not args.quick:
+        found = [(str(ROOT / p), name) for p, name in (("assets/model", "SmolLM2-135M"), ("assets/gemma/model", "Gemma-3-270M"))
+                 if (ROOT / p / "config.json").exists()]
+        if found:
+            return found
+    return [(model, Path(model).name)]
+
+
+def plan_estimate(spec: dict, seq_len: int, device: str, profiles: dict) -> dict:
+    """`mft train --plan`'s estimate of the run a memory child measures (the same TrainConfig)."""
+    from transformers import AutoConfig
+
+    from memory_step import train_config
+    from mft_cache.trainer.plan import activation_profile, estimate, model_shape
+
+    cfg = train_config(spec)
+    key = (spec["model"], cfg.peft, cfg.base_dtype)
+    if key not in profiles:
+        config = AutoConfig.from_pretrained(spec["model"])
+        profiles[key] = (model_shape(config, cfg), activation_profile(config, cfg))
+    shape, acts = profiles[key]
+    top_k = spec["top_k"] if spec["mode"] in ("ft", "mft-cache") else 0
+    return estimate(shape, acts, cfg, seq_len, device.split(":")[0], top_k)
+
+
+def section_memory(args, work: Path, model: str, data: str, device: str) -> dict:
+    rows, profiles = [], {}
+    for folder, name in memory_models(args, work, model):
+        for seq in args.memory_seq_lens:
+            cache = build_train_cache(args, work, folder, data, device, out=work / f"memory-cache-{name}-{seq}",
+                                      seq_len=seq, sequences=args.warmup + args.steps + 2)
+            base_step = None
+            for mode in args.memory_modes:
+                for variant in args.memory_variants:
+                    peft, ckpt, dtype = MEMORY_VARIANTS[variant]
+                    spec = {"mode": mode, "model": folder, "cache": str(cache), "batch": 1, "warmup": args.warmup,
+                            "steps": args.steps, "device": device, "peft": peft, "checkpointing": ckpt,
+                            "base_dtype": dtype, "top_k": args.top_k}
+                    r = benchlib.run_child("memory_step.py", spec, work / "logs" / f"memory-{name}-{seq}-{mode}-{variant}.log")
+                    est = plan_estimate(spec, seq, device, profiles)
+                    m = r["memory"]
+                    step = median(r["step_s"])
+                    if mode == "ft-hf" and variant == "full":
+                        base_step = step
+                    row = {"model": name, "seq_len": seq, "mode": mode, "variant": variant, "peft": peft,
+                           "checkpointing": ckpt, "base_dtype": dtype, "peak_mb": m["delta_mb"],
+                           "loading_mb": m.get("loading_delta_mb"), "memory_kind": m["kind"], "step_s": step,
+                           "estimate_mb": est["total"] / 2**20, "estimate_phase": est["peak_phase"],
+                           "estimate_parts_mb": {k: v / 2**20 for k, v in est.items()
+                                                 if isinstance(v, (int, float)) and k != "total"},
+                           "ratio_estimate": est["total"] / 2**20 / m["delta_mb"], "loss": r["loss"],
+                           "params": r["params"], "trainable": r["trainable"]}
+                    rows.append(row)
+                    say(f"  memory {name} T={seq:<5} {mode:<10} {variant:<10} peak {row['peak_mb']:8.0f} MB  "
+                        f"estimate {row['estimate_mb']:8.0f} MB ({row['ratio_estimate']:.3f})  step {step:7.3f} s")
+            for row in rows:  # step time against transformers' FT of the same model and length, this run
+                if row["model"] == name and row["seq_len"] == seq:
+                    row["step_ratio"] = row["step_s"] / base_step if base_step else None
+    return {"rows": rows, "batch": 1, "warmup_steps": args.warmup, "timed_steps": args.steps, "top_k": args.top_k,
+            "measure": "peak RSS above the process after its imports (CPU); torch.cuda.max_memory_allocated (CUDA)"}
 
 
 def summarize_modes(runs: dict, modes) -> dict:
@@ -303,6 +394,20 @@ def tables(results: dict) -> str:
             out.append(f"| {r['seq_len']} | {r['vocab']:,} | {r['mode']} | {_f(r['step_s'])} | {_f(r['step_ratio'])} | "
                        f"{_f(r['peak_mb'], 0)} | {_f(r['peak_ratio'])} | {_f(r['delta_mb'], 0)} | {_f(r['delta_ratio'])} |")
         out.append("")
+    if "memory" in s:
+        mm = s["memory"]
+        unit = "peak RSS MB above the imports" if mm["rows"] and mm["rows"][0]["memory_kind"] == "rss" else "peak CUDA MB"
+        out.append(f"### Memory options (batch {mm['batch']}, {mm['timed_steps']} timed steps after {mm['warmup_steps']}; "
+                   f"{unit}; estimate: `mft train --plan` for the same run; step time as a multiple of FT with "
+                   f"transformers' loss, full weights, same model and length)\n")
+        out.append("| model | seq len | mode | variant | peak MB | estimate MB | estimate / peak | peak phase (estimate) | "
+                   "loading MB | step s | x FT (a) |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in mm["rows"]:
+            out.append(f"| {r['model']} | {r['seq_len']} | {MODE_NAMES.get(r['mode'], r['mode'])} | {r['variant']} | "
+                       f"{_f(r['peak_mb'], 0)} | {_f(r['estimate_mb'], 0)} | {_f(r['ratio_estimate'])} | "
+                       f"{r['estimate_phase']} | {_f(r['loading_mb'], 0)} | {_f(r['step_s'])} | {_f(r.get('step_ratio'))} |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -334,6 +439,12 @@ def verdicts(results: dict) -> list[dict]:
             add("what the fused linear+loss changed (cached MFT, fused vs checkpointed chunks)", u["step_ratio"], None,
                 f"fused {c['step_ratio']:.3f} x vs checkpointed {u['step_ratio']:.3f} x FT step time; peak "
                 f"{c['peak_mb']:.0f} vs {u['peak_mb']:.0f} MB", info=True)
+    if "memory" in s and s["memory"]["rows"]:
+        ratios = [r["ratio_estimate"] for r in s["memory"]["rows"]]
+        worst = max(ratios, key=lambda x: abs(x - 1))
+        add("`mft train --plan` within 15% of the measured peak (every memory row)", worst,
+            all(0.85 <= x <= 1.15 for x in ratios),
+            f"estimate / measured from {min(ratios):.3f} to {max(ratios):.3f} over {len(ratios)} runs")
     if "cache" in s:
         r = s["cache"]["ratio_build_cache_to_bare"]
         add("cache stage >= 0.9 x bare teacher forward", r, r >= 0.9, f"{r:.3f} x")
@@ -415,6 +526,8 @@ def main(argv=None) -> dict:
             r = section_cache(args, work, model, data, device)
         elif name == "storage":
             r = section_storage(args, work, model, data, device)
+        elif name == "memory":
+            r = section_memory(args, work, model, data, device)
         else:
             r = section_scaling(args, work, device)
         results["sections"][name] = r | {"wall_s": time.perf_counter() - ts}

@@ -35,6 +35,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     if TrainConfig is not None:
         t = sub.add_parser("train", help="stage two: minifinetune from the cache")
         add_arguments(t, TrainConfig)
+        t.add_argument("--plan", action="store_true", help="train nothing: print the estimated peak memory of this "
+                       "run (weights, gradients, optimiser, activations, loss, teacher), whether it fits, and what "
+                       "would make it fit; writes nothing")
+        t.add_argument("--plan-json", action="store_true", help="as --plan, printed as one JSON object")
         s = sub.add_parser("sweep", help="a run per tau (and ft per learning rate), per seed, from one cache")
         add_arguments(s, TrainConfig)
         add_arguments(s, SweepConfig)
@@ -106,6 +110,12 @@ def _run(args: argparse.Namespace) -> int:
 
             stats = cache_stats(args.cache, verify=args.verify)
             print(stats_json(stats) if args.json else format_stats(stats))
+        elif args.command == "train" and (args.plan or args.plan_json):
+            from mft_cache.trainer.config import TrainConfig
+            from mft_cache.trainer.plan import format_plan, plan, plan_json
+
+            p = plan(from_namespace(TrainConfig, args))
+            print(plan_json(p) if args.plan_json else format_plan(p))
         elif args.command == "train":
             from mft_cache.trainer.config import TrainConfig
             from mft_cache.trainer.train import train

@@ -51,3 +51,23 @@ def test_bench_quick(tmp_path):
     bad = [(p, v) for p, v in _numbers(r) if not math.isfinite(v)]
     assert not bad, bad[:10]
     assert r["verdicts"] and (tmp_path / "work" / "BENCHMARKS.md").exists()
+
+
+@pytest.mark.slow  # about a minute: a fresh process per configuration
+def test_bench_memory_section_quick(tmp_path):
+    results = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--sections", "memory",
+                           "--memory-modes", "ft-hf,mft-cache", "--memory-variants", "full,lora+ckpt,lora+bf16",
+                           "--work", str(tmp_path / "work"), "--results", str(results)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(results.read_text())
+    rows = r["sections"]["memory"]["rows"]
+    assert {(x["mode"], x["variant"]) for x in rows} == {(m, v) for m in ("ft-hf", "mft-cache")
+                                                         for v in ("full", "lora+ckpt", "lora+bf16")}
+    for x in rows:
+        assert x["peak_mb"] > 0 and x["estimate_mb"] > 0 and x["step_s"] > 0
+    assert [x["step_ratio"] for x in rows if (x["mode"], x["variant"]) == ("ft-hf", "full")] == [1.0]
+    assert "Memory options" in (tmp_path / "work" / "BENCHMARKS.md").read_text()
+    bad = [(p, v) for p, v in _numbers(r) if not math.isfinite(v)]
+    assert not bad, bad[:10]

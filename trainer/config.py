@@ -8,12 +8,14 @@ from mft_cache.config import check_finite, opt
 
 from .adapters import PEFT_METHODS
 from .loss import LOSS_IMPLS
+from .optim import OPTIMIZERS
 from .targets import OBJECTIVES, TAIL_MODES
 from .tracking import REPORT_TO
 
 
 # the keys config.json holds besides TrainConfig's own: what the run resolved (written, never read back as options;
 # `--config` of a run's config.json skips them)
+BASE_DTYPES = ("float32", "bfloat16", "float16")
 RESOLVED_KEYS = ("resolved_model", "num_processes", "global_batch", "cache_manifest_sha256", "cache_top_k")
 
 
@@ -47,15 +49,19 @@ class TrainConfig:
     lora_dropout: float = opt(0.0, "LoRA/DoRA dropout")
     peft_targets: str = opt("", "comma-separated module names to adapt (default: every attention and MLP projection)")
     merge_adapter: bool = opt(False, "with --peft: best/ and final/ hold the merged full model instead of the adapter")
+    base_dtype: str = opt("float32", "with --peft: the dtype the frozen base weights (and an online teacher) are loaded "
+                          "in; the adapter and its optimiser state stay float32", choices=BASE_DTYPES)
     skip_nonfinite: int = opt(0, "skip up to N steps whose loss is NaN/inf (counted in summary.json) instead of "
                               "stopping at the first; the weights are never updated from such a step")
     steps: int = opt(60, "optimiser steps")
     batch_size: int = opt(4, "sequences per micro-batch (per process)")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
-    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    lr: float = opt(1e-4, "peak learning rate (with adafactor: the largest relative step; sgd wants a far larger one)")
     min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine decay)")
     warmup_steps: int = opt(5, "linear warm-up steps")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+    weight_decay: float = opt(0.0, "weight decay (decoupled for adamw and adafactor, L2 for sgd)")
+    optimizer: str = opt("adamw", "adamw, adafactor (factored second moment, no first: a far smaller state), sgd "
+                         "(momentum 0.9), or adamw8bit (bitsandbytes, the `8bit` extra, CUDA only)", choices=OPTIMIZERS)
     max_grad_norm: float = opt(1.0, "gradient clipping (0: off)")
     mixed_precision: str = opt("no", "autocast dtype", choices=("no", "bf16", "fp16"))
     seed: int = opt(0, "seed for data order and initialisation of anything random")
@@ -73,6 +79,9 @@ class TrainConfig:
                          "chunk by chunk), checkpointed (the head's own forward per chunk, recomputed in the backward), "
                          "or transformers (the model's own loss over full logits; --objective ft only)",
                          choices=LOSS_IMPLS)
+    gradient_checkpointing: bool = opt(False, "keep only each decoder layer's input in the forward and recompute "
+                                       "the layer in the backward: far less activation memory for a second forward "
+                                       "pass of compute (`mft train --plan` shows both)")
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub to run")
     report_to: str = opt("none", "also send the step and evaluation metrics to these trackers (through Accelerate; "
                          "TensorBoard under --out/tensorboard; all: those installed)", choices=REPORT_TO)
@@ -105,6 +114,9 @@ class TrainConfig:
             raise ValueError("--lora-rank must be >= 1, --lora-alpha > 0 and --lora-dropout in [0, 1)")
         if self.merge_adapter and self.peft == "none":
             raise ValueError("--merge-adapter needs --peft")
+        if self.base_dtype != "float32" and self.peft == "none":
+            raise ValueError(f"--base-dtype {self.base_dtype} needs --peft: only a frozen base may be held in "
+                             "reduced precision (the weights a full finetune trains stay float32)")
         if self.loss_impl == "transformers" and self.objective != "ft":
             raise ValueError("--loss-impl transformers computes plain cross-entropy only: it needs --objective ft")
         if self.teacher == "online" and (self.top_k or self.tail != "bucket"):

@@ -69,7 +69,8 @@ def prepare_run_folder(out: Path, resolved: dict, cfg: TrainConfig) -> Path | st
         return None
     if not cfg.resume:
         raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    old = read_run_config(out / "config.json")
+    # an option that did not exist when the run started (absent from its config.json) ran with its default
+    old = {**{f.name: f.default for f in fields(TrainConfig)}, **read_run_config(out / "config.json")}
     keys = [k for k in set(old) | set(resolved) if k not in _IGNORED_ON_RESUME and old.get(k) != resolved.get(k)]
     if keys:
         raise ValueError(f"--resume: the run in {out} was started with another configuration (differs in {sorted(keys)})")

@@ -31,7 +31,7 @@ from mft_cache import interrupts
 from mft_cache.config import to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_active, fault_point
-from mft_cache.models import load_model, load_tokenizer
+from mft_cache.models import DTYPES, load_model, load_tokenizer
 from mft_cache.storage.hub import check_online, push_folder
 from mft_cache.storage.manifest import write_json_atomic
 
@@ -44,6 +44,7 @@ from .data import MixedRows, Prefetcher, micro_batches, mixed_step_rows, step_ro
 from .evaluate import degeneralization, evaluate_perplexity_se, ratio, specialization
 from .inputs import open_eval_sets, open_replay, open_training_rows, online_rows
 from .loss_module import StudentLoss
+from .optim import build_optimizer, check_optimizer
 from .report import plot_s_dg
 from .run_folder import FINISHED, Metrics, lock_run_folder, prepare_run_folder, resolve_out, start_run_files
 from .targets import TeacherTargets, from_cache, from_logits, no_teacher
@@ -137,6 +138,7 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | No
     out = resolve_out(cfg.out)
     tracking = tracking or tracking_of(out, cfg.run_name)
     accelerator = make_accelerator(cfg, tracking)
+    check_optimizer(cfg.optimizer, accelerator.device)  # before the run folder is touched
     if not accelerator.is_main_process:  # one log, from the first process
         logging.getLogger("mft_cache").setLevel(logging.WARNING)
     training = open_training_rows(cfg)
@@ -160,8 +162,7 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | No
     model, teacher = load_models(cfg, training, tokenizer, accelerator.device)
     rows = training.rows if teacher is None else online_rows(cfg, tokenizer, training.seq_len)
     rows, rows_of_step = with_replay(cfg, rows, global_batch, training, tokenizer)
-    if cfg.peft != "none":
-        model = add_adapter(model, cfg.peft, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.peft_targets)
+    model = prepare_student(cfg, model)
     eval_sets = open_eval_sets(cfg, tokenizer, training.seq_len)
     module, optimizer, scheduler = make_optimizer(cfg, model, accelerator)
     return Run(cfg, accelerator, out, resolved, ckpt, tokenizer, module, optimizer, scheduler, rows, rows_of_step,
@@ -169,17 +170,42 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | No
 
 
 def load_models(cfg: TrainConfig, training, tokenizer, device):
-    """(student, online teacher or None), the student checked against the cache it will learn from."""
-    model = load_model(training.model_id, torch.float32, device, cfg.trust_remote_code)
+    """(student, online teacher or None), the student checked against the cache it will learn from. Both in
+    --base-dtype (float32 unless a frozen base under --peft)."""
+    dtype = DTYPES[cfg.base_dtype]
+    model = load_model(training.model_id, dtype, device, cfg.trust_remote_code)
     model.config.use_cache = False
     if training.manifest is not None:
         check_student(training.manifest, tokenizer, model, training.model_id)  # tokenizer and vocabulary first
         check_teacher_revision(training.manifest, training.model_id, cfg.allow_different_student)
         log.info("targets from the cache %s: the teacher is not loaded", cfg.cache)
         return model, None
-    teacher = load_model(cfg.model, torch.float32, device, cfg.trust_remote_code).eval().requires_grad_(False)
+    teacher = load_model(cfg.model, dtype, device, cfg.trust_remote_code).eval().requires_grad_(False)
     log.info("online teacher %s: a teacher forward pass every micro-batch (the paper's Algorithm 1)", cfg.model)
     return model, teacher
+
+
+def enable_checkpointing(model) -> None:
+    """--gradient-checkpointing: transformers' own, non-reentrant (no inputs need requires_grad, adapters and
+    DDP/FSDP need nothing special). Each decoder layer keeps only its input; the backward recomputes it."""
+    kwargs = {"use_reentrant": False}
+    try:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; gradient_... is its old name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    except ValueError as e:
+        raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support it ({e})") from None
+    model.config.use_cache = False  # a KV cache is never wanted in training, and conflicts with recomputation
+
+
+def prepare_student(cfg: TrainConfig, model):
+    """The loaded student as it trains: activation checkpointing, then the adapter (which freezes the base)."""
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    if cfg.peft != "none":
+        model = add_adapter(model, cfg.peft, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.peft_targets)
+    return model
 
 
 def with_replay(cfg: TrainConfig, rows, global_batch: int, training, tokenizer):
@@ -199,8 +225,8 @@ def make_optimizer(cfg: TrainConfig, model, accelerator):
     module = StudentLoss(model, cfg.chunk_size, cfg.loss_impl)
     # FSDP's auto-wrap reads the decoder-layer classes from the prepared module: the model's own list
     module._no_split_modules = getattr(model, "_no_split_modules", None)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(cfg.optimizer, [p for p in module.parameters() if p.requires_grad], cfg.lr,
+                                cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped once per step, any P
     module, optimizer = accelerator.prepare(module, optimizer)
     # The scheduler is not registered with Accelerate: it would be pickled and restored by an
