@@ -16,6 +16,12 @@ Sections (--sections, comma-separated; default all):
            --gradient-checkpointing, a bf16 base) for FT with transformers' loss, our FT, cached and online MFT,
            on the demo's SmolLM2-135M and Gemma-3-270M at 256 and 2,048 tokens, batch 1, each in a fresh process,
            beside `mft train --plan`'s estimate of the same run (--memory-models, --memory-seq-lens, ...)
+  ingest   (only when named: it is long) `mft cache` on a tiny model over a synthetic corpus of about 1M tokens and
+           10x and 100x of it: peak RSS and tokens/s, each build a fresh process; with --ingest-baseline REV the
+           same builds by that commit's code beside them (bench/ingest.py)
+
+A run of some sections keeps the other sections of the existing results file (each section records the commit
+and the command that measured it), so that BENCHMARKS.md stays one page.
 
 Each section runs its variants interleaved (the order rotates every repeat) and reports medians and
 ratios to the baseline taken within a repeat: absolute times drift on shared machines, ratios much less.
@@ -38,13 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 from benchlib import ROOT, median  # noqa: E402
 
-SECTIONS = ("train", "cache", "storage", "scaling", "memory")
-DEFAULT_SECTIONS = ("train", "cache", "storage", "scaling")  # memory: only when named
+SECTIONS = ("train", "cache", "storage", "scaling", "memory", "ingest")
+DEFAULT_SECTIONS = ("train", "cache", "storage", "scaling")  # memory, ingest: only when named (long)
 MEMORY_MODES = ("ft-hf", "ft", "mft-cache", "mft-online")
 # variant: (peft, gradient checkpointing, base dtype)
 MEMORY_VARIANTS = {"full": ("none", False, "float32"), "full+ckpt": ("none", True, "float32"),
                    "lora": ("lora", False, "float32"), "lora+ckpt": ("lora", True, "float32"),
-                   "lora+bf16": ("lora", False, "bfloat16")}
+                   "lora+bf16": ("lora", False, "bfloat16"), "lora+bf16+ckpt": ("lora", True, "bfloat16")}
 TRAIN_MODES = ("ft-hf", "ft", "mft-cache", "mft-online")
 MODE_NAMES = {"ft-hf": "FT, transformers loss (a)", "ft": "FT, our loss (b)",
               "mft-cache": "MFT from the cache (c)", "mft-online": "MFT, online teacher (d)",
@@ -72,6 +78,14 @@ def parse_args(argv=None):
     p.add_argument("--scaling-batch", type=int, default=1, help="scaling: sequences per step")
     p.add_argument("--memory-models", default="", help="memory: comma-separated model folders (default: assets/model "
                    "and assets/gemma/model, those that exist; else --model or a tiny Llama)")
+    p.add_argument("--ingest-scales", default="", help="ingest: multiples of the corpus (default 1,10,100; quick 1,2)")
+    p.add_argument("--ingest-tokens", type=int, default=0, help="ingest: tokens of the 1x corpus (default 1,000,000)")
+    p.add_argument("--ingest-seq-len", type=int, default=64, help="ingest: --seq-len of the builds")
+    p.add_argument("--ingest-top-k", type=int, default=4, help="ingest: --top-k of the builds")
+    p.add_argument("--ingest-baseline", default="", help="ingest: a git revision whose code builds the same caches "
+                   "beside (e.g. the commit before streaming ingestion)")
+    p.add_argument("--ingest-baseline-max-scale", type=int, default=10, help="ingest: the largest scale the baseline "
+                   "runs at (it holds the corpus in memory)")
     p.add_argument("--memory-seq-lens", default="", help="memory: sequence lengths (default 256,2048; quick 64)")
     p.add_argument("--memory-modes", default=",".join(MEMORY_MODES), help="memory: modes, a subset of "
                    f"{','.join(MEMORY_MODES)}")
@@ -81,7 +95,8 @@ def parse_args(argv=None):
                    help="train: also (c) through StudentLoss's checkpointed-chunks fallback instead of the fused loss")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables of the train section")
     p.add_argument("--work", default=str(ROOT / "bench" / "out"), help="scratch folder (caches, logs, profiles)")
-    p.add_argument("--results", default=str(ROOT / "bench" / "results.json"), help="results JSON to write")
+    p.add_argument("--results", default="", help="results JSON to write (default bench/results.json; with --quick "
+                   "WORK/results.json)")
     p.add_argument("--markdown", default="", help="page to write (default: BENCHMARKS.md at the repository root; "
                    "<work>/BENCHMARKS.md with --quick)")
     p.add_argument("--allow-dirty", action="store_true", help="measure a tree with uncommitted changes (the page says so)")
@@ -100,6 +115,9 @@ def parse_args(argv=None):
     args.sequences = args.sequences or (8 if q else 16)
     args.seq_lens = [int(x) for x in (args.seq_lens or ("32" if q else "128,512,1024")).split(",")]
     args.vocabs = [int(x) for x in (args.vocabs or ("1024,262144" if q else "32768,131072,262144")).split(",")]
+    args.results = args.results or str(Path(args.work) / "results.json" if q else ROOT / "bench" / "results.json")
+    args.ingest_scales = [int(x) for x in (args.ingest_scales or ("1,2" if q else "1,10,100")).split(",")]
+    args.ingest_tokens = args.ingest_tokens or (20_000 if q else 1_000_000)
     args.memory_seq_lens = [int(x) for x in (args.memory_seq_lens or ("64" if q else "256,2048")).split(",")]
     for name, allowed in (("memory_modes", MEMORY_MODES), ("memory_variants", MEMORY_VARIANTS)):
         chosen = [x.strip() for x in getattr(args, name).split(",") if x.strip()]
@@ -124,6 +142,13 @@ def resolve_inputs(args, work: Path) -> tuple[str, str, str]:
         what = "a tiny Llama from config (vocab 4096, hidden 256, 4 layers): assets/ is absent"
     data = args.data or str(benchlib.write_texts(work / "data" / "synthetic.jsonl", 200, seed=1))
     return str(model), data, what
+
+
+def measured(results: dict, args) -> dict:
+    """What a section records of the run that measured it (a later run of other sections keeps it)."""
+    mi = results["machine"]
+    return {"command": results["command"], "commit": mi["git_commit"], "dirty": mi["git_dirty"],
+            "load_average_at_start": mi.get("load_average_at_start"), "date": time.strftime("%Y-%m-%d")}
 
 
 def resolve_device(name: str) -> str:
@@ -408,6 +433,23 @@ def tables(results: dict) -> str:
                        f"{_f(r['peak_mb'], 0)} | {_f(r['estimate_mb'], 0)} | {_f(r['ratio_estimate'])} | "
                        f"{r['estimate_phase']} | {_f(r['loading_mb'], 0)} | {_f(r['step_s'])} | {_f(r.get('step_ratio'))} |")
         out.append("")
+    if "ingest" in s:
+        g = s["ingest"]
+        out.append(f"### Ingestion (`mft cache` on a {g['model']}, --seq-len {g['seq_len']} --top-k {g['top_k']}; a "
+                   f"synthetic corpus of {g['tokens_1x']:,} tokens at 1x; each build a fresh process; streamed: this "
+                   f"commit; previous: commit {str(g['baseline'])[:10]}, which read the whole corpus into memory)\n")
+        out.append("| corpus | code | input tokens | wall s | tokens/s | x 1x | peak RSS MB | x 1x | same bytes as the "
+                   "other code |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for r in g["rows"]:
+            if "skipped" in r:
+                out.append(f"| {r['scale']}x | {r['code']} | | | | | | | {r['skipped']} |")
+                continue
+            same = {True: "yes", False: "**no**", None: ""}[r.get("identical_to_other_code")]
+            out.append(f"| {r['scale']}x | {r['code']} | {r['input_tokens']:,} | {_f(r['wall_s'], 1)} | "
+                       f"{_f(r['tokens_per_s'], 0)} | {_f(r.get('tokens_per_s_ratio_to_1x'))} | {_f(r['peak_rss_mb'], 0)} | "
+                       f"{_f(r.get('rss_ratio_to_1x'))} | {same} |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -445,6 +487,19 @@ def verdicts(results: dict) -> list[dict]:
         add("`mft train --plan` within 15% of the measured peak (every memory row)", worst,
             all(0.85 <= x <= 1.15 for x in ratios),
             f"estimate / measured from {min(ratios):.3f} to {max(ratios):.3f} over {len(ratios)} runs")
+    if "ingest" in s:
+        rows = [r for r in s["ingest"]["rows"] if r["code"] == "streamed" and "wall_s" in r]
+        top = max(rows, key=lambda r: r["scale"])
+        add(f"streamed ingestion: peak RSS at {top['scale']}x within 1.2 x of 1x", top["rss_ratio_to_1x"],
+            top["rss_ratio_to_1x"] <= 1.2, f"{top['peak_rss_mb']:.0f} vs {rows[0]['peak_rss_mb']:.0f} MB "
+            f"({top['rss_ratio_to_1x']:.3f} x)")
+        add(f"streamed ingestion: tokens/s at {top['scale']}x do not drop (>= 0.95 x of 1x)",
+            top["tokens_per_s_ratio_to_1x"], top["tokens_per_s_ratio_to_1x"] >= 0.95,
+            f"{top['tokens_per_s']:,.0f} vs {rows[0]['tokens_per_s']:,.0f} tokens/s")
+        same = [r.get("identical_to_other_code") for r in s["ingest"]["rows"] if "identical_to_other_code" in r]
+        if same:
+            add("streamed and previous code write the same bytes", all(same), all(same),
+                f"{sum(same)} of {len(same)} builds identical (every shard and documents.npy)")
     if "cache" in s:
         r = s["cache"]["ratio_build_cache_to_bare"]
         add("cache stage >= 0.9 x bare teacher forward", r, r >= 0.9, f"{r:.3f} x")
@@ -471,6 +526,18 @@ def warnings_of(results: dict) -> list[str]:
     return out
 
 
+def sections_from_other_runs(results: dict) -> list[str]:
+    """Lines naming the sections that an earlier run measured (kept by a run of other sections)."""
+    mi, out = results["machine"], []
+    for name, section in results["sections"].items():
+        m = section.get("measured") or {}
+        if m and (m.get("commit") != mi["git_commit"] or m.get("command") != results["command"]):
+            out.append(f"- `{name}`: measured at git {str(m.get('commit'))[:10]}"
+                       f"{' (with uncommitted changes)' if m.get('dirty') else ''} by `{m.get('command')}`"
+                       + (f" on {m['date']}" if m.get("date") else ""))
+    return ["", "Sections kept from earlier runs of other sections:", "", *out] if out else []
+
+
 def markdown(results: dict) -> str:
     mi = results["machine"]
     warn = warnings_of(results)
@@ -484,6 +551,7 @@ def markdown(results: dict) -> str:
              f"{' (with uncommitted changes)' if mi['git_dirty'] else ''}."
              + (f" Load average (1 min) {mi['load_average_at_start'][0]:.1f} at the start, "
                 f"{mi['load_average_at_end'][0]:.1f} at the end." if mi.get("load_average_at_end") else ""),
+             *sections_from_other_runs(results),
              "", "## Verdicts", "",
              "| target | measured | met |", "|---|---|---|"]
     for v in results["verdicts"]:
@@ -528,10 +596,22 @@ def main(argv=None) -> dict:
             r = section_storage(args, work, model, data, device)
         elif name == "memory":
             r = section_memory(args, work, model, data, device)
+        elif name == "ingest":
+            from ingest import section_ingest
+
+            r = section_ingest(args, work, say)
         else:
             r = section_scaling(args, work, device)
-        results["sections"][name] = r | {"wall_s": time.perf_counter() - ts}
+        results["sections"][name] = r | {"wall_s": time.perf_counter() - ts, "measured": measured(results, args)}
     results["wall_s"] = time.perf_counter() - t0
+    if not args.quick and Path(args.results).exists():  # keep the sections this run did not measure
+        old = json.loads(Path(args.results).read_text())
+        for name, section in old.get("sections", {}).items():
+            if name not in results["sections"]:
+                section.setdefault("measured", {"command": old.get("command"), "commit": old["machine"]["git_commit"],
+                                                "dirty": old["machine"]["git_dirty"]})
+                results["sections"][name] = section
+        results["sections"] = {k: results["sections"][k] for k in SECTIONS if k in results["sections"]}
     results["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     results["verdicts"] = verdicts(results)
     path = Path(args.results)

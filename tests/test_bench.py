@@ -71,3 +71,16 @@ def test_bench_memory_section_quick(tmp_path):
     assert "Memory options" in (tmp_path / "work" / "BENCHMARKS.md").read_text()
     bad = [(p, v) for p, v in _numbers(r) if not math.isfinite(v)]
     assert not bad, bad[:10]
+
+
+@pytest.mark.slow  # about two minutes: several `mft cache` processes
+def test_bench_ingest_section_quick(tmp_path):
+    results = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--sections", "ingest",
+                           "--work", str(tmp_path / "work"), "--results", str(results)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(results.read_text())["sections"]["ingest"]["rows"]
+    assert [(x["scale"], x["code"]) for x in rows] == [(1, "streamed"), (2, "streamed")]
+    assert rows[1]["input_tokens"] == 2 * rows[0]["input_tokens"] and all(x["peak_rss_mb"] > 0 for x in rows)
+    assert "Ingestion" in (tmp_path / "work" / "BENCHMARKS.md").read_text()
