@@ -1,5 +1,5 @@
 """The `ingest` section of bench/run.py: `mft cache` on a tiny model over a synthetic corpus of about 1M tokens
-and 10x and 100x of it, each build a fresh process whose peak RSS (os.wait4's ru_maxrss) and wall time are taken;
+and 10x and 100x of it, each build a fresh process (one thread) whose peak RSS (os.wait4's ru_maxrss) and wall time are taken;
 beside it, the same builds by an earlier commit of the code (its own worktree), where it can hold the corpus.
 
 The corpus: `make_texts` documents written once as JSON Lines (1x); 10x and 100x are that file repeated (the
@@ -60,9 +60,11 @@ def worktree(rev: str, work: Path) -> Path:
 def measure(code: Path, model: Path, data: Path, out: Path, args, log: Path) -> dict:
     """One `mft cache` build in a fresh process: wall time, peak RSS, and what its manifest says."""
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(code), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(code), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}  # one thread: a tiny model's ops on two would wait on each other (and on a busy core)
     cmd = [sys.executable, "-m", "mft_cache.cli", "cache", "--model", str(model), "--data", str(data), "--out", str(out),
-           "--seq-len", str(args.ingest_seq_len), "--top-k", str(args.ingest_top_k), "--device", "cpu"]
+           "--seq-len", str(args.ingest_seq_len), "--top-k", str(args.ingest_top_k), "--device", "cpu",
+           "--batch-size", str(args.ingest_batch_size)]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=code)
@@ -111,5 +113,5 @@ def section_ingest(args, work: Path, say) -> dict:
             r["rss_ratio_to_1x"] = r["peak_rss_mb"] / first[r["code"]]["peak_rss_mb"]
             r["tokens_per_s_ratio_to_1x"] = r["tokens_per_s"] / first[r["code"]]["tokens_per_s"]
     return {"model": "tiny Llama from config (vocab 512, hidden 32, 2 layers)", "seq_len": args.ingest_seq_len,
-            "top_k": args.ingest_top_k, "tokens_1x": args.ingest_tokens, "baseline": args.ingest_baseline,
+            "top_k": args.ingest_top_k, "batch_size": args.ingest_batch_size, "tokens_1x": args.ingest_tokens, "baseline": args.ingest_baseline,
             "rows": rows}

@@ -82,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--ingest-tokens", type=int, default=0, help="ingest: tokens of the 1x corpus (default 1,000,000)")
     p.add_argument("--ingest-seq-len", type=int, default=64, help="ingest: --seq-len of the builds")
     p.add_argument("--ingest-top-k", type=int, default=4, help="ingest: --top-k of the builds")
+    p.add_argument("--ingest-batch-size", type=int, default=256, help="ingest: --batch-size of the builds (large: the "
+                   "tiny teacher's forward would otherwise be all overhead)")
     p.add_argument("--ingest-baseline", default="", help="ingest: a git revision whose code builds the same caches "
                    "beside (e.g. the commit before streaming ingestion)")
     p.add_argument("--ingest-baseline-max-scale", type=int, default=10, help="ingest: the largest scale the baseline "
@@ -436,7 +438,7 @@ def tables(results: dict) -> str:
     if "ingest" in s:
         g = s["ingest"]
         out.append(f"### Ingestion (`mft cache` on a {g['model']}, --seq-len {g['seq_len']} --top-k {g['top_k']}; a "
-                   f"synthetic corpus of {g['tokens_1x']:,} tokens at 1x; each build a fresh process; streamed: this "
+                   f"--batch-size {g.get('batch_size')}; a synthetic corpus of {g['tokens_1x']:,} tokens at 1x; each build a fresh process, one thread (OMP_NUM_THREADS=1); streamed: this "
                    f"commit; previous: commit {str(g['baseline'])[:10]}, which read the whole corpus into memory)\n")
         out.append("| corpus | code | input tokens | wall s | tokens/s | x 1x | peak RSS MB | x 1x | same bytes as the "
                    "other code |")
