@@ -64,7 +64,7 @@ def measure(code: Path, model: Path, data: Path, out: Path, args, log: Path) -> 
            "OMP_NUM_THREADS": "1"}  # one thread: a tiny model's ops on two would wait on each other (and on a busy core)
     cmd = [sys.executable, "-m", "mft_cache.cli", "cache", "--model", str(model), "--data", str(data), "--out", str(out),
            "--seq-len", str(args.ingest_seq_len), "--top-k", str(args.ingest_top_k), "--device", "cpu",
-           "--batch-size", str(args.ingest_batch_size)]
+           "--batch-size", str(args.ingest_batch_size), "--shard-mb", str(args.ingest_shard_mb)]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=code)
@@ -113,5 +113,5 @@ def section_ingest(args, work: Path, say) -> dict:
             r["rss_ratio_to_1x"] = r["peak_rss_mb"] / first[r["code"]]["peak_rss_mb"]
             r["tokens_per_s_ratio_to_1x"] = r["tokens_per_s"] / first[r["code"]]["tokens_per_s"]
     return {"model": "tiny Llama from config (vocab 512, hidden 32, 2 layers)", "seq_len": args.ingest_seq_len,
-            "top_k": args.ingest_top_k, "batch_size": args.ingest_batch_size, "tokens_1x": args.ingest_tokens, "baseline": args.ingest_baseline,
+            "top_k": args.ingest_top_k, "batch_size": args.ingest_batch_size, "shard_mb": args.ingest_shard_mb, "tokens_1x": args.ingest_tokens, "baseline": args.ingest_baseline,
             "rows": rows}

@@ -84,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--ingest-top-k", type=int, default=4, help="ingest: --top-k of the builds")
     p.add_argument("--ingest-batch-size", type=int, default=256, help="ingest: --batch-size of the builds (large: the "
                    "tiny teacher's forward would otherwise be all overhead)")
+    p.add_argument("--ingest-shard-mb", type=float, default=8.0, help="ingest: --shard-mb of the builds (8: even the "
+                   "1x corpus fills several shards, so what is compared is the corpus size, not a shard's)")
     p.add_argument("--ingest-baseline", default="", help="ingest: a git revision whose code builds the same caches "
                    "beside (e.g. the commit before streaming ingestion)")
     p.add_argument("--ingest-baseline-max-scale", type=int, default=10, help="ingest: the largest scale the baseline "
@@ -438,7 +440,7 @@ def tables(results: dict) -> str:
     if "ingest" in s:
         g = s["ingest"]
         out.append(f"### Ingestion (`mft cache` on a {g['model']}, --seq-len {g['seq_len']} --top-k {g['top_k']}; a "
-                   f"--batch-size {g.get('batch_size')}; a synthetic corpus of {g['tokens_1x']:,} tokens at 1x; each build a fresh process, one thread (OMP_NUM_THREADS=1); streamed: this "
+                   f"--batch-size {g.get('batch_size')} --shard-mb {g.get('shard_mb')}; a synthetic corpus of {g['tokens_1x']:,} tokens at 1x; each build a fresh process, one thread (OMP_NUM_THREADS=1); streamed: this "
                    f"commit; previous: commit {str(g['baseline'])[:10]}, which read the whole corpus into memory)\n")
         out.append("| corpus | code | input tokens | wall s | tokens/s | x 1x | peak RSS MB | x 1x | same bytes as the "
                    "other code |")
@@ -484,11 +486,34 @@ def verdicts(results: dict) -> list[dict]:
                 f"fused {c['step_ratio']:.3f} x vs checkpointed {u['step_ratio']:.3f} x FT step time; peak "
                 f"{c['peak_mb']:.0f} vs {u['peak_mb']:.0f} MB", info=True)
     if "memory" in s and s["memory"]["rows"]:
-        ratios = [r["ratio_estimate"] for r in s["memory"]["rows"]]
+        rows = s["memory"]["rows"]
+        ratios = [r["ratio_estimate"] for r in rows]
         worst = max(ratios, key=lambda x: abs(x - 1))
         add("`mft train --plan` within 15% of the measured peak (every memory row)", worst,
             all(0.85 <= x <= 1.15 for x in ratios),
             f"estimate / measured from {min(ratios):.3f} to {max(ratios):.3f} over {len(ratios)} runs")
+        pick = {(r["model"], r["seq_len"], r["mode"], r["variant"]): r for r in rows}
+        for (model, seq, mode, variant), r in pick.items():
+            if (mode, variant) == ("mft-cache", "lora+bf16+ckpt") and (model, seq, "ft-hf", "full") in pick:
+                base = pick[(model, seq, "ft-hf", "full")]["peak_mb"]
+                ratio = r["peak_mb"] / base
+                add(f"{model} at {seq} tokens: cached MFT, LoRA, checkpointing, bf16 base <= 0.4 x transformers' full "
+                    "FT peak", ratio, ratio <= 0.4, f"{r['peak_mb']:.0f} vs {base:.0f} MB ({ratio:.3f} x)",
+                    info=not (model.startswith("gemma") and seq >= 2048))
+        pairs = [(r, pick[(r["model"], r["seq_len"], "mft-online", r["variant"])]) for r in rows
+                 if r["mode"] == "mft-cache" and (r["model"], r["seq_len"], "mft-online", r["variant"]) in pick]
+        if pairs:
+            more = [o["peak_mb"] > c["peak_mb"] for c, o in pairs]
+            least = min(o["peak_mb"] / c["peak_mb"] for c, o in pairs)
+            add("the online teacher needs more memory than the cache in every row", least, all(more),
+                f"{sum(more)} of {len(more)} rows; online / cached peak at least {least:.2f} x")
+        for model, seq in sorted({(r["model"], r["seq_len"]) for r in rows}):
+            trains = [r for r in rows if (r["model"], r["seq_len"]) == (model, seq) and r["mode"] == "mft-cache"]
+            if trains and seq >= 2048:
+                r = min(trains, key=lambda r: r["peak_mb"])
+                add(f"smallest cached-MFT configuration for {model} at {seq} tokens", r["peak_mb"], None,
+                    f"{r['variant']}: {r['peak_mb']:.0f} MB, step {r['step_s']:.2f} s = {r.get('step_ratio') or 0:.2f} x "
+                    "transformers' full FT", info=True)
     if "ingest" in s:
         rows = [r for r in s["ingest"]["rows"] if r["code"] == "streamed" and "wall_s" in r]
         top = max(rows, key=lambda r: r["scale"])

@@ -111,13 +111,6 @@ class HostCopy:
         return [t.numpy() for t in self.host]
 
 
-def encode_shard(arrays: dict[str, np.ndarray], logprob_dtype: str) -> dict[str, np.ndarray]:
-    """float32 top-k log-probs -> the stored fields (a dtype cast, or the q8 encoding)."""
-    out = {k: v for k, v in arrays.items() if k != "topk_logprobs"}
-    out.update(encode_logprobs(arrays["topk_logprobs"], logprob_dtype))
-    return out
-
-
 def process_state(device: torch.device):
     """Accelerate's view of this process: one of several under torchrun / accelerate launch, else alone.
     A process group is created only when the launcher started several processes (WORLD_SIZE > 1)."""
@@ -220,9 +213,9 @@ def plan_cache(cfg: CacheConfig) -> CachePlan:
 
 
 def teach_shards(plan: CachePlan) -> None:
-    """The teacher's pass over this process's share of the missing shards; the writer thread encodes (dtype cast
-    or q8) and writes shard i while the teacher computes shard i+1."""
-    cfg, dist, rows = plan.cfg, plan.dist, plan.rows
+    """The teacher's pass over this process's share of the missing shards; the writer thread writes shard i while
+    the teacher computes shard i+1."""
+    dist, rows = plan.dist, plan.rows
     if plan.state == "resume":
         log.info("resuming: %d of %d shards already written", len([i for i in plan.done if i < plan.num_shards]),
                  plan.num_shards)
@@ -248,7 +241,7 @@ def teach_shards(plan: CachePlan) -> None:
             if pending is not None:
                 fault_point(f"cache:shard-{pending.result()['index']}")
                 sync_bar()
-            pending = pool.submit(lambda i=i, out=out: plan.writer.write_shard(i, encode_shard(out, cfg.logprob_dtype)))
+            pending = pool.submit(lambda i=i, out=out: plan.writer.write_shard(i, out))
         if pending is not None:
             fault_point(f"cache:shard-{pending.result()['index']}")
     dist.wait_for_everyone()  # every shard is on disk
@@ -257,22 +250,25 @@ def teach_shards(plan: CachePlan) -> None:
 
 
 def teach_shard(plan: CachePlan, i: int, backbone, head, bar) -> dict[str, np.ndarray]:
-    """The rows of shard i and the teacher's values for them (float32 log-probs, not yet encoded)."""
+    """The stored fields of shard i: its rows and the teacher's values for them, encoded (a dtype cast, or q8) a batch
+    at a time into arrays of the shard's size, so that a shard is held once, in its stored dtypes."""
     cfg, device = plan.cfg, plan.device
     rows = plan.shard_rows(i)
     input_ids, lengths_np = plan.rows.read(rows.start, rows.stop)  # from the ingested rows on disk
     trained = label_mask(input_ids, lengths_np, plan.rows.bos_id)
     id_np = np.dtype(plan.schema[0].dtype)
     out = {"input_ids": input_ids.astype(id_np), "length": lengths_np}
-    parts: dict[str, list] = {"topk_ids": [], "topk_logprobs": [], "label_logprob": []}
     chunk = cfg.chunk_tokens or auto_chunk_tokens(vocab_size_of(plan.model))
-    inflight: HostCopy | None = None  # the previous batch's device-to-host copy, overlapping this batch
+    inflight = None  # the previous batch's device-to-host copy (overlapping this batch's compute) and its rows
 
-    def collect(copy: HostCopy) -> None:
+    def collect(copy: HostCopy, b: int, e: int) -> None:
         top_ids, lp, label_lp = copy.numpy()
-        parts["topk_ids"].append(top_ids.astype(id_np))
-        parts["topk_logprobs"].append(lp)
-        parts["label_logprob"].append(label_lp)
+        encoded = {"topk_ids": top_ids.astype(id_np), "label_logprob": label_lp,
+                   **encode_logprobs(lp, cfg.logprob_dtype)}  # per position: the same bytes as the whole shard's
+        for name, values in encoded.items():
+            if name not in out:
+                out[name] = np.empty((len(rows), *values.shape[1:]), dtype=values.dtype)
+            out[name][b:e] = values
         bar.update(copy.tokens)
 
     for b in range(0, len(rows), cfg.batch_size):
@@ -283,11 +279,10 @@ def teach_shard(plan: CachePlan, i: int, backbone, head, bar) -> dict[str, np.nd
         lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk, valid)
         copy = HostCopy((top_ids, lp, label_lp), int(trained[b:e].sum()))
         if inflight is not None:
-            collect(inflight)
-        inflight = copy
+            collect(*inflight)
+        inflight = (copy, b, e)
     if inflight is not None:
-        collect(inflight)
-    out.update({k: np.concatenate(v) for k, v in parts.items()})
+        collect(*inflight)
     return out
 
 
