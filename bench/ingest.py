@@ -93,8 +93,8 @@ def section_ingest(args, work: Path, say) -> dict:
     for s in scales:
         for name, code in codes.items():
             if name == "previous" and s > args.ingest_baseline_max_scale:
-                rows.append({"scale": s, "code": name, "skipped": f"not run: the previous code holds the corpus "
-                             f"(about 400 B of peak memory per token), over this machine's memory at {s}x"})
+                rows.append({"scale": s, "code": name, "skipped": f"--ingest-baseline-max-scale "
+                             f"{args.ingest_baseline_max_scale}"})
                 continue
             r = measure(code, model, files[s], work / f"ingest-cache-{name}-{s}", args,
                         work / "logs" / f"ingest-{name}-{s}.log")

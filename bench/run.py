@@ -447,7 +447,8 @@ def tables(results: dict) -> str:
         out.append("|---|---|---|---|---|---|---|---|---|")
         for r in g["rows"]:
             if "skipped" in r:
-                out.append(f"| {r['scale']}x | {r['code']} | | | | | | | {r['skipped']} |")
+                out.append(f"| {r['scale']}x | {r['code']} | | | | | | | not run (only up to "
+                           f"--ingest-baseline-max-scale){growth(g['rows'], r['code'])} |")
                 continue
             same = {True: "yes", False: "**no**", None: ""}[r.get("identical_to_other_code")]
             out.append(f"| {r['scale']}x | {r['code']} | {r['input_tokens']:,} | {_f(r['wall_s'], 1)} | "
@@ -455,6 +456,18 @@ def tables(results: dict) -> str:
                        f"{_f(r.get('rss_ratio_to_1x'))} | {same} |")
         out.append("")
     return "\n".join(out)
+
+
+def growth(rows: list[dict], code: str) -> str:
+    """What the measured scales of `code` say of its peak memory per corpus token (for a row not run)."""
+    run = sorted((r for r in rows if r["code"] == code and "wall_s" in r), key=lambda r: r["scale"])
+    if len(run) < 2:
+        return ""
+    a, b = run[0], run[-1]
+    per_token = (b["peak_rss_mb"] - a["peak_rss_mb"]) * 2**20 / (b["input_tokens"] - a["input_tokens"])
+    return (f"; from {a['scale']}x to {b['scale']}x its peak grew by {per_token:.0f} bytes per corpus token, "
+            f"{a['peak_rss_mb'] + per_token * (rows[-1]['scale'] - a['scale']) * a['input_tokens'] / 2**20:,.0f} MB at "
+            f"{rows[-1]['scale']}x if it went on so")
 
 
 def verdicts(results: dict) -> list[dict]:
