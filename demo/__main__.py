@@ -83,7 +83,7 @@ def _chat(argv: Sequence[str]) -> int:
     ap.add_argument("--out", type=Path, default=Path("assets"), help="output folder (default: assets)")
     ap.add_argument("--model", type=Path, default=None, help="model whose chat template counts the tokens "
                     "(default: OUT/model)")
-    ap.add_argument("--max-tokens", type=int, default=512, help="drop conversations longer than this (the --seq-len)")
+    ap.add_argument("--max-tokens", type=int, default=256, help="drop conversations longer than this (the --seq-len)")
     args = ap.parse_args(argv)
     from .chat import build_chat
 

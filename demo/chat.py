@@ -72,7 +72,7 @@ def split(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def build_chat(out: Path, model_dir: Path, max_tokens: int = 512) -> dict:
+def build_chat(out: Path, model_dir: Path, max_tokens: int = 256) -> dict:
     """Fetch the corpus, write the three files and chat.json (see the module docstring); returns chat.json."""
     out = Path(out)
     recorded = {}

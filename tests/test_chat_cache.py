@@ -347,3 +347,22 @@ def test_a_student_that_would_render_or_mask_otherwise_is_refused(llama_chat, ch
     assert "--train-on all: the cache" in capsys.readouterr().err
     assert main([*base, "--packing", "concat", "--out", str(tmp_path / "c")]) == 2
     assert "--packing concat: the cache" in capsys.readouterr().err
+
+
+def test_two_process_chat_cache_equals_the_one_process_cache(llama_chat, chats, chat_cache, tmp_path):
+    """2 processes (torchrun, gloo) deal out the shards of a chat cache; every file but the manifest's process
+    count is the one a single process writes (here: the module's cache, one row a shard)."""
+    from test_distributed import files, flags, torchrun
+
+    out = tmp_path / "two"
+    args = dict(model=llama_chat, data=chats, out=out, seq_len=SEQ, top_k=VOCAB, logprob_dtype="float32",
+                batch_size=3, shard_mb=0.05)
+    rc, err = torchrun(["cache", *flags(args)], tmp_path / "run")
+    assert rc == 0, err[-3000:]
+    one, two = files(chat_cache), files(out)
+    assert sorted(one) == sorted(two) and len([k for k in one if k.startswith("shard-")]) >= 3
+    assert [k for k in one if k != "manifest.json" and one[k] != two[k]] == []
+    m1, m2 = (json.loads((f / "manifest.json").read_text()) for f in (chat_cache, out))
+    ignore = ("num_processes", "manifest_sha256")
+    assert {k: v for k, v in m1.items() if k not in ignore} == {k: v for k, v in m2.items() if k not in ignore}
+    assert m2["num_processes"] == 2 and m2["schema_version"] == 3
