@@ -226,9 +226,11 @@ class _Picker:
                 if "conversations" in names:
                     raise DocumentError(f"{where}: a `conversations` field (ShareGPT's from/value turns) is not read; "
                                         "convert it to `messages`, a list of {'role', 'content'}")
-                raise DocumentError(f"{where}: no `messages`, no {self.prompt_field!r} and {self.completion_field!r}, "
-                                    f"no {self.text_field!r} field (fields: {sorted(names)[:10]}); name them with "
-                                    "--text-field, --prompt-field / --completion-field, or --data-format")
+                if self.prompt_field in names or self.completion_field in names:
+                    raise DocumentError(f"{where}: a prompt-completion row needs both {self.prompt_field!r} and "
+                                        f"{self.completion_field!r} (fields: {sorted(names)[:10]}); name them with "
+                                        "--prompt-field / --completion-field")
+                fmt = "text"  # the text reader says which field is missing, as it always has
             self.format = fmt
             log.info("%s: %s rows (from the first row's fields)", where.split(": ")[0], fmt)
         return self.format
@@ -236,10 +238,11 @@ class _Picker:
     def columns(self, names, where: str) -> list[str]:
         """The columns a columnar source (Parquet, datasets) must give, its format decided from `names`."""
         fmt = self.decide(names, where)
+        if fmt == "text":  # checked by the text reader, as it always has been
+            return [self.text_field]
         missing = [c for c in self.needs(fmt) if c not in names]
         if missing:
-            raise DocumentError(f"{where}: {fmt} rows need the column(s) {missing} (columns: {list(names)[:10]})"
-                                + ("; choose one with --text-field" if fmt == "text" else ""))
+            raise DocumentError(f"{where}: {fmt} rows need the column(s) {missing} (columns: {list(names)[:10]})")
         return list(self.needs(fmt))
 
     def __call__(self, row, where: str):
@@ -355,9 +358,9 @@ def _read_file(path: Path, pick: _Picker, what: str, cap: int):
         except Exception as e:
             raise DocumentError(f"{where}: not a readable Parquet file ({e})") from None
         names = parquet.schema_arrow.names
+        columns = [field] if pick.format == "text" else pick.columns(names, where)  # (decides "auto")
         if pick.format == "text" and field not in names:
             raise DocumentError(f"{where}: no column {field!r} (columns: {names[:10]}); choose one with --text-field")
-        columns = [field] if pick.format == "text" else pick.columns(names, where)
         i = 0
         for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
             if pick.format == "text":
@@ -384,6 +387,8 @@ def _from_datasets(ds, pick: _Picker, where: str, split: str, cap: int):
             raise DocumentError(f"{where}: no split {split!r} (splits: {list(ds)}); choose one with --split")
         ds = ds[split]
     names = ds.column_names  # None for a streamed dataset whose features are not known before reading
+    if pick.format == "auto" and names is not None:
+        pick.decide(names, where)
     if pick.format != "text":
         yield from _rows_from_datasets(ds, names, pick, where)
         return
