@@ -347,6 +347,9 @@ def test_a_student_that_would_render_or_mask_otherwise_is_refused(llama_chat, ch
     assert "--train-on all: the cache" in capsys.readouterr().err
     assert main([*base, "--packing", "concat", "--out", str(tmp_path / "c")]) == 2
     assert "--packing concat: the cache" in capsys.readouterr().err
+    other_chats = write_rows(tmp_path / "other.jsonl", conversations(3, seed=9))
+    assert main([*base, "--data", str(other_chats), "--out", str(tmp_path / "d")]) == 2
+    assert "is not the data the cache" in capsys.readouterr().err
 
 
 def test_two_process_chat_cache_equals_the_one_process_cache(llama_chat, chats, chat_cache, tmp_path):
