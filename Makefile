@@ -42,7 +42,7 @@ arg = $(if $(2),$(1) $(2))
 PRESET_CONFIG := $(filter configs/demo.yaml configs/paper.yaml,$(CONFIG))
 assets_for = $(if $(filter assets/%,$(foreach v,$(1),$(or $($(v)),$(if $(PRESET_CONFIG),assets/)))),assets)
 
-.PHONY: setup assets gemma cache train sweep study reliability test bench clean
+.PHONY: setup assets gemma cache train sweep study chat-demo reliability test bench clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -82,6 +82,15 @@ sweep: setup $(call assets_for,EVAL_SPECIALIZED EVAL_GENERAL)
 		$(call arg,--batch-size,$(BATCH)) $(call arg,--lr,$(LR)) $(call arg,--eval-every,$(EVAL_EVERY)) \
 		$(call arg,--mixed-precision,$(MIXED_PRECISION)) $(call arg,--eval-specialized,$(EVAL_SPECIALIZED)) \
 		$(call arg,--eval-general,$(EVAL_GENERAL)) $(call arg,--eval-max-sequences,$(EVAL_MAX)) --resume $(TRAIN_ARGS)
+
+# The chat demo (configs/chat.yaml): real conversations from chatterbot-corpus (computing and science topics
+# specialized, the other topics held out as the general domain), a cache of the assistant turns only, then plain
+# finetuning and MFT from it: runs/chat/ft and runs/chat/mft (docs/CHAT.md).
+chat-demo: setup assets
+	$(BIN)/python -m demo chat --out assets
+	$(BIN)/mft cache --config configs/chat.yaml $(CACHE_ARGS)
+	$(BIN)/mft train --config configs/chat.yaml --objective ft --out runs/chat/ft --resume $(TRAIN_ARGS)
+	$(BIN)/mft train --config configs/chat.yaml --objective mft --out runs/chat/mft --resume $(TRAIN_ARGS)
 
 # The paper's compositions and ablations: one k=256 teacher pass, ~25 short runs, STUDIES.md.
 STUDY ?=

@@ -1,6 +1,6 @@
 """The demo assets' command line: ``python -m demo --out assets [--train-tokens N]
 [--val-tokens N] [--seed S]`` for SmolLM2 and the corpora, ``python -m demo gemma --out
-assets/gemma`` for Gemma-3-270M."""
+assets/gemma`` for Gemma-3-270M, ``python -m demo chat --out assets`` for the chat demo's conversations."""
 
 from __future__ import annotations
 
@@ -74,10 +74,33 @@ def _gemma(argv: Sequence[str]) -> int:
     return 0
 
 
+def _chat(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m demo chat",
+        description="Fetch chatterbot-corpus (real dialogues by topic) and write the chat demo's conversations: "
+        "computing and science topics as the specialized domain (train/val), the other topics as the general one.",
+    )
+    ap.add_argument("--out", type=Path, default=Path("assets"), help="output folder (default: assets)")
+    ap.add_argument("--model", type=Path, default=None, help="model whose chat template counts the tokens "
+                    "(default: OUT/model)")
+    ap.add_argument("--max-tokens", type=int, default=256, help="drop conversations longer than this (the --seq-len)")
+    args = ap.parse_args(argv)
+    from .chat import build_chat
+
+    try:
+        build_chat(args.out, args.model or args.out / "model", args.max_tokens)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["gemma"]:
         return _gemma(argv[1:])
+    if argv[:1] == ["chat"]:
+        return _chat(argv[1:])
     return _assets(argv)
 
 

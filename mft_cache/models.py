@@ -136,8 +136,11 @@ def output_linear(model: nn.Module) -> tuple[nn.Linear | None, float | None]:
     return (lm_head if plain else None), cap
 
 
-def hidden_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+def hidden_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  **kwargs) -> torch.Tensor:
+    """The final hidden states (B, T, H). `kwargs`: more of the forward's arguments, e.g. the position ids that
+    mft_cache.attention.packed_forward_kwargs gives with its attention_mask for documents packed whole."""
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
 
 
 @torch.no_grad()

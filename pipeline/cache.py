@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mft_cache import __version__
+from mft_cache.attention import check_packed_attention, packed_forward_kwargs
 from mft_cache.config import check_finite, opt, to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_point
@@ -35,12 +36,14 @@ from mft_cache.models import (backbone_and_head, check_head, describe_model, loa
                               weights_fingerprint)
 from mft_cache.storage import CacheWriter, cache_schema, load_manifest
 from mft_cache.storage.backends import formats
-from mft_cache.storage.documents import DocumentStream, data_fingerprint
+from mft_cache.storage.chat import TRAIN_ON, template_fingerprint
+from mft_cache.storage.documents import DATA_FORMATS, DocumentStream, data_fingerprint, detect_format
 from mft_cache.storage.hub import check_online, dataset_card, push_folder
 from mft_cache.storage.ingest import Rows, ingest
 from mft_cache.storage.ingest import read_info as read_ingest
 from mft_cache.storage.manifest import CacheMetadata
 from mft_cache.storage.packing import BOS_PER_ROW, CONCAT, bos_rule, label_mask, packing_description
+from mft_cache.storage.rows import DOCUMENTS_NOTE, PACKINGS, RowSpec, packing_of, resolve_spec
 from mft_cache.storage.schema import LOGPROB_DTYPES, Field, encode_logprobs, row_bytes
 
 from .teacher import auto_chunk_tokens, teach_batch
@@ -58,6 +61,16 @@ class CacheConfig:
                     "a save_to_disk folder, or a hub dataset id")
     out: str = opt("caches/demo", "cache folder to write")
     text_field: str = opt("text", "field (column) holding the document text")
+    data_format: str = opt("auto", "rows of --data: text, chat (a `messages` list of {role, content}, rendered with "
+                           "the tokenizer's chat template) or prompt-completion (TRL's fields); auto: from the first "
+                           "row's fields", choices=DATA_FORMATS)
+    prompt_field: str = opt("prompt", "field holding the prompt of prompt-completion rows")
+    completion_field: str = opt("completion", "field holding the completion of prompt-completion rows")
+    train_on: str = opt("completion", "chat and prompt-completion rows: train on the completions (every assistant "
+                        "turn) only, or on every token (text rows: every token)", choices=TRAIN_ON)
+    packing: str = opt("auto", "document: whole documents per row, each attending only to itself (the default for "
+                       "chat and prompt-completion); concat: documents concatenated and cut into rows (the default "
+                       "for text)", choices=PACKINGS)
     split: str = opt("train", "split to read from a hub dataset or a DatasetDict")
     seq_len: int = opt(256, "tokens per packed sequence")
     top_k: int = opt(32, "teacher log-probs kept per position")
@@ -127,6 +140,7 @@ class CachePlan:
     """Everything a build needs once the data is ingested, the teacher loaded and the folder checked."""
 
     cfg: CacheConfig
+    spec: RowSpec  # how rows are made: the data's format, what is trained, the packing
     dist: object  # accelerate PartialState
     device: torch.device
     dtype: torch.dtype
@@ -198,18 +212,45 @@ def plan_cache(cfg: CacheConfig) -> CachePlan:
             logging.getLogger("mft_cache").setLevel(logging.WARNING)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     vocab = model_vocab(cfg)
-    schema = cache_schema(vocab_size=vocab, top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype)
-    identity = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "overwrite", "device", "dtype", "push_to_hub")}
+    spec = row_spec(cfg)
+    schema = cache_schema(vocab_size=vocab, top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype,
+                          layout=spec.layout)
+    rows_options = ("data_format", "prompt_field", "completion_field", "train_on", "packing")  # recorded as resolved
+    identity = {k: v for k, v in to_dict(cfg).items()
+                if k not in ("out", "overwrite", "device", "dtype", "push_to_hub", *rows_options)}
     identity.update(resolved_device=device.type, resolved_dtype=str(dtype).removeprefix("torch."),
                     data_fingerprint=None, weights_fingerprint=weights_fingerprint(cfg.model),
                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                     packing=CONCAT if bos_rule(tokenizer) is None else BOS_PER_ROW)
+    identity.update(rows_identity(cfg, spec, tokenizer))  # nothing for plain text concatenated: as always
     rows_per_shard = max(1, int(cfg.shard_mb * 2**20) // row_bytes(schema))
-    writer, state, done, lock = _open_writer(cfg, schema, identity, tokenizer, vocab, rows_per_shard, dist)
+    writer, state, done, lock = _open_writer(cfg, spec, schema, identity, tokenizer, vocab, rows_per_shard, dist)
     rows = None if state == "complete" else Rows(Path(cfg.out), read_ingest(cfg.out))
     model = None if state == "complete" else load_teacher(cfg, vocab, dtype, device)  # a finished cache needs none
-    return CachePlan(cfg, dist, device, dtype, tokenizer, rows, model, schema, writer.identity, writer, state, done,
-                     rows_per_shard=rows_per_shard, lock=lock)
+    if model is not None and spec.packing == "document":
+        check_packed_attention(model)  # refused before the pass if its documents would see each other
+    return CachePlan(cfg, spec, dist, device, dtype, tokenizer, rows, model, schema, writer.identity, writer, state,
+                     done, rows_per_shard=rows_per_shard, lock=lock)
+
+
+def row_spec(cfg: CacheConfig) -> RowSpec:
+    """How --data becomes rows: its format (forced, or read from its first row), what is trained, the packing."""
+    fmt = cfg.data_format if cfg.data_format != "auto" else detect_format(
+        cfg.data, cfg.text_field, cfg.split, prompt_field=cfg.prompt_field, completion_field=cfg.completion_field)
+    return resolve_spec(fmt, cfg.train_on, cfg.packing, cfg.seq_len)
+
+
+def rows_identity(cfg: CacheConfig, spec: RowSpec, tokenizer) -> dict:
+    """The identity's keys for rows other than plain text concatenated (the "trained" layout): how they are made,
+    and the chat template that rendered them."""
+    if spec.layout == "dense":
+        return {}
+    out = {"packing": spec.packing, "data_format": spec.format, "train_on": spec.train_on}
+    if spec.format != "text":
+        out["chat_template_fingerprint"] = template_fingerprint(tokenizer)
+    if spec.format == "prompt-completion":
+        out.update(prompt_field=cfg.prompt_field, completion_field=cfg.completion_field)
+    return out
 
 
 def teach_shards(plan: CachePlan) -> None:
@@ -251,13 +292,24 @@ def teach_shards(plan: CachePlan) -> None:
 
 def teach_shard(plan: CachePlan, i: int, backbone, head, bar) -> dict[str, np.ndarray]:
     """The stored fields of shard i: its rows and the teacher's values for them, encoded (a dtype cast, or q8) a batch
-    at a time into arrays of the shard's size, so that a shard is held once, in its stored dtypes."""
+    at a time into arrays of the shard's size, so that a shard is held once, in its stored dtypes; in the "trained"
+    layout, at the trained positions only, and with documents packed whole, each document seen alone."""
     cfg, device = plan.cfg, plan.device
     rows = plan.shard_rows(i)
     input_ids, lengths_np = plan.rows.read(rows.start, rows.stop)  # from the ingested rows on disk
-    trained = label_mask(input_ids, lengths_np, plan.rows.bos_id)
     id_np = np.dtype(plan.schema[0].dtype)
     out = {"input_ids": input_ids.astype(id_np), "length": lengths_np}
+    compact = plan.rows.layout == "trained"
+    segments = None
+    if compact:
+        segments, trained = plan.rows.read_packing(rows.start, rows.stop)
+        seg_np = next(f.dtype for f in plan.schema if f.name == "segment_ids")
+        out.update(segment_ids=segments.astype(seg_np), label_mask=trained.astype(np.uint8))
+        starts = np.concatenate(([0], np.cumsum(trained.sum(axis=1)))).astype(np.int64)  # each row's first position
+        size, where = int(starts[-1]), (lambda b, e: slice(starts[b], starts[e]))
+    else:
+        trained = label_mask(input_ids, lengths_np, plan.rows.bos_id)
+        size, where = len(rows), (lambda b, e: slice(b, e))
     chunk = cfg.chunk_tokens or auto_chunk_tokens(vocab_size_of(plan.model))
     inflight = None  # the previous batch's device-to-host copy (overlapping this batch's compute) and its rows
 
@@ -267,8 +319,8 @@ def teach_shard(plan: CachePlan, i: int, backbone, head, bar) -> dict[str, np.nd
                    **encode_logprobs(lp, cfg.logprob_dtype)}  # per position: the same bytes as the whole shard's
         for name, values in encoded.items():
             if name not in out:
-                out[name] = np.empty((len(rows), *values.shape[1:]), dtype=values.dtype)
-            out[name][b:e] = values
+                out[name] = np.empty((size, *values.shape[1:]), dtype=values.dtype)
+            out[name][where(b, e)] = values
         bar.update(copy.tokens)
 
     for b in range(0, len(rows), cfg.batch_size):
@@ -276,7 +328,11 @@ def teach_shard(plan: CachePlan, i: int, backbone, head, bar) -> dict[str, np.nd
         ids = torch.as_tensor(input_ids[b:e], device=device)
         lengths = torch.as_tensor(lengths_np[b:e], device=device, dtype=torch.long)
         valid = torch.as_tensor(trained[b:e], device=device)
-        lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk, valid)
+        kwargs = None
+        if plan.spec.packing == "document":  # the teacher sees each document alone, as the student will
+            kwargs = packed_forward_kwargs(plan.model, torch.as_tensor(segments[b:e], device=device))
+        lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk, valid,
+                                            forward_kwargs=kwargs, compact=compact)
         copy = HostCopy((top_ids, lp, label_lp), int(trained[b:e].sum()))
         if inflight is not None:
             collect(*inflight)
@@ -301,17 +357,23 @@ def finish_cache(plan: CachePlan) -> dict:
 def metadata(plan: CachePlan) -> CacheMetadata:
     import transformers
 
-    cfg, rows, tokenizer = plan.cfg, plan.rows, plan.tokenizer
+    cfg, rows, tokenizer, spec = plan.cfg, plan.rows, plan.tokenizer, plan.spec
+    data = {"source": cfg.data, "text_field": cfg.text_field, "split": cfg.split,
+            "fingerprint": rows.info["fingerprint"], "num_documents": rows.info["num_documents"],
+            "num_empty_skipped": rows.info["num_empty"]}
+    if spec.layout == "trained":
+        data.update(format=spec.format, train_on=spec.train_on)
+        data.update({k: v for k, v in plan.identity.items()
+                     if k in ("chat_template_fingerprint", "prompt_field", "completion_field")})
+        if spec.packing == "document":
+            data["documents_note"] = DOCUMENTS_NOTE
     return CacheMetadata(
         model={**describe_model(cfg.model, plan.model, plan.identity["weights_fingerprint"]),
                "dtype": str(plan.dtype).removeprefix("torch.")},
         tokenizer={"fingerprint": plan.identity["tokenizer_fingerprint"], "class": type(tokenizer).__name__,
                    "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
         vocab_size=vocab_size_of(plan.model), top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype,
-        data={"source": cfg.data, "text_field": cfg.text_field, "split": cfg.split,
-              "fingerprint": rows.info["fingerprint"], "num_documents": rows.info["num_documents"],
-              "num_empty_skipped": rows.info["num_empty"]},
-        packing=packing_description(rows.bos_id),
+        data=data, packing=packing_description(rows.bos_id) if spec.layout == "dense" else packing_of(spec),
         num_sequences=rows.num_sequences, num_tokens=rows.num_predictions,
         num_input_tokens=rows.info["num_input_tokens"], rows_per_shard=plan.rows_per_shard,
         num_processes=plan.dist.num_processes,
@@ -351,7 +413,7 @@ def push_cache(cfg: CacheConfig, manifest: dict, dist) -> None:
         log.info("cache pushed to %s; train from it with --cache hf://%s", url, cfg.push_to_hub)
 
 
-def _open_writer(cfg: CacheConfig, schema, identity: dict, tokenizer, vocab: int, rows_per_shard: int,
+def _open_writer(cfg: CacheConfig, spec: RowSpec, schema, identity: dict, tokenizer, vocab: int, rows_per_shard: int,
                  dist) -> tuple[CacheWriter, str, set[int], FolderLock | None]:
     """(writer, folder state, indices of the shards already written, the folder's lock). The first process locks
     the folder (a second build on it stops here, naming this one's pid), checks it, reads the data (`ingest`) and
@@ -364,7 +426,8 @@ def _open_writer(cfg: CacheConfig, schema, identity: dict, tokenizer, vocab: int
         try:
             writer = prepared["writer"] = CacheWriter(cfg.out, fmt=cfg.format, schema=schema, identity=identity,
                                                       prepare=False)
-            writer.identity = {**identity, "data_fingerprint": read_data(cfg, writer, tokenizer, vocab, rows_per_shard)}
+            writer.identity = {**identity,
+                               "data_fingerprint": read_data(cfg, spec, writer, tokenizer, vocab, rows_per_shard)}
             writer.state = writer.prepare(cfg.overwrite)
         except BaseException:
             lock.release()
@@ -378,23 +441,25 @@ def _open_writer(cfg: CacheConfig, schema, identity: dict, tokenizer, vocab: int
     return writer, state, set(done), prepared.get("lock")
 
 
-def read_data(cfg: CacheConfig, writer: CacheWriter, tokenizer, vocab: int, rows_per_shard: int) -> str:
+def read_data(cfg: CacheConfig, spec: RowSpec, writer: CacheWriter, tokenizer, vocab: int, rows_per_shard: int) -> str:
     """The data's fingerprint, computed as the documents stream by. Where the folder holds a finished cache (and
     no --overwrite), the documents are only read: the fingerprint says whether it is this build's. Otherwise they
     are tokenized and packed into the folder's ingested rows (storage.ingest), reused from an earlier run of the
     same build where the source has not changed."""
     writer.check_folder()  # before reading anything: a foreign folder is refused at once
+    options = dict(data_format=spec.format, prompt_field=cfg.prompt_field, completion_field=cfg.completion_field)
     if not cfg.overwrite and writer.finished_identity() is not None:
-        return data_fingerprint(cfg.data, cfg.text_field, cfg.split, progress=lambda docs: tqdm(
+        return data_fingerprint(cfg.data, cfg.text_field, cfg.split, **options, progress=lambda docs: tqdm(
             docs, unit="doc", desc="mft cache: reading", dynamic_ncols=True, leave=False))
-    stream = DocumentStream(cfg.data, cfg.text_field, cfg.split)
+    stream = DocumentStream(cfg.data, cfg.text_field, cfg.split, **options)
     with tqdm(unit="tok", unit_scale=True, desc="mft cache: tokenizing", dynamic_ncols=True, leave=False) as bar:
         def progress(tokens: int) -> None:
             bar.update(tokens - bar.n)
 
         rows = ingest(Path(cfg.out), stream, tokenizer, seq_len=cfg.seq_len, id_dtype=schema_id_dtype(writer.schema),
                       rows_per_shard=rows_per_shard, max_sequences=cfg.max_sequences,
-                      key={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)}, progress=progress)
+                      key={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), **rows_identity(cfg, spec, tokenizer)},
+                      progress=progress, spec=spec)
     check_rows(cfg, rows, vocab)
     return rows.info["fingerprint"]
 

@@ -20,7 +20,8 @@ def cache_stats(folder, verify: bool = False) -> dict:
     label_lp_sum = tail_sum = 0.0
     for arrays in cache.iter_shards():  # encoded log-probs come decoded: the values the trainer sees
         t = arrays["topk_ids"].shape[1]
-        valid = label_mask(arrays["input_ids"], arrays["length"], rule_of(m))  # (R, T-1) trained positions
+        valid = arrays["label_mask"] if "label_mask" in arrays else \
+            label_mask(arrays["input_ids"], arrays["length"], rule_of(m))  # (R, T-1) trained positions
         labels = arrays["input_ids"][:, 1:].astype(np.int64)
         top_ids = arrays["topk_ids"].astype(np.int64)
         top_p = np.exp(arrays["topk_logprobs"].astype(np.float64))
@@ -42,6 +43,9 @@ def cache_stats(folder, verify: bool = False) -> dict:
         "seq_len": m["seq_len"],
         "num_sequences": m["num_sequences"],
         "num_tokens": m["num_tokens"],
+        "num_input_tokens": m.get("num_input_tokens"),
+        "data_format": m["data"].get("format", "text"),
+        "train_on": m["data"].get("train_on", "all"),
         "num_shards": len(m["shards"]),
         "bytes_per_token": m["bytes_per_token"],
         "logprob_storage": lp_field.encoding["name"] if lp_field.encoding else lp_field.dtype,
@@ -83,7 +87,10 @@ def format_stats(s: dict) -> str:
     rows = [
         ("cache", s["path"]), ("format", s["format"]), ("model", s["model"]), ("vocabulary", f"{s['vocab_size']:,}"),
         ("top-k", s["top_k"]), ("sequences", f"{s['num_sequences']:,} x {s['seq_len']} tokens"),
-        ("tokens (positions)", f"{s['num_tokens']:,}"), ("shards", s["num_shards"]),
+        ("tokens (positions)", f"{s['num_tokens']:,}" + ("" if s["train_on"] == "all" else
+                                                          f" trained of {s['num_input_tokens']:,} ({s['data_format']}, "
+                                                          f"train on {s['train_on']})")),
+        ("shards", s["num_shards"]),
         ("bytes per token", _num(s["bytes_per_token"], ".1f")), ("top-k log-probs stored as", s["logprob_storage"]),
         ("rows starting with BOS", "n/a (no BOS token)" if s["bos_row_share"] is None
          else f"{s['bos_row_share']:.4f} (packing: {s['packing']})"),

@@ -11,6 +11,10 @@ A backend is a class with a `name` (the `--format` value), a file-name `suffix`,
 - arrow: an Arrow IPC stream file per shard (the format `datasets` uses on disk: readable with
   `datasets.Dataset.from_file`), uncompressed, memory-mapped on read (zero-copy).
 
+Fields along the axis "position" (the "trained" layout, schema.py) hold one entry per trained position of the
+shard, row after row: a Zarr array of their own length; in Arrow, a list column holding each row's positions.
+`read(field, start, stop)` indexes rows for row fields and positions for these.
+
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 import pyarrow as pa
 
-from .schema import Field
+from .schema import Field, position_counts
 
 _CHUNK_BYTES = 64 * 1024  # target uncompressed bytes of one zarr inner chunk
 
@@ -95,12 +99,15 @@ def size_on_disk(path: Path) -> int:
 
 
 def _check_arrays(schema: tuple[Field, ...], arrays: dict[str, np.ndarray]) -> int:
-    rows = {a.shape[0] for a in arrays.values()}
+    rows = {arrays[f.name].shape[0] for f in schema if not f.per_position}
     assert len(rows) == 1, f"fields disagree on the row count: { {k: v.shape for k, v in arrays.items()} }"
     n = rows.pop()
+    counts = position_counts(schema, arrays)
+    positions = None if counts is None else int(counts.sum())
     for f in schema:
         a = arrays[f.name]
-        assert a.shape == (n, *f.shape) and a.dtype == np.dtype(f.dtype), (f.name, a.shape, a.dtype, f)
+        lead = positions if f.per_position else n
+        assert a.shape == (lead, *f.shape) and a.dtype == np.dtype(f.dtype), (f.name, a.shape, a.dtype, f)
     return n
 
 
@@ -113,9 +120,10 @@ class ZarrBackend:
         import zarr
         from zarr.codecs import ZstdCodec
 
-        n = _check_arrays(schema, arrays)
+        _check_arrays(schema, arrays)
         group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
         for f in schema:
+            n = arrays[f.name].shape[0]  # rows, or trained positions
             chunk_rows = max(1, min(n, _CHUNK_BYTES // max(1, f.row_bytes)))
             shard_rows = -(-max(n, 1) // chunk_rows) * chunk_rows  # a multiple of the inner chunk, >= n
             arr = group.create_array(
@@ -158,15 +166,16 @@ def _check_stored(path: Path, schema: tuple[Field, ...], stored: dict[str, tuple
         if dtype != np.dtype(f.dtype) or shape[1:] != f.shape:
             raise CorruptShardError(path, f"field {f.name!r} is stored as {dtype} rows of shape {list(shape[1:])}, the "
                                     f"manifest's schema says {f.dtype} rows of shape {list(f.shape)}")
-    if len({shape[0] for _, shape in stored.values()}) > 1:
-        raise CorruptShardError(path, "its fields hold different numbers of rows")
+    for per_position in (False, True):
+        if len({stored[f.name][1][0] for f in schema if f.per_position == per_position}) > 1:
+            raise CorruptShardError(path, f"its fields hold different numbers of {'positions' if per_position else 'rows'}")
 
 
 def _arrow_type(f: Field) -> pa.DataType:
     t = pa.from_numpy_dtype(np.dtype(f.dtype))
     for size in reversed(f.shape):
         t = pa.list_(t, size)
-    return t
+    return pa.list_(t) if f.per_position else t  # a row's positions: a list of variable length
 
 
 class ArrowBackend:
@@ -176,12 +185,16 @@ class ArrowBackend:
     @staticmethod
     def write(path: Path, schema: tuple[Field, ...], arrays: dict[str, np.ndarray]) -> None:
         _check_arrays(schema, arrays)
+        counts = position_counts(schema, arrays)
         columns, fields = [], []
         for f in schema:
             a = np.ascontiguousarray(arrays[f.name])
             col: pa.Array = pa.array(a.reshape(-1))
             for size in reversed(f.shape):
                 col = pa.FixedSizeListArray.from_arrays(col, size)
+            if f.per_position:  # the positions of row r are entries offsets[r]:offsets[r+1]
+                offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int32)
+                col = pa.ListArray.from_arrays(pa.array(offsets), col)
             columns.append(col)
             metadata = {"doc": f.doc}
             if f.encoding is not None:  # so a reader of the bare file (datasets) sees the values are codes
@@ -203,9 +216,10 @@ class ArrowBackend:
                     raise CorruptShardError(path, f"field {name!r} is stored as {table.schema.field(name).type}, the "
                                             f"manifest's schema says {_arrow_type(f)}")
                 col = table.column(name).combine_chunks()
-                for _ in f.shape:
+                for _ in range(len(f.shape) + f.per_position):
                     col = col.flatten()
-                self.columns[name] = col.to_numpy(zero_copy_only=True).reshape(table.num_rows, *f.shape)
+                lead = len(col) // max(1, int(np.prod(f.shape, dtype=np.int64))) if f.per_position else table.num_rows
+                self.columns[name] = col.to_numpy(zero_copy_only=True).reshape(lead, *f.shape)
         except CorruptShardError:
             raise
         except (pa.ArrowException, KeyError, ValueError, OSError) as e:

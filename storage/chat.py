@@ -182,7 +182,7 @@ def _not_extending(where: str, i: int, detail: str) -> DocumentError:
         f"{where}: message {i}: the chat template's render of the conversation up to this message does not "
         f"extend its render of the messages before it token for token ({detail}); the assistant turns cannot "
         "be told apart from the rest. Templates that drop earlier reasoning or depend on the last message do "
-        "this; use a template with {% generation %} markers, or train on every token (train_on='all')")
+        "this; use a template with {% generation %} markers, or train on every token (--train-on all)")
 
 
 def _turn_mask(tokenizer, messages, first: int, where: str) -> tuple[list[int], list[bool]]:

@@ -16,6 +16,12 @@ MFT_MAX_DOCUMENT_MB raises or lowers. A .txt file is refused from its size befor
 are read line by line, and a line over LINE_FACTOR times the cap (room for JSON escapes and CSV quotes) is refused
 without being held whole; CSV fields may be as long as the cap (csv's own limit is 128 KiB). A .json file is parsed
 whole.
+
+Chat and instruction rows (storage/chat.py's formats): with `data_format` "chat" or "prompt-completion" (or "auto",
+decided by the first row's fields and then required of every row) the stream yields `ChatRow`s, the fields a
+format reads (`messages`, or `prompt` and `completion` from --prompt-field / --completion-field) with the row's
+place for messages, from .jsonl, .json, .parquet, `datasets` sources (and prompt/completion strings from .csv);
+their fingerprint is over the canonical JSON of those fields. A row's canonical JSON is capped like a document.
 """
 from __future__ import annotations
 
@@ -32,6 +38,20 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+DATA_FORMATS = ("auto", "text", "chat", "prompt-completion")
+
+
+@dataclass
+class ChatRow:
+    """A chat or prompt-completion row: the fields its format reads, under their canonical names ("messages", or
+    "prompt" and "completion"), and where it was read (e.g. `--data chats.jsonl: line 3`), for messages."""
+
+    fields: dict
+    where: str
+
+    def canonical(self) -> bytes:
+        """The fields as canonical JSON (sorted keys, UTF-8): what the data fingerprint hashes."""
+        return json.dumps(self.fields, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 @dataclass
@@ -183,7 +203,79 @@ def _json(text: str, where: str, whole_file: bool = False):
         raise DocumentError(f"{where}: not valid JSON ({str(e)[:200]})") from None
 
 
-def _read_csv(path: Path, field: str, where: str, cap: int):
+class _Picker:
+    """What a row gives the stream: its text (format "text": `_field`, as always) or a ChatRow (the other formats).
+    With "auto" the first row decides the format; every later row must then have its fields."""
+
+    def __init__(self, fmt: str, text_field: str, prompt_field: str, completion_field: str, cap: int):
+        if fmt not in DATA_FORMATS:
+            raise DocumentError(f"--data-format must be one of {DATA_FORMATS}; got {fmt!r}")
+        self.format, self.text_field, self.cap = fmt, text_field, cap
+        self.prompt_field, self.completion_field = prompt_field, completion_field
+
+    def needs(self, fmt: str) -> tuple[str, ...]:
+        return {"chat": ("messages",), "prompt-completion": (self.prompt_field, self.completion_field),
+                "text": (self.text_field,)}[fmt]
+
+    def decide(self, names, where: str) -> str:
+        """The format, from the first row's field (or column) names when it is still "auto"."""
+        if self.format == "auto":
+            names = set(names)
+            fmt = next((f for f in ("chat", "prompt-completion", "text") if set(self.needs(f)) <= names), None)
+            if fmt is None:
+                if "conversations" in names:
+                    raise DocumentError(f"{where}: a `conversations` field (ShareGPT's from/value turns) is not read; "
+                                        "convert it to `messages`, a list of {'role', 'content'}")
+                if self.prompt_field in names or self.completion_field in names:
+                    raise DocumentError(f"{where}: a prompt-completion row needs both {self.prompt_field!r} and "
+                                        f"{self.completion_field!r} (fields: {sorted(names)[:10]}); name them with "
+                                        "--prompt-field / --completion-field")
+                fmt = "text"  # the text reader says which field is missing, as it always has
+            self.format = fmt
+            log.info("%s: %s rows (from the first row's fields)", where.split(": ")[0], fmt)
+        return self.format
+
+    def columns(self, names, where: str) -> list[str]:
+        """The columns a columnar source (Parquet, datasets) must give, its format decided from `names`."""
+        fmt = self.decide(names, where)
+        if fmt == "text":  # checked by the text reader, as it always has been
+            return [self.text_field]
+        missing = [c for c in self.needs(fmt) if c not in names]
+        if missing:
+            raise DocumentError(f"{where}: {fmt} rows need the column(s) {missing} (columns: {list(names)[:10]})")
+        return list(self.needs(fmt))
+
+    def __call__(self, row, where: str):
+        if self.format == "text":
+            return _field(row, self.text_field, where, self.cap)
+        if not isinstance(row, dict):
+            raise DocumentError(f"{where}: expected an object with fields, got {type(row).__name__}")
+        fmt = self.decide(row, where)
+        if fmt == "text":
+            return _field(row, self.text_field, where, self.cap)
+        missing = [f for f in self.needs(fmt) if f not in row]
+        if missing:
+            raise DocumentError(f"{where}: a {fmt} row needs the field(s) {missing} (fields: {sorted(row)[:10]})")
+        if fmt == "chat":
+            fields = {"messages": row["messages"]}
+        else:
+            fields = {"prompt": row[self.prompt_field], "completion": row[self.completion_field]}
+        item = ChatRow(fields, where)
+        try:
+            size = len(item.canonical())
+        except UnicodeEncodeError as e:
+            raise DocumentError(f"{where}: the row holds a lone surrogate (half of a UTF-16 pair, e.g. a JSON \\ud800 "
+                                f"escape) at character {e.start} of its JSON, which is not text; fix or drop the row") from None
+        except (TypeError, ValueError) as e:
+            raise DocumentError(f"{where}: the row's fields are not plain JSON values ({e})") from None
+        if size > self.cap:
+            raise _too_big(where, size, self.cap, "a row")
+        return item
+
+
+def _read_csv(path: Path, pick: _Picker, where: str, cap: int):
+    field = pick.text_field
+
     def text_lines():
         for n, offset, line in _lines(path, where, LINE_FACTOR * cap):
             yield _decode(line, f"{where}: line {n}", offset)
@@ -195,15 +287,26 @@ def _read_csv(path: Path, field: str, where: str, cap: int):
         last = 0
         try:
             header = next(reader, None)
-            if header is None or field not in header:
+            if pick.format != "text" and header is not None:
+                if pick.decide(header, where) == "chat":
+                    raise DocumentError(f"{where}: a CSV file cannot hold a list of messages; write chat rows as "
+                                        ".jsonl, .json or .parquet")
+            if pick.format != "text":
+                cols = pick.columns(header or [], where)
+                idx = [len(header) - 1 - header[::-1].index(c) for c in cols]
+            elif header is None or field not in header:
                 raise DocumentError(f"{where}: no column {field!r} (columns: {header}); choose one with --text-field")
-            col = len(header) - 1 - header[::-1].index(field)  # the last of equal names wins, as in csv.DictReader
+            else:
+                col = len(header) - 1 - header[::-1].index(field)  # the last of equal names wins, as in csv.DictReader
             last = reader.line_num
             for row in reader:
                 start, last = last + 1, reader.line_num
                 if row:  # blank lines are no rows
                     at = f"{where}: line {start}" if start == last else f"{where}: lines {start}-{last}"
-                    yield _text(row[col], at, cap) if col < len(row) else ""
+                    if pick.format != "text":
+                        yield pick({c: row[i] if i < len(row) else None for c, i in zip(cols, idx)}, at)
+                    else:
+                        yield _text(row[col], at, cap) if col < len(row) else ""
         except csv.Error as e:
             if "field limit" in str(e):
                 raise DocumentError(f"{where}: line {reader.line_num}: a field of more than {cap:,} characters, over "
@@ -213,11 +316,17 @@ def _read_csv(path: Path, field: str, where: str, cap: int):
         csv.field_size_limit(old)
 
 
-def _read_file(path: Path, field: str, what: str, cap: int):
-    """The texts of one file, one at a time (a .json file is parsed whole; the others are read in bounded memory)."""
+def _read_file(path: Path, pick: _Picker, what: str, cap: int):
+    """The texts (or ChatRows) of one file, one at a time (a .json file is parsed whole; the others are read in
+    bounded memory)."""
     suffix = path.suffix.lower()
     where = f"{what} {path}"
+    field = pick.text_field
+    if suffix == ".txt" and pick.format not in ("auto", "text"):
+        raise DocumentError(f"{where}: a .txt file is one plain-text document, not {pick.format} rows; write them "
+                            "as .jsonl, .json or .parquet")
     if suffix == ".txt":
+        pick.format = "text"
         size = path.stat().st_size
         if size > cap:  # refused before it is read
             raise _too_big(where, size, cap, "a .txt document")
@@ -227,10 +336,11 @@ def _read_file(path: Path, field: str, what: str, cap: int):
             if not line.strip():
                 continue
             at = f"{where}: line {n}"
-            yield _field(_json(_decode(line, at, offset), at), field, at, cap)
+            yield pick(_json(_decode(line, at, offset), at), at)
     elif suffix == ".json":
         data = _json(_decode(path.read_bytes(), where), where, whole_file=True)
-        if isinstance(data, dict) and isinstance(data.get(field), list):  # column-oriented
+        if pick.format in ("auto", "text") and isinstance(data, dict) and isinstance(data.get(field), list):  # columns
+            pick.format = "text"
             for i, v in enumerate(data[field]):
                 yield _field({field: v}, field, f"{where}: index {i}", cap)
             return
@@ -239,7 +349,7 @@ def _read_file(path: Path, field: str, what: str, cap: int):
         if not isinstance(data, list):
             raise DocumentError(f"{where}: expected a JSON list of objects with a {field!r} field")
         for i, row in enumerate(data):
-            yield _field(row, field, f"{where}: index {i}", cap)
+            yield pick(row, f"{where}: index {i}")
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -248,21 +358,28 @@ def _read_file(path: Path, field: str, what: str, cap: int):
         except Exception as e:
             raise DocumentError(f"{where}: not a readable Parquet file ({e})") from None
         names = parquet.schema_arrow.names
-        if field not in names:
+        columns = [field] if pick.format == "text" else pick.columns(names, where)  # (decides "auto")
+        if pick.format == "text" and field not in names:
             raise DocumentError(f"{where}: no column {field!r} (columns: {names[:10]}); choose one with --text-field")
         i = 0
-        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[field]):
-            for v in batch.column(0).to_pylist():
-                yield _field({field: v}, field, f"{where}: row {i}", cap)
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+            if pick.format == "text":
+                for v in batch.column(0).to_pylist():
+                    yield _field({field: v}, field, f"{where}: row {i}", cap)
+                    i += 1
+                continue
+            for row in batch.to_pylist():
+                yield pick(row, f"{where}: row {i}")
                 i += 1
     elif suffix == ".csv":
-        yield from _read_csv(path, field, where, cap)
+        yield from _read_csv(path, pick, where, cap)
     else:
         raise DocumentError(f"{where}: unsupported file type {suffix!r}; use one of {SUFFIXES}")
 
 
-def _from_datasets(ds, field: str, where: str, split: str, cap: int):
-    """The texts of a `datasets` Dataset (memory-mapped Arrow) or IterableDataset (streamed), in batches."""
+def _from_datasets(ds, pick: _Picker, where: str, split: str, cap: int):
+    """The texts (or ChatRows) of a `datasets` Dataset (memory-mapped Arrow) or IterableDataset (streamed), in
+    batches."""
     from datasets import DatasetDict, IterableDatasetDict
 
     if isinstance(ds, (DatasetDict, IterableDatasetDict)):
@@ -270,6 +387,12 @@ def _from_datasets(ds, field: str, where: str, split: str, cap: int):
             raise DocumentError(f"{where}: no split {split!r} (splits: {list(ds)}); choose one with --split")
         ds = ds[split]
     names = ds.column_names  # None for a streamed dataset whose features are not known before reading
+    if pick.format == "auto" and names is not None:
+        pick.decide(names, where)
+    if pick.format != "text":
+        yield from _rows_from_datasets(ds, names, pick, where)
+        return
+    field = pick.text_field
     if names is not None and field not in names:
         raise DocumentError(f"{where}: no field {field!r} (fields: {names[:10]}); choose one with --text-field")
     if names is not None:
@@ -281,6 +404,17 @@ def _from_datasets(ds, field: str, where: str, split: str, cap: int):
                                 "with --text-field")
         for v in batch[field]:
             yield _field({field: v}, field, f"{where}: row {i}", cap)
+            i += 1
+
+
+def _rows_from_datasets(ds, names, pick: _Picker, where: str):
+    if names is not None:
+        ds = ds.select_columns(pick.columns(names, where))
+    i = 0
+    for batch in ds.iter(batch_size=_BATCH_ROWS):
+        keys = list(batch)
+        for values in zip(*(batch[k] for k in keys)):
+            yield pick(dict(zip(keys, values)), f"{where}: row {i}")
             i += 1
 
 
@@ -299,10 +433,12 @@ class DocumentStream:
     no non-empty document raises at the end of the iteration.
     """
 
-    def __init__(self, source: str | Path, text_field: str = "text", split: str = "train", *, what: str = "--data"):
+    def __init__(self, source: str | Path, text_field: str = "text", split: str = "train", *, what: str = "--data",
+                 data_format: str = "text", prompt_field: str = "prompt", completion_field: str = "completion"):
         self.source, self.text_field, self.split, self.what = str(source), text_field, split, what
         self.where = f"{what} {self.source}"
         self.cap = max_document_bytes()
+        self.pick = _Picker(data_format, text_field, prompt_field, completion_field, self.cap)
         self.path = Path(self.source).expanduser()
         self.files: list[Path] = []
         if _is_saved_dataset(self.path):
@@ -329,26 +465,35 @@ class DocumentStream:
         if self.kind == "hub":
             return None
         files = self.files if self.files else sorted(p for p in self.path.rglob("*") if p.is_file())
-        return {"source": str(self.path.resolve()), "text_field": self.text_field, "split": self.split,
-                "files": [[p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+        signature = {"source": str(self.path.resolve()), "text_field": self.text_field, "split": self.split,
+                     "files": [[p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+        if self.pick.format != "text":  # what else picks a row's fields
+            signature.update(data_format=self.pick.format, prompt_field=self.pick.prompt_field,
+                             completion_field=self.pick.completion_field)
+        return signature
+
+    @property
+    def format(self) -> str:
+        """The rows' format: "text", "chat" or "prompt-completion" ("auto" until a row has been read)."""
+        return self.pick.format
 
     def _texts(self):
         if self.kind == "saved":
             from datasets import load_from_disk
 
-            yield from _from_datasets(load_from_disk(str(self.path)), self.text_field, self.where, self.split, self.cap)
+            yield from _from_datasets(load_from_disk(str(self.path)), self.pick, self.where, self.split, self.cap)
         elif self.kind == "hub":
             yield from self._from_hub()
         else:
             for f in self.files:
-                yield from _read_file(f, self.text_field, self.what, self.cap)
+                yield from _read_file(f, self.pick, self.what, self.cap)
 
     def _from_hub(self):
         from datasets import load_dataset
 
         try:
             ds = load_dataset(self.source, split=self.split, streaming=True)
-            rows = _from_datasets(ds, self.text_field, self.where, self.split, self.cap)
+            rows = _from_datasets(ds, self.pick, self.where, self.split, self.cap)
             first = next(rows, None)  # reading starts here: a missing dataset or split fails now
         except DocumentError:
             raise
@@ -363,16 +508,19 @@ class DocumentStream:
         if self.complete or self.num_documents or self.num_empty:
             raise RuntimeError("a DocumentStream is read once")
         for text in self._texts():
-            if not text.strip():
+            if isinstance(text, ChatRow):  # every chat row counts: a bad one is refused when it is rendered
+                b = text.canonical()
+            elif not text.strip():
                 self.num_empty += 1
                 continue
-            b = text.encode("utf-8")
+            else:
+                b = text.encode("utf-8")
             self._hash.update(len(b).to_bytes(8, "little") + b)
             self.num_documents += 1
             yield text
         if not self.num_documents:
-            raise DocumentError(f"{self.where}: no non-empty documents in field {self.text_field!r} "
-                                f"({self.num_empty} rows read)")
+            what = f"in field {self.text_field!r}" if self.format in ("auto", "text") else f"{self.format} rows"
+            raise DocumentError(f"{self.where}: no non-empty documents {what} ({self.num_empty} rows read)")
         if self.num_empty:
             log.info("skipped %d empty documents of %d in %s", self.num_empty, self.num_empty + self.num_documents,
                      self.source)
@@ -387,13 +535,27 @@ class DocumentStream:
 
 
 def data_fingerprint(source: str | Path, text_field: str = "text", split: str = "train", *, what: str = "--data",
-                     progress=None) -> str:
-    """The data fingerprint of a source (Documents.fingerprint), its documents streamed, never held. `progress`
-    wraps the iteration (e.g. tqdm)."""
-    stream = DocumentStream(source, text_field, split, what=what)
+                     progress=None, **options) -> str:
+    """The data fingerprint of a source (Documents.fingerprint for text), its rows streamed, never held. `progress`
+    wraps the iteration (e.g. tqdm); `options` are DocumentStream's (data_format, prompt_field, completion_field)."""
+    stream = DocumentStream(source, text_field, split, what=what, **options)
     for _ in (progress(stream) if progress else stream):
         pass
     return stream.fingerprint
+
+
+def detect_format(source: str | Path, text_field: str = "text", split: str = "train", *, what: str = "--data",
+                  prompt_field: str = "prompt", completion_field: str = "completion") -> str:
+    """The format of a source's rows ("text", "chat" or "prompt-completion"), from its first row (a .txt file, or
+    a source whose first row is empty, is text); reads nothing more."""
+    stream = DocumentStream(source, text_field, split, what=what, data_format="auto", prompt_field=prompt_field,
+                            completion_field=completion_field)
+    rows = stream._texts()
+    try:
+        next(rows, None)
+    finally:
+        rows.close()
+    return "text" if stream.format == "auto" else stream.format
 
 
 def read_documents(source: str | Path, text_field: str = "text", split: str = "train", *,

@@ -6,6 +6,9 @@ the teacher's pass (on one process or many) reads the rows it needs from disk an
     .ingest-input_ids.bin   (R, seq_len) rows, the cache's id dtype, raw little-endian
     .ingest-lengths.bin     (R,) int32
     .ingest-documents.bin   (D + 1,) int64 document offsets in the stream (documents.npy's content)
+    .ingest-segment_ids.bin (R, seq_len) int32, the "trained" layout only (chat and instruction data, documents
+                            packed whole: storage/rows.py)
+    .ingest-label_mask.bin  (R, seq_len - 1) uint8, the "trained" layout only
     .ingest.json            what was ingested, and from what: written with "complete": false before the first row
                             and rewritten, complete, after the last
 
@@ -20,6 +23,7 @@ dominates), and a hub dataset, whose content only reading can tell, is always re
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -34,13 +38,15 @@ from mft_cache.faults import fault_point
 
 from .documents import DocumentStream
 from .manifest import write_json_atomic
-from .packing import BOS_PER_ROW, CONCAT, bos_rule, label_mask, stream_rows
+from .packing import BOS_PER_ROW, CONCAT, bos_rule, label_mask
+from .rows import RowSpec, stream_batches
 
 log = logging.getLogger(__name__)
 
 INGEST = ".ingest.json"
 INPUT_IDS, LENGTHS, OFFSETS = ".ingest-input_ids.bin", ".ingest-lengths.bin", ".ingest-documents.bin"
-FILES = (INGEST, INPUT_IDS, LENGTHS, OFFSETS)
+SEGMENTS, MASKS = ".ingest-segment_ids.bin", ".ingest-label_mask.bin"
+FILES = (INGEST, INPUT_IDS, LENGTHS, OFFSETS, SEGMENTS, MASKS)
 _COPY = 1 << 20  # int64s copied at a time into documents.npy
 
 
@@ -83,6 +89,24 @@ class Rows:
         lengths = np.fromfile(self.folder / LENGTHS, dtype=np.int32, count=stop - start, offset=start * 4)
         return ids, lengths
 
+    @property
+    def layout(self) -> str:
+        return self.info.get("layout", "dense")
+
+    def read_packing(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The "trained" layout: (segment_ids (n, T) int64, label_mask (n, T-1) bool) of rows start..stop-1."""
+        t = self.seq_len
+        seg = np.fromfile(self.folder / SEGMENTS, dtype="<i4", count=(stop - start) * t, offset=start * t * 4)
+        mask = np.fromfile(self.folder / MASKS, dtype=np.uint8, count=(stop - start) * (t - 1), offset=start * (t - 1))
+        return seg.astype(np.int64).reshape(-1, t), mask.astype(bool).reshape(-1, t - 1)
+
+    def trained(self, start: int, stop: int) -> np.ndarray:
+        """(n, T-1) bool: the trained positions of rows start..stop-1."""
+        if self.layout == "trained":
+            return self.read_packing(start, stop)[1]
+        ids, lengths = self.read(start, stop)
+        return label_mask(ids, lengths, self.bos_id)
+
     def write_documents(self, path: Path) -> dict:
         """documents.npy (the same bytes np.save writes for the offsets), copied from disk a piece at a time;
         returns {name, sha256, bytes}."""
@@ -115,16 +139,20 @@ def read_info(folder: Path) -> dict:
 
 
 def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_dtype: str, rows_per_shard: int,
-           max_sequences: int = 0, key: dict | None = None, progress=None) -> Rows:
+           max_sequences: int = 0, key: dict | None = None, progress=None, spec: RowSpec | None = None) -> Rows:
     """Ingest `stream` into `folder` (or reuse a complete ingestion of the same key there); see the module docstring.
 
     `key` holds what else decides the rows (e.g. the tokenizer's fingerprint); with the source's signature, the
     seq len, the id dtype, the shard size and max_sequences it must equal the recorded one for a reuse.
-    `progress(tokens)` is called as documents are tokenized."""
+    `progress(tokens)` is called as documents are tokenized. `spec` (storage.rows): how rows are made; None is
+    plain text concatenated, as always."""
     folder = Path(folder)
+    spec = spec or RowSpec("text", "all", "concat", seq_len)
     signature = stream.signature()
     full_key = {"signature": signature, "seq_len": seq_len, "id_dtype": id_dtype, "rows_per_shard": rows_per_shard,
                 "max_sequences": max_sequences, **(key or {})}
+    if spec.layout == "trained":  # (absent for plain text: the key of an earlier ingestion stays valid)
+        full_key["rows"] = {"format": spec.format, "train_on": spec.train_on, "packing": spec.packing}
     old = read_info(folder)
     if signature is not None and old.get("complete") and old.get("key") == full_key:
         log.info("reusing the ingested rows in %s (the source is unchanged: same files, sizes and times)", folder)
@@ -133,10 +161,16 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
     dtype = np.dtype(id_dtype)
     num_rows = predictions = input_tokens = max_id = 0
     shard_tokens: list[int] = []
-    bos_id = bos_rule(tokenizer)
+    trained_layout = spec.layout == "trained"
+    bos_id = None if trained_layout else bos_rule(tokenizer)
+    extra = (SEGMENTS, MASKS) if trained_layout else ()
+    for name in (SEGMENTS, MASKS):
+        (folder / name).unlink(missing_ok=True)
     with open(folder / INPUT_IDS, "wb") as f_ids, open(folder / LENGTHS, "wb") as f_len, \
-            open(folder / OFFSETS, "wb") as f_off:
-        for rows, lengths, offsets in stream_rows(stream, tokenizer, seq_len):
+            open(folder / OFFSETS, "wb") as f_off, contextlib.ExitStack() as more:
+        f_seg, f_mask = (more.enter_context(open(folder / name, "wb")) for name in extra) if extra else (None, None)
+        for batch in stream_batches(stream, tokenizer, spec):
+            rows, lengths, offsets = batch.rows, batch.lengths, batch.offsets
             offsets.astype("<i8").tofile(f_off)
             if progress is not None and len(offsets):
                 progress(int(offsets[-1]))
@@ -150,7 +184,13 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
                 raise ValueError(f"token id {max_id} does not fit the cache's id dtype {id_dtype}")
             rows.astype(dtype.newbyteorder("<")).tofile(f_ids)
             lengths.astype("<i4").tofile(f_len)
-            trained = label_mask(rows, lengths, bos_id).sum(axis=1)
+            if trained_layout:
+                mask = batch.label_mask[: len(rows)]
+                batch.segment_ids[: len(rows)].astype("<i4").tofile(f_seg)
+                mask.astype(np.uint8).tofile(f_mask)
+                trained = mask.sum(axis=1)
+            else:
+                trained = label_mask(rows, lengths, bos_id).sum(axis=1)
             for r, count in enumerate(trained, num_rows):  # per-shard sums of trained positions
                 if r // rows_per_shard == len(shard_tokens):
                     shard_tokens.append(0)
@@ -159,7 +199,7 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
             fault_point("cache:ingest")  # the crash tests: killed with rows written, the ingestion unfinished
             predictions += int(trained.sum())
             input_tokens += int(lengths.sum())
-        for f in (f_ids, f_len, f_off):
+        for f in (f_ids, f_len, f_off, *((f_seg, f_mask) if extra else ())):
             f.flush()
             os.fsync(f.fileno())
     info = {"complete": True, "key": full_key, "seq_len": seq_len, "id_dtype": id_dtype,
@@ -167,5 +207,7 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
             "num_input_tokens": input_tokens, "max_token_id": max_id, "shard_tokens": shard_tokens,
             "fingerprint": stream.fingerprint, "num_documents": stream.num_documents, "num_empty": stream.num_empty,
             "num_files": stream.num_files}
+    if trained_layout:
+        info.update(layout="trained", format=spec.format, train_on=spec.train_on, packing=spec.packing)
     write_json_atomic(folder / INGEST, info)
     return Rows(folder, info)

@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .schema import FORMAT_NAME, READABLE_SCHEMA_VERSIONS, Field, schema_version_of, value_semantics
+from .schema import FORMAT_NAME, READABLE_SCHEMA_VERSIONS, Field, layout_of, schema_version_of, value_semantics
 from .validate import DOCUMENTS, ManifestError, read_manifest_json, validate_manifest
 
 MANIFEST = "manifest.json"
@@ -38,7 +38,8 @@ class CacheMetadata:
     top_k: int
     seq_len: int
     logprob_dtype: str
-    data: dict  # source, text_field, split, fingerprint, num_documents, num_empty_skipped
+    data: dict  # source, text_field, split, fingerprint, num_documents, num_empty_skipped (chat and instruction
+    #             data also: format, train_on, chat_template_fingerprint, prompt_field, completion_field, documents_note)
     packing: dict  # storage.packing.packing_description
     num_sequences: int
     num_tokens: int  # trained positions (tokens with a next-token label)
@@ -54,9 +55,9 @@ def build_manifest(meta: CacheMetadata, *, fmt: str, schema: tuple[Field, ...], 
     manifest = asdict(meta)
     total = sum(s["bytes"] for s in shards)
     manifest.update({
-        "values": value_semantics(manifest.pop("logprob_dtype")),
+        "values": value_semantics(manifest.pop("logprob_dtype"), layout_of(schema)),
         "schema": [f.to_json() for f in schema],
-        "data": {**meta.data, "documents_file": documents_file, "documents_note": DOCUMENTS_NOTE},
+        "data": {"documents_note": DOCUMENTS_NOTE, **meta.data, "documents_file": documents_file},
         "format": fmt,
         "config": identity,
         "shards": shards,

@@ -12,6 +12,10 @@ up front; `verify="none"` trusts the files.
 Encoded fields (`--logprob-dtype q8`, see encoding.py) are decoded on read: every consumer gets the
 same fields whatever the encoding (`topk_logprobs` as float32 log-probs); `read_rows(..., raw=True)`
 gives the stored fields.
+
+A cache of the "trained" layout (schema.py: chat and instruction data) stores the teacher's values at the
+trained positions only; readers expand them, so every consumer gets the same per-row view whatever the layout:
+(T-1, K) arrays with zeros where nothing is trained, plus the row's `segment_ids` and `label_mask` (bool).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from .backends import CorruptShardError, checksum, get_backend, size_on_disk
 from .encoding import Q8, Q8_GAP_MAX, Q8_LEVELS, decode_q8, q8_bad_rows
 from .manifest import MANIFEST, ManifestError, load_manifest
 from .packing import label_mask, rule_of
-from .schema import Field, row_bytes, schema_from_json
+from .schema import MASK_FIELD, Field, layout_of, position_counts, row_bytes, schema_from_json
 from .validate import member_path
 
 VERIFY_MODES = ("none", "lazy", "full")
@@ -131,6 +135,10 @@ def validate_values(arrays: dict[str, np.ndarray], *, vocab_size: int, seq_len: 
     length = arrays["length"]
     if ((length < 0) | (length > seq_len)).any():
         bad("length", f"a length outside [0, {seq_len}]", (length < 0) | (length > seq_len))
+    trained = None
+    if layout_of(schema) == "trained":  # the segments and the mask first: they place every other value
+        trained = check_segments(arrays, length, seq_len, bad)
+        arrays = expand_positions(arrays, schema)
     for name in ("input_ids", "topk_ids"):
         a = arrays[name].astype(np.int64, copy=False)
         out = (a < 0) | (a >= vocab_size)
@@ -158,7 +166,54 @@ def validate_values(arrays: dict[str, np.ndarray], *, vocab_size: int, seq_len: 
     decoded = decode_rows(arrays, schema)["topk_logprobs"]  # (R, T-1, K) what readers get: codes checked above
     lp_field = next(f for f in schema if f.name == "topk_logprobs")
     tolerance = q8_mass_tolerance(lp_field.encoding["gap_max"]) if lp_field.encoding else MASS_TOLERANCE
-    check_distributions(arrays, decoded, label_mask(arrays["input_ids"], arrays["length"], bos_id), tolerance, bad)
+    if trained is None:
+        trained = label_mask(arrays["input_ids"], arrays["length"], bos_id)
+    check_distributions(arrays, decoded, trained, tolerance, bad)
+
+
+def check_segments(arrays: dict[str, np.ndarray], length: np.ndarray, seq_len: int, bad) -> np.ndarray:
+    """The row fields of the "trained" layout, checked: segment ids in [0, seq_len] and 0 exactly on the padding,
+    a label mask of 0s and 1s that trains only labels of the same document as their position. Returns the mask
+    (R, T-1) bool."""
+    seg = arrays["segment_ids"].astype(np.int64, copy=False)  # (R, T)
+    real = np.arange(seg.shape[1])[None, :] < length[:, None]  # (R, T)
+    wrong = (seg < 0) | (seg > seq_len) | ((seg == 0) == real)
+    if wrong.any():
+        bad("segment_ids", "segment ids outside [1, seq_len] on real tokens or not 0 on the padding",
+            wrong.any(1))
+    mask = arrays[MASK_FIELD]
+    if (mask > 1).any():
+        bad(MASK_FIELD, "values other than 0 and 1", (mask > 1).any(1))
+    trained = mask.astype(bool)  # (R, T-1)
+    stray = trained & ((seg[:, :-1] != seg[:, 1:]) | (seg[:, 1:] == 0))
+    if stray.any():
+        bad(MASK_FIELD, "a trained position whose label is padding or another document's token", stray.any(1))
+    return trained
+
+
+def expand_positions(arrays: dict[str, np.ndarray], schema: tuple[Field, ...]) -> dict[str, np.ndarray]:
+    """Rows of the "trained" layout with their per-position fields (N, ...) expanded to (R, T-1, ...), zeros where
+    label_mask is 0; the mask comes back as bool. Dense rows are returned as they are.
+
+    Args:
+        arrays: row fields of R rows and the per-position fields of their N trained positions, in row order.
+        schema: the cache's fields.
+    """
+    counts = position_counts(schema, arrays)
+    if counts is None:
+        return arrays
+    trained = arrays[MASK_FIELD].astype(bool)  # (R, T-1)
+    out = dict(arrays)
+    out[MASK_FIELD] = trained
+    for f in schema:
+        if not f.per_position or f.name not in arrays:  # (q8's top1_logprob is gone once decoded)
+            continue
+        a = arrays[f.name]
+        assert len(a) == int(counts.sum()), f"{f.name}: {len(a)} positions for a label_mask of {int(counts.sum())}"
+        dense = np.zeros((*trained.shape, *a.shape[1:]), dtype=a.dtype)  # (R, T-1, ...)
+        dense[trained] = a
+        out[f.name] = dense
+    return out
 
 
 def decode_rows(arrays: dict[str, np.ndarray], schema: tuple[Field, ...]) -> dict[str, np.ndarray]:
@@ -204,6 +259,8 @@ class Cache:
         self.shards = self.manifest["shards"]
         self._starts = [s["first_row"] for s in self.shards]
         self._open: OrderedDict[int, object] = OrderedDict()  # the most recently read shards' readers
+        self._offsets: dict[int, np.ndarray] = {}  # the "trained" layout: each open shard's (rows + 1,) position offsets
+        self.layout = layout_of(self.schema)
         self._verified: set[int] = set()
         self._closed = 0  # shard readers closed so far
         self._lock = threading.Lock()
@@ -259,14 +316,37 @@ class Cache:
         if found != s["rows"]:
             raise CorruptShardError(path, f"holds {'more than ' if found > s['rows'] else ''}{min(found, s['rows'])} rows, "
                                     f"the manifest says {s['rows']} (shards[{index}].rows)")
+        if self.layout == "trained":
+            offsets = self._position_offsets(index, reader)
+            for f in self.schema:
+                found = len(reader.read(f.name, 0, int(offsets[-1]) + 1)) if f.per_position else None
+                if f.per_position and found != offsets[-1]:
+                    raise CorruptShardError(path, f"field {f.name!r} holds {found} trained positions, its rows' "
+                                            f"label_mask {int(offsets[-1])}")
         block = max(1, _VERIFY_BLOCK_BYTES // max(1, row_bytes(self.schema)))
         for a in range(0, s["rows"], block):
             b = min(s["rows"], a + block)
-            validate_values({f.name: reader.read(f.name, a, b) for f in self.schema}, vocab_size=self.vocab_size,
+            validate_values(self._read_block(index, reader, a, b), vocab_size=self.vocab_size,
                             seq_len=self.seq_len, path=path, schema=self.schema, bos_id=rule_of(self.manifest),
                             first_row=a)
         self._verified.add(index)
         return reader
+
+    def _position_offsets(self, index: int, reader) -> np.ndarray:
+        """(rows + 1,) where each row's trained positions start in shard `index`'s per-position fields."""
+        if index not in self._offsets:
+            mask = reader.read(MASK_FIELD, 0, self.shards[index]["rows"])
+            counts = position_counts(self.schema, {MASK_FIELD: mask})
+            self._offsets[index] = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        return self._offsets[index]
+
+    def _read_block(self, index: int, reader, a: int, b: int) -> dict[str, np.ndarray]:
+        """The stored fields of rows a..b-1 of shard `index` (per-position fields: those rows' trained positions)."""
+        if self.layout != "trained":
+            return {f.name: reader.read(f.name, a, b) for f in self.schema}
+        offsets = self._position_offsets(index, reader)
+        p, q = int(offsets[a]), int(offsets[b])
+        return {f.name: reader.read(f.name, p, q) if f.per_position else reader.read(f.name, a, b) for f in self.schema}
 
     def verify_shard(self, index: int) -> None:
         """Check one shard's place, size and sha256 against the manifest, then its row count and values (validate_values)."""
@@ -295,7 +375,8 @@ class Cache:
                 else:
                     self._open[index] = get_backend(self.format)(self.folder / self.shards[index]["name"], self.schema)
                 if len(self._open) > MAX_OPEN_SHARDS:
-                    self._open.popitem(last=False)
+                    closed, _ = self._open.popitem(last=False)
+                    self._offsets.pop(closed, None)
                     self._closed += 1
                     if self._closed % MAX_OPEN_SHARDS == 0:  # zarr's readers hold reference cycles (instance-local
                         gc.collect()  # lru_caches) that only a full collection frees; one (~0.1 s) per 8 closed
@@ -321,7 +402,9 @@ class Cache:
             raw: give the stored fields (q8: top1_logprob and the uint8 codes) instead of decoding them.
         Returns:
             input_ids (R, T), length (R,), topk_ids (R, T-1, K), topk_logprobs (R, T-1, K),
-            label_logprob (R, T-1); with raw, the fields of the manifest's schema as stored.
+            label_logprob (R, T-1), and in the "trained" layout segment_ids (R, T) and label_mask (R, T-1) bool
+            (the per-position values expanded, zeros where nothing is trained); with raw, the fields of the
+            manifest's schema as stored (per-position fields: the rows' trained positions, (N, ...)).
         """
         parts: dict[str, list[np.ndarray]] = {f.name: [] for f in self.schema}
         row = start
@@ -332,8 +415,12 @@ class Cache:
                 raise ManifestError(f"{self.folder / MANIFEST}: row {row} lies past the end of the last shard "
                                     f"(num_sequences exceeds the shards' rows)")
             reader = self._shard(i)
+            block = self._read_block(i, reader, local, local + n)
             for f in self.schema:
-                a = reader.read(f.name, local, local + n)
+                a = block[f.name]
+                if f.per_position:
+                    parts[f.name].append(a)
+                    continue
                 if len(a) != n:
                     raise CorruptShardError(self.folder / self.shards[i]["name"], f"field {f.name!r} gave {len(a)} rows "
                                             f"for rows {local}:{local + n}; the manifest says the shard holds "
@@ -341,7 +428,11 @@ class Cache:
                 parts[f.name].append(a)
             row += n
         arrays = {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in parts.items()}
-        return arrays if raw or not self.encoded else decode_rows(arrays, self.schema)
+        if raw:
+            return arrays
+        if self.encoded:
+            arrays = decode_rows(arrays, self.schema)
+        return expand_positions(arrays, self.schema)
 
     def iter_shards(self, raw: bool = False):
         """Yield each shard's rows as numpy arrays (one shard in memory at a time); raw as in read_rows."""

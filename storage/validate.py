@@ -26,7 +26,8 @@ from pathlib import Path
 
 from .backends import BACKENDS, CorruptShardError, shard_name
 from .encoding import Q8, Q8_LEVELS
-from .schema import ENCODINGS, LOGPROB_DTYPES, READABLE_SCHEMA_VERSIONS, cache_schema, schema_version_of
+from .schema import (ENCODINGS, LOGPROB_DTYPES, POSITION, READABLE_SCHEMA_VERSIONS, cache_schema,
+                     schema_version_of)
 
 MAX_MANIFEST_BYTES = 64 * 2**20  # a shard entry is ~200 bytes: room for 300k shards, and never a flood of memory
 MAX_DEPTH = 32  # our manifests nest 4 deep (manifest > schema > field > encoding); 32 leaves room, not a stack overflow
@@ -232,20 +233,23 @@ def check_schema(top: _Object, *, vocab_size: int, top_k: int, seq_len: int) -> 
     fields = [_Object(top.path, item, f"schema[{i}]") for i, item in enumerate(items)]
     for f in fields:
         f.str("name"), f.str("dtype"), f.list("shape"), f.str("doc", required=False)
+        f.str("axis", required=False, choices=("row", POSITION))
         for j, n in enumerate(f.value["shape"]):
             if type(n) is not int or n < 0:
                 f.fail("shape", f"must be a list of non-negative integers, got {_what(n)} at position {j}")
     storage = logprob_storage(items, top)
     version = top.value["schema_version"]
     if version != schema_version_of(items):
-        top.fail("schema_version", f"is {version}, which does not match its fields (encoded fields need version 2)")
-    expected = cache_schema(vocab_size=vocab_size, top_k=top_k, seq_len=seq_len, logprob_dtype=storage)
-    got = [(f.value["name"], f.value["dtype"], tuple(f.value["shape"])) for f in fields]
-    want = [(e.name, e.dtype, e.shape) for e in expected]
+        top.fail("schema_version", f"is {version}, which does not match its fields (encoded fields need version 2, "
+                 "fields per trained position version 3)")
+    layout = "trained" if version == 3 else "dense"
+    expected = cache_schema(vocab_size=vocab_size, top_k=top_k, seq_len=seq_len, logprob_dtype=storage, layout=layout)
+    got = [(f.value["name"], f.value["dtype"], tuple(f.value["shape"]), f.value.get("axis", "row")) for f in fields]
+    want = [(e.name, e.dtype, e.shape, e.axis) for e in expected]
     if got != want:
         i = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
-        seen = f"{got[i][0]!r} {got[i][1]} {list(got[i][2])}" if i < len(got) else "nothing"
-        wanted = f"{want[i][0]!r} {want[i][1]} {list(want[i][2])}" if i < len(want) else "nothing"
+        seen = f"{got[i][0]!r} {got[i][1]} {list(got[i][2])} per {got[i][3]}" if i < len(got) else "nothing"
+        wanted = f"{want[i][0]!r} {want[i][1]} {list(want[i][2])} per {want[i][3]}" if i < len(want) else "nothing"
         top.fail(f"schema[{i}]" if i < len(got) else "schema",
                  f"is {seen}; a cache of vocab_size {vocab_size}, top_k {top_k}, seq_len {seq_len} with {storage} "
                  f"log-probs holds {wanted} there")
@@ -292,8 +296,11 @@ def check_documents(data: _Object) -> None:
     """`data`: what the trainer reads (source, split, fingerprint) as strings where present (a storage-only writer
     may leave `data` empty), the counts as counts, and documents.npy named exactly so, of at most the size np.save
     gives for num_documents + 1 int64 offsets."""
-    for k in ("source", "split", "text_field", "fingerprint", "documents_note"):
+    for k in ("source", "split", "text_field", "fingerprint", "documents_note", "prompt_field", "completion_field",
+              "chat_template_fingerprint"):
         data.str(k, required=False)
+    data.str("format", required=False, choices=("text", "chat", "prompt-completion"))
+    data.str("train_on", required=False, choices=("completion", "all"))
     num_documents = data.int("num_documents", 0, 2**40, required=False)
     data.int("num_empty_skipped", 0, 2**40, required=False)
     docs = data.obj("documents_file", required=False)
@@ -338,8 +345,11 @@ def validate_manifest(manifest: dict, path: Path) -> None:
     check_documents(top.obj("data"))
     packing = top.obj("packing", required=False)
     if packing is not None:
-        rule = packing.str("rule", choices=("concat", "bos-per-row"))
-        packing.int("bos_token_id", 0, vocab_size - 1, nullable=rule == "concat")
+        rule = packing.str("rule", choices=("concat", "bos-per-row", "document"))
+        packing.int("bos_token_id", 0, vocab_size - 1, nullable=rule != "bos-per-row")
+        if (rule == "document") != (top.value["schema_version"] == 3) and rule != "concat":
+            packing.fail("rule", f"is {rule!r}, which a cache of schema version {top.value['schema_version']} cannot "
+                         "hold (documents packed whole are stored as trained positions, version 3)")
         packing.str("description", required=False)
     top.obj("config")
     top.obj("created_by", required=False)

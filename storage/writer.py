@@ -58,7 +58,7 @@ def is_ours(name: str) -> bool:
 
 
 # identity keys added since caches were first written, with the value an identity without them meant
-_IDENTITY_DEFAULTS = {"packing": "concat"}
+_IDENTITY_DEFAULTS = {"packing": "concat", "data_format": "text", "train_on": "all"}
 
 
 def _identity(recorded: dict) -> dict:

@@ -5,9 +5,12 @@ import logging
 
 import torch.nn as nn
 
+from mft_cache.attention import check_packed_attention
 from mft_cache.models import tokenizer_fingerprint, vocab_size_of, weights_fingerprint
+from mft_cache.storage.chat import template_fingerprint
 from mft_cache.storage.documents import data_fingerprint
 from mft_cache.storage.packing import bos_rule
+from mft_cache.storage.rows import RowSpec
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,13 @@ def check_student(manifest: dict, tokenizer, model: nn.Module, model_id: str) ->
     if tokenizer_fingerprint(tokenizer) != manifest["tokenizer"]["fingerprint"]:
         raise ValueError(f"--model {model_id}: its tokenizer differs from the one the cache was made with "
                          f"({manifest['model']['id']}); the cached targets would name the wrong tokens")
+    data = manifest["data"]
+    if data.get("format", "text") != "text" and template_fingerprint(tokenizer) != data.get("chat_template_fingerprint"):
+        raise ValueError(f"--model {model_id}: its tokenizer's chat template differs from the one that rendered the "
+                         f"cache's {data['format']} rows ({manifest['model']['id']}); the student would see other tokens "
+                         "than the cached targets name. Use a student with the same chat template, or rebuild the cache")
+    if (manifest.get("packing") or {}).get("rule") == "document":
+        check_packed_attention(model)  # its documents must not see each other, as the teacher's did not
     if "packing" not in manifest and bos_rule(tokenizer) is not None:
         log.warning("the cache was made before rows started with BOS: the tokenizer of %s adds a BOS, but most of the "
                     "cache's rows start without one, so the teacher's targets and the training rows are degraded; "
@@ -49,9 +59,27 @@ def check_teacher_revision(manifest: dict, model_id: str, allow_different: bool)
                 "teacher's cached targets (same tokenizer and vocabulary)", model_id, manifest["model"]["id"])
 
 
+def cache_row_spec(manifest: dict, cfg) -> RowSpec:
+    """How the cache's rows were made (its data format, what is trained, its packing); --data-format, --train-on and
+    --packing, where given, must agree: a student run that would render or mask otherwise is refused."""
+    data = manifest["data"]
+    rule = (manifest.get("packing") or {}).get("rule", "concat")
+    spec = RowSpec(data.get("format", "text"), data.get("train_on", "all"), "document" if rule == "document" else
+                   "concat", int(manifest["seq_len"]))
+    for flag, given, cached in (("--data-format", cfg.data_format, spec.format), ("--train-on", cfg.train_on, spec.train_on),
+                                ("--packing", cfg.packing, spec.packing)):
+        if given != "auto" and given != cached:
+            raise ValueError(f"{flag} {given}: the cache {cfg.cache} holds rows made with {flag} {cached}; leave it "
+                             f"unset to follow the cache, or rebuild the cache with {flag} {given}")
+    return spec
+
+
 def check_data(manifest: dict, data: str, text_field: str, cache: str) -> None:
     """--data with a cache only names what the user believes the cache holds: it must be those documents."""
-    fp = data_fingerprint(data, text_field=text_field, split=manifest["data"]["split"])  # streamed, not held
+    d = manifest["data"]
+    fp = data_fingerprint(data, text_field, d["split"], data_format=d.get("format", "text"),  # streamed, not held
+                          prompt_field=d.get("prompt_field", "prompt"),
+                          completion_field=d.get("completion_field", "completion"))
     if fp != manifest["data"]["fingerprint"]:
         raise ValueError(f"--data {data} is not the data the cache {cache} was made from "
                          f"({manifest['data']['source']}); rebuild the cache with `mft cache --data {data}`")

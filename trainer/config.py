@@ -5,6 +5,9 @@ import math
 from dataclasses import dataclass
 
 from mft_cache.config import check_finite, opt
+from mft_cache.storage.chat import TRAIN_ON
+from mft_cache.storage.documents import DATA_FORMATS
+from mft_cache.storage.rows import PACKINGS
 
 from .adapters import PEFT_METHODS
 from .loss import LOSS_IMPLS
@@ -29,6 +32,17 @@ class TrainConfig:
     data: str = opt("", "the finetuning documents: required with --teacher online; with a cache, optional and "
                     "checked against the documents the cache was made from")
     text_field: str = opt("text", "field holding the text in --data / --eval-* files")
+    data_format: str = opt("auto", "rows of --data with --teacher online: text, chat or prompt-completion (auto: from "
+                           "the first row's fields; --eval-* and --replay files are always read so); with a cache, "
+                           "the cache's", choices=DATA_FORMATS)
+    prompt_field: str = opt("prompt", "field holding the prompt of prompt-completion rows")
+    completion_field: str = opt("completion", "field holding the completion of prompt-completion rows")
+    train_on: str = opt("auto", "chat and prompt-completion rows: train and evaluate on the completions only, or on "
+                        "every token; auto: the cache's choice (another is refused), else completion",
+                        choices=("auto", *TRAIN_ON))
+    packing: str = opt("auto", "rows made from raw data: document (whole documents, each attending only to itself) "
+                       "or concat; auto: the cache's, else document for chat and prompt-completion rows",
+                       choices=PACKINGS)
     seq_len: int = opt(0, "with --teacher online: tokens per packed sequence (default: 256)")
     objective: str = opt("mft", "mft (corrected distillation), ft (plain cross-entropy), or the paper's ablations",
                          choices=OBJECTIVES)

@@ -14,6 +14,7 @@ import torch
 
 from mft_cache.storage import Cache, Packed
 from mft_cache.storage.packing import label_mask, rule_of
+from mft_cache.storage.rows import DocPacked
 
 
 def _long(a: np.ndarray) -> torch.Tensor:
@@ -27,6 +28,7 @@ class CacheRows:
     def __init__(self, cache: Cache):
         self.cache = cache
         self.bos_id = rule_of(cache.manifest)
+        self.document = (cache.manifest.get("packing") or {}).get("rule") == "document"
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -34,29 +36,41 @@ class CacheRows:
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
         parts = [self.cache.read_rows(r, r + 1) for r in rows]
         a = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return {
+        mask = a["label_mask"] if "label_mask" in a else label_mask(a["input_ids"], a["length"], self.bos_id)
+        out = {
             "input_ids": _long(a["input_ids"]),  # (B, T)
             "length": _long(a["length"]),  # (B,)
-            "mask": torch.from_numpy(label_mask(a["input_ids"], a["length"], self.bos_id)),  # (B, T-1) trained
+            "mask": torch.from_numpy(mask),  # (B, T-1) trained
             "topk_ids": _long(a["topk_ids"]),  # (B, T-1, K)
             "topk_logprobs": torch.from_numpy(a["topk_logprobs"]),  # (B, T-1, K) stored dtype
             "label_logprob": torch.from_numpy(a["label_logprob"]),  # (B, T-1) float32
         }
+        if self.document:
+            out["segment_ids"] = _long(a["segment_ids"])  # (B, T) each document attends only to itself
+        return out
 
 
 class PackedRows:
-    """Rows packed from raw text (the online-teacher baseline, evaluation sets): tokens only."""
+    """Rows packed from raw data (the online-teacher baseline, evaluation sets, raw replay documents): tokens, the
+    trained positions, and the segments of documents packed whole (storage.rows.DocPacked)."""
 
-    def __init__(self, packed: Packed):
+    def __init__(self, packed: Packed | DocPacked):
         self.packed = packed
+        self.document = isinstance(packed, DocPacked) and packed.spec.packing == "document"
 
     def __len__(self) -> int:
         return self.packed.num_sequences
 
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
         ids, lengths = self.packed.input_ids[rows], self.packed.lengths[rows]
-        return {"input_ids": _long(ids), "length": _long(lengths),
-                "mask": torch.from_numpy(label_mask(ids, lengths, self.packed.bos_id))}
+        if isinstance(self.packed, DocPacked):
+            mask = self.packed.mask[rows]
+        else:
+            mask = label_mask(ids, lengths, self.packed.bos_id)
+        out = {"input_ids": _long(ids), "length": _long(lengths), "mask": torch.from_numpy(mask)}
+        if self.document:
+            out["segment_ids"] = _long(self.packed.segment_ids[rows])
+        return out
 
 
 def step_rows(step: int, global_batch: int, num_rows: int, seed: int) -> list[int]:
@@ -98,6 +112,10 @@ class MixedRows:
         ours = [r for r in rows if r < self.num_main]
         theirs = [r - self.num_main for r in rows if r >= self.num_main]
         parts = [src.batch(r) for src, r in ((self.main, ours), (self.replay, theirs)) if r]
+        if any("segment_ids" in p for p in parts):  # rows of one document each: causal attention as segments
+            t = parts[0]["input_ids"].shape[1]
+            parts = [p if "segment_ids" in p else {**p, "segment_ids": (torch.arange(t)[None, :] < p["length"][:, None]).long()}
+                     for p in parts]
         keys = [k for k in parts[0] if all(k in p for p in parts)]
         if "topk_ids" in keys:
             k_min = min(p["topk_ids"].shape[-1] for p in parts)

@@ -29,7 +29,8 @@ from .train import student_forward
 class CacheDataset(torch.utils.data.Dataset):
     """The rows of a cache folder (checked as `mft train` checks it): item i is row i as a dict of tensors,
     input_ids (T,), length (), mask (T-1,) of trained positions, topk_ids (T-1, K), topk_logprobs (T-1, K) in the
-    stored dtype, label_logprob (T-1,)."""
+    stored dtype, label_logprob (T-1,); with documents packed whole (chat data), segment_ids (T,), which MFTLoss
+    turns into the same block-causal attention the teacher had."""
 
     def __init__(self, cache: str | Path):
         self.cache = open_cache(cache)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mft_cache.storage import build_sequences, open_cache
+from mft_cache.storage import open_cache
+from mft_cache.storage.documents import detect_format
 from mft_cache.storage.hub import download_cache, is_hub_ref
+from mft_cache.storage.rows import RowSpec, build_rows, resolve_spec
 
-from .checks import check_data, check_replay_cache
+from .checks import check_data, check_replay_cache, cache_row_spec
 from .config import TrainConfig
 from .data import CacheRows, PackedRows
 from .targets import check_top_k
@@ -22,11 +24,20 @@ class TrainingRows:
     manifest: dict | None  # the cache's, or None with the online teacher
     model_id: str  # the student to load
     seq_len: int
+    spec: RowSpec | None = None  # how the training rows were made (format, what is trained, packing)
+
+
+def online_spec(cfg: TrainConfig, seq_len: int) -> RowSpec:
+    """How the online teacher's --data becomes rows: its format (forced, or from its first row), --train-on, --packing."""
+    fmt = cfg.data_format if cfg.data_format != "auto" else detect_format(
+        cfg.data, cfg.text_field, what="--data", prompt_field=cfg.prompt_field, completion_field=cfg.completion_field)
+    return resolve_spec(fmt, cfg.train_on, cfg.packing, seq_len)
 
 
 def open_training_rows(cfg: TrainConfig) -> TrainingRows:
     if cfg.teacher == "online":
-        return TrainingRows(None, None, cfg.model, cfg.seq_len or DEFAULT_SEQ_LEN)
+        seq_len = cfg.seq_len or DEFAULT_SEQ_LEN
+        return TrainingRows(None, None, cfg.model, seq_len, online_spec(cfg, seq_len))
     # validated; shards checksummed on first read (all of them at once after a download from the Hub)
     cache = open_cache(download_cache(cfg.cache) if is_hub_ref(cfg.cache) else cfg.cache)
     m = cache.manifest
@@ -35,13 +46,40 @@ def open_training_rows(cfg: TrainConfig) -> TrainingRows:
     if cfg.seq_len and cfg.seq_len != cache.seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} differs from the cache's {cache.seq_len}; leave it unset with a cache")
     check_top_k(cfg.top_k, cache.top_k, f"--cache {cfg.cache}")
+    spec = cache_row_spec(m, cfg)  # the cache's rows decide; a flag that says otherwise is refused
     if cfg.data:
         check_data(m, cfg.data, cfg.text_field, cfg.cache)
-    return TrainingRows(CacheRows(cache), m, model_id, cache.seq_len)
+    return TrainingRows(CacheRows(cache), m, model_id, cache.seq_len, spec)
+
+
+def _rows(cfg: TrainConfig, source: str, tokenizer, seq_len: int, what: str, spec_of=None):
+    """Rows of a raw source (storage.rows.build_rows): plain text concatenated exactly as always, chat and
+    prompt-completion rows rendered and packed as `spec_of(format)` says."""
+    return build_rows(source, tokenizer, seq_len, text_field=cfg.text_field, what=what,
+                      data_format=cfg.data_format if what == "--data" else "auto", prompt_field=cfg.prompt_field,
+                      completion_field=cfg.completion_field, train_on=cfg.train_on, packing=cfg.packing,
+                      spec_of=spec_of)[0]
 
 
 def online_rows(cfg: TrainConfig, tokenizer, seq_len: int) -> PackedRows:
-    return PackedRows(build_sequences(cfg.data, tokenizer, seq_len, cfg.text_field, what="--data")[0])
+    spec = online_spec(cfg, seq_len)
+    return PackedRows(_rows(cfg, cfg.data, tokenizer, seq_len, "--data", lambda fmt: spec))
+
+
+def follow(run: RowSpec | None, cfg: TrainConfig, seq_len: int):
+    """format -> RowSpec for another source of the run (evaluation sets, raw replay documents): chat and
+    prompt-completion rows are trained (and evaluated) on what the run trains on (--train-on, else the run's rows'
+    choice where they are not text), packed as the run's rows where the formats agree, else as resolve_spec says."""
+    def spec_of(fmt: str) -> RowSpec:
+        train_on = cfg.train_on
+        if train_on == "auto" and run is not None and run.format != "text":
+            train_on = run.train_on
+        packing = cfg.packing
+        if packing == "auto" and run is not None and run.format == fmt:
+            packing = run.packing
+        return resolve_spec(fmt, train_on, packing, seq_len)
+
+    return spec_of
 
 
 def open_replay(cfg: TrainConfig, manifest: dict | None, tokenizer, seq_len: int):
@@ -60,15 +98,16 @@ def open_replay(cfg: TrainConfig, manifest: dict | None, tokenizer, seq_len: int
         raise ValueError(f"--replay {cfg.replay}: with --objective {cfg.objective}, replay rows need the teacher's "
                          f"targets too; cache them first (`mft cache --data {cfg.replay} --out REPLAY_CACHE "
                          f"--seq-len {seq_len}` with the same teacher) and pass --replay REPLAY_CACHE")
-    return PackedRows(build_sequences(cfg.replay, tokenizer, seq_len, cfg.text_field, what="--replay")[0])
+    return PackedRows(_rows(cfg, cfg.replay, tokenizer, seq_len, "--replay", follow(None, cfg, seq_len)))
 
 
-def open_eval_sets(cfg: TrainConfig, tokenizer, seq_len: int) -> dict[str, PackedRows]:
-    """The specialized and general evaluation sets that are given, packed like the training rows."""
+def open_eval_sets(cfg: TrainConfig, tokenizer, seq_len: int, spec: RowSpec | None = None) -> dict[str, PackedRows]:
+    """The specialized and general evaluation sets that are given, packed like the training rows (`spec`: how
+    those were made; chat and prompt-completion sets are evaluated on the positions such rows train)."""
     sets = {}
     for name, path in (("specialized", cfg.eval_specialized), ("general", cfg.eval_general)):
         if path:
-            packed = build_sequences(path, tokenizer, seq_len, cfg.text_field, what=f"--eval-{name}")[0]
+            packed = _rows(cfg, path, tokenizer, seq_len, f"--eval-{name}", follow(spec, cfg, seq_len))
             packed.truncate(cfg.eval_max_sequences or packed.num_sequences)
             sets[name] = PackedRows(packed)
     return sets

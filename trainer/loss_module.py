@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mft_cache.attention import packed_forward_kwargs
 from mft_cache.models import backbone_and_head, hidden_states, output_linear
 
 from .loss import LOSS_IMPLS, chunked_mft_loss, fused_linear_mft_loss
@@ -14,7 +15,9 @@ from .targets import TeacherTargets
 
 class StudentLoss(nn.Module):
     """forward(input_ids, length, mask, **teacher tensors) -> (summed loss, number of trained positions); with
-    per_row=True (evaluation) -> ((B,) summed loss of each row, (B,) trained positions of each row).
+    per_row=True (evaluation) -> ((B,) summed loss of each row, (B,) trained positions of each row). With
+    segment_ids (B, T) (documents packed whole), every document attends only to itself, from position 0
+    (mft_cache.attention), as the teacher saw it.
 
     Args:
         model: a transformers causal LM (possibly wrapped by peft).
@@ -32,16 +35,19 @@ class StudentLoss(nn.Module):
         self.model, self.chunk_size, self.impl = model, chunk_size, impl
 
     def forward(self, input_ids, length, mask, weight=None, topk_ids=None, logprobs=None, label_logprob=None,
-                drop_tail=False, per_row=False):
+                drop_tail=False, per_row=False, segment_ids=None):
         b, t = input_ids.shape
-        attention = (torch.arange(t, device=input_ids.device)[None, :] < length[:, None]).long()  # (B, T)
+        if segment_ids is not None:  # the model itself, not a wrapper: its config says how it attends
+            attention = packed_forward_kwargs(self.model, segment_ids)  # 4-D mask (or varlen) and position ids
+        else:
+            attention = {"attention_mask": (torch.arange(t, device=input_ids.device)[None, :] < length[:, None]).long()}
         targets = TeacherTargets(weight, topk_ids, logprobs, label_logprob, drop_tail)
         if self.impl == "transformers":
             if per_row:
                 return self._transformers_row_losses(input_ids, attention, mask, targets)
             return self._transformers_loss(input_ids, attention, mask, targets)
         backbone, head = backbone_and_head(self.model)
-        h = hidden_states(backbone, input_ids, attention)[:, :-1].reshape(b * (t - 1), -1)  # (N, H)
+        h = hidden_states(backbone, input_ids, **attention)[:, :-1].reshape(b * (t - 1), -1)  # (N, H)
         flat_mask = mask.reshape(-1)  # (N,) trained positions
         labels = input_ids[:, 1:].reshape(-1)  # (N,)
         targets = targets.flatten()
@@ -71,13 +77,13 @@ class StudentLoss(nn.Module):
         labels = torch.full_like(input_ids, -100)
         labels[:, 1:] = torch.where(mask, input_ids[:, 1:], -100)  # the model shifts labels itself
         n = mask.sum()
-        loss = self.model(input_ids=input_ids, attention_mask=attention, labels=labels, use_cache=False).loss
+        loss = self.model(input_ids=input_ids, **attention, labels=labels, use_cache=False).loss
         return loss.float() * n, n
 
     def _transformers_row_losses(self, input_ids, attention, mask, targets: TeacherTargets):
         """per_row for --loss-impl transformers: the model's full logits, cross-entropy summed per row."""
         if targets.kind != "none":
             raise ValueError("--loss-impl transformers computes plain cross-entropy only (--objective ft)")
-        logits = self.model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+        logits = self.model(input_ids=input_ids, **attention, use_cache=False).logits[:, :-1]
         nll = F.cross_entropy(logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none")  # (B, T-1)
         return torch.where(mask, nll, 0.0).sum(-1), mask.sum(-1)

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mft_cache import interrupts
+from mft_cache.attention import packed_forward_kwargs
 from mft_cache.config import to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_active, fault_point
@@ -87,10 +88,13 @@ def lr_lambda(cfg: TrainConfig):
 
 @torch.no_grad()
 def teacher_logits(teacher, batch: dict) -> torch.Tensor:
-    """(B, T-1, V) the online teacher's logits at the positions that predict a label."""
+    """(B, T-1, V) the online teacher's logits at the positions that predict a label (documents packed whole:
+    each seen alone, as the student sees it)."""
     t = batch["input_ids"].shape[1]
-    attention = (torch.arange(t, device=batch["length"].device)[None, :] < batch["length"][:, None]).long()
-    return teacher(input_ids=batch["input_ids"], attention_mask=attention, use_cache=False).logits[:, :-1]
+    attention = {"attention_mask": (torch.arange(t, device=batch["length"].device)[None, :] < batch["length"][:, None]).long()}
+    if "segment_ids" in batch:
+        attention = packed_forward_kwargs(teacher, batch["segment_ids"])
+    return teacher(input_ids=batch["input_ids"], **attention, use_cache=False).logits[:, :-1]
 
 
 def make_targets(cfg: TrainConfig, teacher) -> Callable[[dict], TeacherTargets]:
@@ -108,7 +112,7 @@ def make_targets(cfg: TrainConfig, teacher) -> Callable[[dict], TeacherTargets]:
 def student_forward(module, mb: dict, targets: TeacherTargets):
     """(summed loss, trained tokens) of one micro-batch."""
     return module(input_ids=mb["input_ids"], length=mb["length"], mask=mb["mask"], **targets.tensors(),
-                  drop_tail=targets.drop_tail)
+                  drop_tail=targets.drop_tail, segment_ids=mb.get("segment_ids"))
 
 
 # -- setting up -------------------------------------------------------------------------------------
@@ -163,7 +167,7 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | No
     rows = training.rows if teacher is None else online_rows(cfg, tokenizer, training.seq_len)
     rows, rows_of_step = with_replay(cfg, rows, global_batch, training, tokenizer)
     model = prepare_student(cfg, model)
-    eval_sets = open_eval_sets(cfg, tokenizer, training.seq_len)
+    eval_sets = open_eval_sets(cfg, tokenizer, training.seq_len, training.spec)
     module, optimizer, scheduler = make_optimizer(cfg, model, accelerator)
     return Run(cfg, accelerator, out, resolved, ckpt, tokenizer, module, optimizer, scheduler, rows, rows_of_step,
                eval_sets, make_targets(cfg, teacher), teacher is not None, tracking, m)

@@ -1,0 +1,240 @@
+"""Rows of every data format, the same for both stages: plain text, chat and prompt-completion, packed by
+concatenation or as whole documents.
+
+`RowSpec` says how rows are made: the rows' format (documents.DocumentStream decides it), what is trained
+(chat.TRAIN_ON) and the packing:
+- "concat" of text (the dense layout, schema.py): packing.stream_rows, exactly as always (BOS per row where the
+  tokenizer adds one); the trained positions follow from the rows (packing.label_mask).
+- "document" (any format): every document rendered (chat.render; text with the tokenizer's special tokens and a
+  final EOS, every label trained) and packed whole by doc_packing.iter_rows: it attends only to itself, its
+  positions restart at 0, only its own trained labels are trained. A document longer than a row is refused,
+  naming its row of the source.
+- "concat" of chat or prompt-completion rows: the rendered documents concatenated and cut into rows (no BOS is
+  inserted), each label trained as its document says; every token of a row attends to those before it.
+Every layout but text "concat" carries segment ids (1, 2, ... per document; 1 for every real token under
+"concat"; 0 for the padding) and the label mask with its rows: the "trained" layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .chat import TRAIN_ON, render
+from .doc_packing import DocumentTooLong, iter_rows
+from .documents import ChatRow, DocumentError, DocumentStream
+from .packing import ENCODE_BATCH, Packed, StreamPacker, encode_documents, pad_id_of, stream_rows
+
+PACKINGS = ("auto", "document", "concat")
+ROW_BATCH = 64  # rows of whole documents gathered before they are handed on
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """How rows are made: format ("text", "chat", "prompt-completion"), train_on ("completion" or "all"; text:
+    "all"), packing ("document" or "concat") and seq_len."""
+
+    format: str
+    train_on: str
+    packing: str
+    seq_len: int
+
+    @property
+    def layout(self) -> str:
+        """The cache layout of such rows: "dense" (text, concatenated) or "trained"."""
+        return "dense" if self.format == "text" and self.packing == "concat" else "trained"
+
+
+def resolve_spec(fmt: str, train_on: str, packing: str, seq_len: int) -> RowSpec:
+    """The spec for rows of format `fmt`: train_on "auto" is "completion" for chat and prompt-completion and "all"
+    for text (where it can be nothing else); packing "auto" is "document" for chat and prompt-completion and
+    "concat" for text."""
+    if packing not in PACKINGS:
+        raise ValueError(f"--packing must be one of {PACKINGS}; got {packing!r}")
+    if train_on not in ("auto", *TRAIN_ON):
+        raise ValueError(f"--train-on must be one of {TRAIN_ON}; got {train_on!r}")
+    if fmt == "text":
+        train_on = "all"
+    elif train_on == "auto":
+        train_on = "completion"
+    if packing == "auto":
+        packing = "concat" if fmt == "text" else "document"
+    return RowSpec(fmt, train_on, packing, seq_len)
+
+
+def packing_of(spec: RowSpec) -> dict:
+    """The manifest's "packing" of rows of the "trained" layout (packing.packing_description: the dense layout)."""
+    if spec.packing == "document":
+        how = ("documents rendered whole (chat template; prompt + completion; text with the tokenizer's special "
+               "tokens and a final EOS) and packed greedily, in order, into rows of seq_len tokens, the rest of a row "
+               "padding; each document attends only to itself (segment_ids) and its position ids restart at 0; "
+               "label_mask trains only a document's own completion labels")
+    else:
+        how = ("documents rendered whole and concatenated into one stream, cut into rows of seq_len tokens (no BOS "
+               "inserted); every token attends to those before it in its row; label_mask trains only completion "
+               "labels, never a document's first token")
+    return {"rule": spec.packing, "bos_token_id": None, "description": how}
+
+
+DOCUMENTS_NOTE = ("documents.npy: int64 position of each document's first token in the rows (row * seq_len + "
+                  "position in the row), then num_sequences * seq_len")
+
+
+@dataclass
+class RowBatch:
+    """Rows as they complete: ids (n, T) int64, lengths (n,) int32, the start of each document of this batch
+    (offsets: in the token stream under "concat"; row * T + position under "document"), and in the "trained"
+    layout segment_ids (n, T) int64 and label_mask (n, T-1) bool."""
+
+    rows: np.ndarray
+    lengths: np.ndarray
+    offsets: np.ndarray
+    segment_ids: np.ndarray | None = None
+    label_mask: np.ndarray | None = None
+
+
+def stream_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
+    """Rows of a stream as they complete (RowBatch). The offsets of the last batch end with the total (the stream's
+    tokens under "concat", rows * T under "document")."""
+    if spec.layout == "dense":
+        for rows, lengths, offsets in stream_rows(stream, tokenizer, spec.seq_len):
+            yield RowBatch(rows, lengths, offsets)
+    elif spec.packing == "document":
+        yield from _document_batches(stream, tokenizer, spec)
+    else:
+        yield from _concat_batches(stream, tokenizer, spec)
+
+
+def _documents(stream: DocumentStream, tokenizer, spec: RowSpec, where: list):
+    """(ids, trained) of each document; `where[0]` names the last one given."""
+    batch: list[str] = []
+
+    def texts():
+        for ids in encode_documents(batch, tokenizer, ENCODE_BATCH):
+            yield ids, [True] * len(ids)
+
+    for item in stream:
+        if isinstance(item, ChatRow):
+            where[0] = item.where
+            yield render(item.fields, tokenizer, stream.format, spec.train_on, where=item.where)
+            continue
+        batch.append(item)
+        if len(batch) == ENCODE_BATCH:
+            where[0] = f"{stream.where}: document {stream.num_documents}"
+            yield from texts()
+            batch = []
+    if batch:
+        where[0] = f"{stream.where}: document {stream.num_documents}"
+        yield from texts()
+
+
+def _document_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
+    t = spec.seq_len
+    where = [stream.where]
+    rows: list = []
+    num_rows = 0
+
+    def gather(rows: list, first: int) -> RowBatch:
+        offsets = np.array([(first + r) * t + s for r, row in enumerate(rows) for s in row.starts], dtype=np.int64)
+        return RowBatch(np.stack([r.input_ids for r in rows]), np.array([r.length for r in rows], dtype=np.int32),
+                        offsets, np.stack([r.segment_ids for r in rows]).astype(np.int64),
+                        np.stack([r.label_mask for r in rows]))
+
+    try:
+        for row in iter_rows(_documents(stream, tokenizer, spec, where), t, pad_id_of(tokenizer)):
+            rows.append(row)
+            if len(rows) == ROW_BATCH:
+                yield gather(rows, num_rows)
+                num_rows += len(rows)
+                rows = []
+    except DocumentTooLong as e:
+        what = "conversation" if stream.format == "chat" else "row" if stream.format != "text" else "document"
+        place = where[0] if stream.format != "text" else f"{stream.where}: document {e.index + 1}"
+        raise DocumentError(f"{place}: the {what} renders to {e.length:,} tokens, more than a row holds (--seq-len "
+                            f"{t}); it is refused, not cut: shorten or drop it, or raise --seq-len") from None
+    last = gather(rows, num_rows) if rows else RowBatch(np.empty((0, t), np.int64), np.empty(0, np.int32),
+                                                      np.empty(0, np.int64), np.empty((0, t), np.int64),
+                                                      np.empty((0, t - 1), bool))
+    last.offsets = np.concatenate([last.offsets, [(num_rows + len(rows)) * t]])
+    yield last
+
+
+def _concat_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
+    t = spec.seq_len
+    ids_packer, flags_packer = StreamPacker(t, pad_id_of(tokenizer)), StreamPacker(t, 0)
+
+    def batch(ids, lengths, flags, offsets) -> RowBatch:
+        real = np.arange(t)[None, :] < lengths[:, None]  # (n, T)
+        mask = flags[:, 1:].astype(bool) & real[:, 1:]  # (n, T-1): the label at t+1 is trained, and real
+        return RowBatch(ids, lengths, offsets, real.astype(np.int64), mask)
+
+    docs: list = []
+
+    def flush():
+        ids, lengths, offsets = ids_packer.add([d for d, _ in docs])
+        flags, _, _ = flags_packer.add([[int(x) for x in m] for _, m in docs])
+        return batch(ids, lengths, flags, offsets)
+
+    for doc in _documents(stream, tokenizer, spec, [stream.where]):
+        docs.append(doc)
+        if len(docs) == ENCODE_BATCH:
+            yield flush()
+            docs = []
+    if docs:
+        yield flush()
+    ids, lengths = ids_packer.finish()
+    flags, _ = flags_packer.finish()
+    yield batch(ids, lengths, flags, np.array([ids_packer.total], dtype=np.int64))
+
+
+@dataclass
+class DocPacked:
+    """Rows of the "trained" layout held in memory (stage two's evaluation sets, the online teacher's data, raw
+    replay documents): as Packed, plus segment_ids (R, T) and the label mask (R, T-1)."""
+
+    input_ids: np.ndarray
+    lengths: np.ndarray
+    segment_ids: np.ndarray
+    mask: np.ndarray
+    spec: RowSpec
+    bos_id: int | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def label_mask(self) -> np.ndarray:
+        return self.mask
+
+    @property
+    def num_predictions(self) -> int:
+        return int(self.mask.sum())
+
+    def truncate(self, n: int) -> None:
+        self.input_ids, self.lengths = self.input_ids[:n], self.lengths[:n]
+        self.segment_ids, self.mask = self.segment_ids[:n], self.mask[:n]
+
+
+def build_rows(source, tokenizer, seq_len: int, *, text_field: str = "text", split: str = "train",
+               what: str = "--data", data_format: str = "auto", prompt_field: str = "prompt",
+               completion_field: str = "completion", train_on: str = "auto", packing: str = "auto",
+               spec_of=None) -> tuple[Packed | DocPacked, DocumentStream]:
+    """Read, render and pack a source into memory, its format detected from its first row unless forced: text
+    packed by concatenation gives exactly packing.build_sequences' Packed; anything else a DocPacked. `spec_of`
+    (format -> RowSpec) overrides resolve_spec(format, train_on, packing, seq_len), e.g. to follow a cache."""
+    from .documents import detect_format
+
+    fmt = data_format if data_format != "auto" else detect_format(
+        source, text_field, split, what=what, prompt_field=prompt_field, completion_field=completion_field)
+    spec = spec_of(fmt) if spec_of is not None else resolve_spec(fmt, train_on, packing, seq_len)
+    stream = DocumentStream(source, text_field, split, what=what, data_format=fmt, prompt_field=prompt_field,
+                            completion_field=completion_field)
+    parts = list(stream_batches(stream, tokenizer, spec))
+    ids = np.concatenate([p.rows for p in parts])
+    lengths = np.concatenate([p.lengths for p in parts])
+    if spec.layout == "dense":
+        from .packing import bos_rule
+
+        return Packed(ids, lengths, np.concatenate([p.offsets for p in parts]), bos_rule(tokenizer)), stream
+    return DocPacked(ids, lengths, np.concatenate([p.segment_ids for p in parts]),
+                     np.concatenate([p.label_mask for p in parts]), spec), stream
