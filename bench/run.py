@@ -211,7 +211,9 @@ def section_train(args, work: Path, model: str, data: str, device: str) -> dict:
 def memory_models(args, work: Path, model: str) -> list[tuple[str, str]]:
     """(folder, name) of each model the memory section measures."""
     if args.memory_models:
-        return [(m, Path(m).name) for m in args.memory_models.split(",") if m.strip()]
+        given = [m for m in args.memory_models.split(",") if m.strip()]
+        known = {str(ROOT / "assets" / "model"): "SmolLM2-135M", str(ROOT / "assets" / "gemma" / "model"): "Gemma-3-270M"}
+        return [(m, known.get(str(Path(m).resolve())) or "/".join(Path(m).parts[-2:])) for m in given]
     if not args.quick:
         found = [(str(ROOT / p), name) for p, name in (("assets/model", "SmolLM2-135M"), ("assets/gemma/model", "Gemma-3-270M"))
                  if (ROOT / p / "config.json").exists()]
@@ -512,7 +514,7 @@ def verdicts(results: dict) -> list[dict]:
                 ratio = r["peak_mb"] / base
                 add(f"{model} at {seq} tokens: cached MFT, LoRA, checkpointing, bf16 base <= 0.4 x transformers' full "
                     "FT peak", ratio, ratio <= 0.4, f"{r['peak_mb']:.0f} vs {base:.0f} MB ({ratio:.3f} x)",
-                    info=not (model.startswith("gemma") and seq >= 2048))
+                    info=not (model.lower().startswith("gemma") and seq >= 2048))
         pairs = [(r, pick[(r["model"], r["seq_len"], "mft-online", r["variant"])]) for r in rows
                  if r["mode"] == "mft-cache" and (r["model"], r["seq_len"], "mft-online", r["variant"]) in pick]
         if pairs:
