@@ -129,6 +129,13 @@ class Rows:
             (self.folder / name).unlink(missing_ok=True)
 
 
+def _append(f, array: np.ndarray) -> None:
+    """Append an array's bytes to an open file (a full disk raises OSError with its errno, which ndarray.tofile
+    does not give)."""
+    if array.size:
+        f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
 def read_info(folder: Path) -> dict:
     """.ingest.json, or {} where there is none (or it cannot be read)."""
     try:
@@ -171,7 +178,7 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
         f_seg, f_mask = (more.enter_context(open(folder / name, "wb")) for name in extra) if extra else (None, None)
         for batch in stream_batches(stream, tokenizer, spec):
             rows, lengths, offsets = batch.rows, batch.lengths, batch.offsets
-            offsets.astype("<i8").tofile(f_off)
+            _append(f_off, offsets.astype("<i8"))
             if progress is not None and len(offsets):
                 progress(int(offsets[-1]))
             if max_sequences:
@@ -182,12 +189,12 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
             max_id = max(max_id, int(rows.max()))
             if max_id > np.iinfo(dtype).max:
                 raise ValueError(f"token id {max_id} does not fit the cache's id dtype {id_dtype}")
-            rows.astype(dtype.newbyteorder("<")).tofile(f_ids)
-            lengths.astype("<i4").tofile(f_len)
+            _append(f_ids, rows.astype(dtype.newbyteorder("<")))
+            _append(f_len, lengths.astype("<i4"))
             if trained_layout:
                 mask = batch.label_mask[: len(rows)]
-                batch.segment_ids[: len(rows)].astype("<i4").tofile(f_seg)
-                mask.astype(np.uint8).tofile(f_mask)
+                _append(f_seg, batch.segment_ids[: len(rows)].astype("<i4"))
+                _append(f_mask, mask.astype(np.uint8))
                 trained = mask.sum(axis=1)
             else:
                 trained = label_mask(rows, lengths, bos_id).sum(axis=1)
