@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     set_command_line(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("MFT_LOG_LEVEL", "INFO"), format="%(message)s")
+    # zarr writes through asyncio: when a write fails (a full disk), sibling tasks that failed too are reported by
+    # asyncio as "exception was never retrieved", with a traceback, after our own one-line error; silence that echo
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     with interrupts.handled():  # SIGTERM stops a command as Ctrl-C does
         return _run(args)
 
