@@ -46,6 +46,7 @@ def corpus(work: Path, tokens: int, scales: list[int]) -> dict[int, Path]:
 def worktree(rev: str, work: Path) -> Path:
     """A checkout of `rev` that runs as the package (its package links made)."""
     path = work / f"code-{rev[:10]}"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
     if not (path / "mft_cache").exists():
         shutil.rmtree(path, ignore_errors=True)
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(path), rev], check=True,
@@ -101,6 +102,9 @@ def section_ingest(args, work: Path, say) -> dict:
             rows.append({"scale": s, "code": name, **r})
             say(f"  ingest {name:9s} {s:4d}x  {r['input_tokens'] / 1e6:7.1f} M tokens  {r['wall_s']:7.1f} s  "
                 f"{r['tokens_per_s'] / 1e3:7.1f} k tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB")
+    if "previous" in codes:  # the checkout was for this section only: no worktree left registered in the repository
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(codes["previous"])],
+                       capture_output=True)
     for r in rows:  # the same bytes (every shard and documents.npy), whichever code made them
         twin = next((o for o in rows if o["scale"] == r["scale"] and o is not r and "sha256" in o), None)
         if "sha256" in r and twin is not None:
