@@ -81,17 +81,18 @@ def test_a_bad_config_file_exits_2_naming_the_key_and_the_file(command, text, wo
     assert e.value.code == 2 and str(tmp_path / "c.yaml") in err and all(w in err for w in words), err
 
 
-# what `make -n PRESET=... cache train sweep study` ran before the presets moved into configs/*.yaml
+# what `make -n PRESET=... cache train sweep study` runs: the options of the presets' config files, as flags (the
+# demo's train and sweep at the defaults chosen from its learning-rate sweep)
 _OLD_MAKE = {
     "demo": [
         "cache --model assets/model --data assets/data/licenses_train.jsonl --out caches/demo --seq-len 256 --top-k 32 "
         "--format zarr --batch-size 4",
-        "train --cache caches/demo --out runs/demo --objective mft --tau 0.25 --steps 60 --batch-size 4 --lr 1e-4 "
-        "--eval-every 20 --mixed-precision no --eval-specialized assets/data/licenses_val.jsonl --eval-general "
-        "assets/data/bbc_val.jsonl --eval-max-sequences 32 --resume",
-        "sweep --cache caches/demo --out runs/sweep --taus 0.1,0.25,0.5 --steps 60 --batch-size 4 --lr 1e-4 "
-        "--eval-every 20 --mixed-precision no --eval-specialized assets/data/licenses_val.jsonl --eval-general "
-        "assets/data/bbc_val.jsonl --eval-max-sequences 32 --resume",
+        "train --cache caches/demo --out runs/demo --objective mft --tau 0.25 --steps 20 --batch-size 4 --lr 5e-4 "
+        "--eval-every 10 --mixed-precision no --eval-specialized assets/data/licenses_val.jsonl --eval-general "
+        "assets/data/bbc_val.jsonl --eval-max-sequences 0 --resume",
+        "sweep --cache caches/demo --out runs/sweep --taus 0.1,0.25,0.5 --seeds 0,1,2 --lrs 2e-4,5e-4 --steps 20 "
+        "--batch-size 4 --lr 5e-4 --eval-every 10 --mixed-precision no --eval-specialized "
+        "assets/data/licenses_val.jsonl --eval-general assets/data/bbc_val.jsonl --eval-max-sequences 0 --resume",
         "study --model assets/model --data assets/data/licenses_train.jsonl --out runs/study --seq-len 256 --steps 20 "
         "--batch-size 4 --lr 5e-4 --tau 0.25 --eval-every 20 --save-every 5 --eval-specialized "
         "assets/data/licenses_val.jsonl --eval-general assets/data/bbc_val.jsonl --eval-max-sequences 16 --parts abcd "
@@ -133,7 +134,7 @@ def test_make_variables_still_override(monkeypatch):
     monkeypatch.chdir(ROOT)
     [train] = make_commands("train", "TAU=0.1", "STEPS=100", "RUN=runs/x")
     args = parse(train)
-    assert (args.tau, args.steps, args.out, args.lr) == (0.1, 100, "runs/x", 1e-4)
+    assert (args.tau, args.steps, args.out, args.lr) == (0.1, 100, "runs/x", 5e-4)
 
 
 # -- trackers -----------------------------------------------------------------------------------------------

@@ -253,6 +253,37 @@ def test_the_standard_error_in_metrics_matches_a_hand_computation(sweep_out):
     assert summary["final_ppl_specialized_se"] == last["ppl_specialized_se"]
 
 
+def test_the_base_is_evaluated_once_and_shared_by_every_run(sweep_out, llama):
+    """Every run starts from the same student: the first run evaluates it, the others reuse that record, and it is
+    the base model's perplexity, computed here plainly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mft_cache.trainer.config import TrainConfig
+    from mft_cache.trainer.inputs import open_eval_sets
+
+    runs = sweep_out["json"]["runs"]
+    firsts = []
+    for r in runs:
+        lines = [json.loads(x) for x in (sweep_out["out"] / r["path"] / "metrics.jsonl").read_text().splitlines()]
+        firsts.append(next(x for x in lines if x["type"] == "eval"))
+    assert [f.get("shared", False) for f in firsts] == [False] + [True] * (len(runs) - 1)
+    for f in firsts:
+        assert f["step"] == 0 and f["S"] == 0.0 and f["DG"] == 0.0
+        for k in ("ppl_specialized", "ppl_specialized_se", "ppl_general", "ppl_general_se"):
+            assert f[k] == firsts[0][k]
+    model = AutoModelForCausalLM.from_pretrained(llama).eval()
+    rows = open_eval_sets(TrainConfig(eval_specialized=str(sweep_out["spec"]), eval_max_sequences=3),
+                          AutoTokenizer.from_pretrained(llama), SEQ)["specialized"]
+    batch = rows.batch(list(range(len(rows))))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1].double(), -1)
+    nll = -logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    x = [float(nll[i][batch["mask"][i]].sum()) for i in range(len(rows))]
+    n = [int(batch["mask"][i].sum()) for i in range(len(rows))]
+    assert firsts[0]["ppl_specialized"] == pytest.approx(_se_by_hand(x, n)[0], rel=1e-4)
+    assert runs[-1]["base_ppl_specialized"] == firsts[0]["ppl_specialized"]
+
+
 # -- flags --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, words", [(["--seeds", "0,x"], ["--seeds", "'x'"]),
                                           (["--seeds", "1,1"], ["--seeds", "twice"]),

@@ -90,15 +90,19 @@ def sweep(cfg: TrainConfig, taus: list[float], with_ft: bool = True, seeds: list
     # the trackers: one project (the sweep's folder name, or --run-name), a run per configuration and seed, one
     # TensorBoard folder
     project = cfg.run_name or out.resolve().name
-    rows = []
+    rows, base = [], None
     for i, r in enumerate(runs, 1):
         log.info("sweep run %d/%d: %s", i, len(runs), r["path"])
         run = replace(r["cfg"], run_name=f"{project}-{r['path'].replace('/', '-')}")
-        summary = train(run, tracking_of(Path(run.out), run.run_name, out / "tensorboard", project))
+        # every run starts from the same student and evaluates the same sets: the base is evaluated once
+        summary = train(run, tracking_of(Path(run.out), run.run_name, out / "tensorboard", project), base)
+        trajectory = read_trajectory(Path(run.out))
+        if base is None and trajectory and trajectory[0]["step"] == 0:
+            base = {k: v for k, v in trajectory[0].items() if k.startswith("ppl_")}
         rows.append({"run": r["name"], **{k: summary.get(k) for k in COLUMNS if k != "run"},
                      "seed": r["seed"], "lr": r["lr"], "path": r["path"],
                      **{k: summary.get(k) for k in SUMMARY_EXTRA},
-                     "teacher_loaded": summary["teacher_loaded"], "trajectory": read_trajectory(Path(run.out))})
+                     "teacher_loaded": summary["teacher_loaded"], "trajectory": trajectory})
     loads = sum(r["teacher_loaded"] for r in rows)
     log.info("sweep done: %d runs from one cache; the teacher was loaded %d times", len(rows), loads)
     add_matches(rows)

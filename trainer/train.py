@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mft_cache import interrupts
+from mft_cache.allocator import use_lean_allocator
 from mft_cache.attention import packed_forward_kwargs
 from mft_cache.config import to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
@@ -143,6 +144,8 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | No
     tracking = tracking or tracking_of(out, cfg.run_name)
     accelerator = make_accelerator(cfg, tracking)
     check_optimizer(cfg.optimizer, accelerator.device)  # before the run folder is touched
+    if cfg.cpu_allocator == "lean" and accelerator.device.type == "cpu" and use_lean_allocator():
+        log.info("--cpu-allocator lean: freed blocks above 1 MiB go back to the system")
     if not accelerator.is_main_process:  # one log, from the first process
         logging.getLogger("mft_cache").setLevel(logging.WARNING)
     training = open_training_rows(cfg)
@@ -299,6 +302,12 @@ def evaluate(run: Run, state: TrainState) -> dict:
     for name, rows in run.eval_sets.items():
         ppl, se = evaluate_perplexity_se(run.module, rows, run.cfg.eval_batch_size, run.accelerator)
         record[f"ppl_{name}"], record[f"ppl_{name}_se"] = ppl, se
+    return score(record, state)
+
+
+def score(record: dict, state: TrainState) -> dict:
+    """The record's S, DG and DG/S against the first evaluation (itself, when it is the first); appended to
+    state.evals."""
     base = state.evals[0] if state.evals else record
     if "ppl_specialized" in record:
         record["S"] = specialization(base["ppl_specialized"], record["ppl_specialized"])
@@ -335,12 +344,20 @@ def after_step(run: Run, state: TrainState, metrics: Metrics, bar) -> None:
         save_checkpoint(run.accelerator, run.out, state)
 
 
-def loop(run: Run, state: TrainState, metrics: Metrics) -> Callable[[], float]:
-    """Every remaining step; returns the run's wall time so far (summed over resumed sessions), as a clock."""
+def loop(run: Run, state: TrainState, metrics: Metrics, base_eval: dict | None = None) -> Callable[[], float]:
+    """Every remaining step; returns the run's wall time so far (summed over resumed sessions), as a clock.
+    base_eval: the step-0 evaluation of the same student on the same sets, made by an earlier run (a sweep's runs
+    differ only in what training changes), used instead of evaluating again."""
     cfg, accelerator = run.cfg, run.accelerator
     t_run, wall_before = time.perf_counter(), state.wall_time_s
     if not state.evals and run.eval_sets:
-        emit(run, metrics, {"type": "eval", **evaluate(run, state)})
+        if base_eval is not None and all(f"ppl_{name}" in base_eval for name in run.eval_sets):
+            record = score({"step": 0, "tokens": 0, **{k: v for k, v in base_eval.items() if k.startswith("ppl_")}},
+                           state)
+            emit(run, metrics, {"type": "eval", **record, "shared": True})
+            log.info("step 0: the base evaluation of an earlier run of the sweep (the same model and sets)")
+        else:
+            emit(run, metrics, {"type": "eval", **evaluate(run, state)})
     prefetch = Prefetcher(run.rows, range(state.step, cfg.steps), lambda s: micro_batches(
         run.rows_of_step(s), cfg.batch_size, cfg.grad_accum, accelerator.process_index, accelerator.num_processes))
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"mft train ({cfg.objective})", unit="step",
@@ -417,9 +434,10 @@ def finish(run: Run, state: TrainState, metrics: Metrics, wall_time: Callable[[]
     return summary
 
 
-def train(cfg: TrainConfig, tracking: Tracking | None = None) -> dict:
+def train(cfg: TrainConfig, tracking: Tracking | None = None, base_eval: dict | None = None) -> dict:
     """One run. `tracking`: the trackers' logging folder, project and run name (default: --out/tensorboard,
-    "mft-cache", --run-name or --out's folder name; `mft sweep` passes one folder for all its runs)."""
+    "mft-cache", --run-name or --out's folder name; `mft sweep` passes one folder for all its runs). base_eval: the
+    step-0 evaluation record of an earlier run with the same student, evaluation sets and options (see loop)."""
     if cfg.push_to_hub:
         check_online("--push-to-hub", cfg.push_to_hub)  # before training, not after it
     with contextlib.ExitStack() as held:  # the lock on --out, until the run ends or stops
@@ -431,7 +449,7 @@ def train(cfg: TrainConfig, tracking: Tracking | None = None) -> dict:
             state = start_or_resume(run)
             metrics = Metrics(run.out / "metrics.jsonl", run.accelerator.is_main_process)
             with interrupts.deferred(enabled=run.accelerator.num_processes == 1):
-                wall_time = loop(run, state, metrics)
+                wall_time = loop(run, state, metrics, base_eval)
             summary = finish(run, state, metrics, wall_time)
     if cfg.push_to_hub:
         push_final(cfg)
