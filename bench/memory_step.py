@@ -32,6 +32,7 @@ def train_config(spec: dict):
                        chunk_size=spec.get("chunk_size", 1024), peft=spec.get("peft", "none"),
                        base_dtype=spec.get("base_dtype", "float32"), optimizer=spec.get("optimizer", "adamw"),
                        gradient_checkpointing=bool(spec.get("checkpointing")),
+                       cpu_allocator=spec.get("cpu_allocator", "default"),
                        loss_impl="transformers" if mode == "ft-hf" else "fused",
                        teacher="online" if mode == "mft-online" else "cache",
                        model=spec["model"] if mode == "mft-online" else "", data="-" if mode == "mft-online" else "")
@@ -54,6 +55,10 @@ def run(spec: dict) -> dict:
     assert mode in MODES, mode
     cfg = train_config(spec)
     device = torch.device(spec.get("device", "cpu"))
+    if device.type == "cpu" and cfg.cpu_allocator == "lean":  # as `mft train --cpu-allocator lean` does
+        from mft_cache.allocator import use_lean_allocator
+
+        assert use_lean_allocator(), "--cpu-allocator lean needs glibc"
     mem = Memory(device)
     mark = mem.mark()  # baseline: everything imported, nothing loaded
     rows = load_rows(spec, mode)

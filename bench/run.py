@@ -15,7 +15,8 @@ Sections (--sections, comma-separated; default all):
   memory   (only when named: it is long) peak memory and step time of each memory option of `mft train` (LoRA,
            --gradient-checkpointing, a bf16 base) for FT with transformers' loss, our FT, cached and online MFT,
            on the demo's SmolLM2-135M and Gemma-3-270M at 256 and 2,048 tokens, batch 1, each in a fresh process,
-           beside `mft train --plan`'s estimate of the same run (--memory-models, --memory-seq-lens, ...)
+           beside `mft train --plan`'s estimate of the same run (--memory-models, --memory-seq-lens, ...); on CPU
+           every row with --cpu-allocator lean unless --memory-allocator default
   ingest   (only when named: it is long) `mft cache` on a tiny model over a synthetic corpus of about 1M tokens and
            10x and 100x of it: peak RSS and tokens/s, each build a fresh process; with --ingest-baseline REV the
            same builds by that commit's code beside them (bench/ingest.py)
@@ -95,6 +96,10 @@ def parse_args(argv=None):
                    f"{','.join(MEMORY_MODES)}")
     p.add_argument("--memory-variants", default=",".join(MEMORY_VARIANTS), help="memory: variants, a subset of "
                    f"{','.join(MEMORY_VARIANTS)}")
+    p.add_argument("--memory-allocator", default="lean", choices=("lean", "default"),
+                   help="memory, on CPU: every row runs with `mft train --cpu-allocator` this (lean: RSS follows the "
+                   "live tensors, which is what --plan estimates; default: glibc's own policy, which keeps some of "
+                   "what a step freed)")
     p.add_argument("--unfused", action="store_true",
                    help="train: also (c) through StudentLoss's checkpointed-chunks fallback instead of the fused loss")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables of the train section")
@@ -251,7 +256,7 @@ def section_memory(args, work: Path, model: str, data: str, device: str) -> dict
                     peft, ckpt, dtype = MEMORY_VARIANTS[variant]
                     spec = {"mode": mode, "model": folder, "cache": str(cache), "batch": 1, "warmup": args.warmup,
                             "steps": args.steps, "device": device, "peft": peft, "checkpointing": ckpt,
-                            "base_dtype": dtype, "top_k": args.top_k}
+                            "base_dtype": dtype, "top_k": args.top_k, "cpu_allocator": args.memory_allocator}
                     r = benchlib.run_child("memory_step.py", spec, work / "logs" / f"memory-{name}-{seq}-{mode}-{variant}.log")
                     est = plan_estimate(spec, seq, device, profiles)
                     m = r["memory"]
@@ -273,6 +278,7 @@ def section_memory(args, work: Path, model: str, data: str, device: str) -> dict
                 if row["model"] == name and row["seq_len"] == seq:
                     row["step_ratio"] = row["step_s"] / base_step if base_step else None
     return {"rows": rows, "batch": 1, "warmup_steps": args.warmup, "timed_steps": args.steps, "top_k": args.top_k,
+            "cpu_allocator": args.memory_allocator if device.startswith("cpu") else None,
             "measure": "peak RSS above the process after its imports (CPU); torch.cuda.max_memory_allocated (CUDA)"}
 
 

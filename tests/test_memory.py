@@ -157,6 +157,79 @@ def test_a_run_from_before_these_options_still_resumes(cache, tmp_path):
         train(dataclasses.replace(cfg, resume=True, optimizer="sgd"))
 
 
+_RETAINED = """
+import os, sys
+import numpy as np
+if sys.argv[1] == "lean":
+    from mft_cache.allocator import use_lean_allocator
+    assert use_lean_allocator()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+a = np.ones(16 << 20, np.uint8)
+del a  # a freed 16 MiB mapping: glibc's default raises its threshold to it, and serves smaller blocks from its heap
+before = rss()
+big, small = [], []
+for i in range(40):  # activations of varying sizes, with small allocations between them, then all freed
+    big.append(np.ones((2 + i % 8) << 20, np.uint8))
+    small.append(bytearray(4096))
+del big
+print(rss() - before)
+"""
+
+
+def _retained(mode: str) -> int:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-c", _RETAINED, mode], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_lean_allocator_gives_freed_blocks_back():
+    """200 MiB allocated in blocks of 2-9 MiB and freed: glibc's default keeps most of it resident (the negative
+    control), --cpu-allocator lean keeps none of it."""
+    default, lean = _retained("default"), _retained("lean")
+    assert default > 100 * 2**20, default
+    assert lean < 16 * 2**20, lean
+
+
+def test_lean_allocator_in_a_run_and_in_the_plan(cache, tmp_path, capsys, caplog, monkeypatch):
+    import logging
+
+    from mft_cache import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: type("C", (), {
+        "mallopt": staticmethod(lambda k, v: calls.append((k, v)) or 1)}))
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    cfg = TrainConfig(cache=str(cache), out=str(tmp_path / "r"), steps=1, batch_size=2, eval_every=100, save_every=0,
+                      cpu_allocator="lean")
+    with caplog.at_level(logging.INFO, logger="mft_cache"):
+        train(cfg)
+    if __import__("platform").libc_ver()[0] == "glibc":
+        assert calls == [(-3, 1 << 20)] and "--cpu-allocator lean" in caplog.text
+    # the allocator does not change what is trained: a run may resume under the other one
+    assert train(dataclasses.replace(cfg, resume=True, cpu_allocator="default"))["steps"] == 1
+    # --plan: lean holds less besides the tensors; the default plan offers lean as its cheapest change
+    for flags in ([], ["--cpu-allocator", "lean"]):
+        assert main(["train", "--cache", str(cache), "--out", str(tmp_path / "p"), "--plan-json", *flags]) == 0
+        p = json.loads(capsys.readouterr().out)
+        if not flags:
+            default = p
+    assert p["estimate"]["runtime"] <= default["estimate"]["runtime"]
+    from mft_cache.trainer.plan import MB, cpu_runtime
+
+    assert cpu_runtime(513 * MB, "lean") < cpu_runtime(513 * MB, "default") / 2  # SmolLM2-135M's weights
+    assert cpu_runtime(MB // 2, "lean") == cpu_runtime(MB // 2, "default")  # a tiny model's
+    assert default["changes"][0]["flags"] == "--cpu-allocator lean" and "--cpu-allocator lean" not in \
+        [c["flags"] for c in p["changes"]]
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--cache", str(cache), "--out", str(tmp_path / "p"), "--cpu-allocator", "huge"])
+    assert stop.value.code == 2 and "--cpu-allocator" in capsys.readouterr().err
+
+
 def test_default_optimizer_is_torchs_adamw_as_before():
     p = [torch.nn.Parameter(torch.zeros(3))]
     opt = build_optimizer(TrainConfig().optimizer, p, 1e-4, 0.0)

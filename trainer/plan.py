@@ -47,6 +47,13 @@ _PROBE_VOCAB = 512
 # and 10% under without it.
 CPU_RUNTIME_BYTES = 40 * MB
 CPU_RUNTIME_PER_WEIGHT_BYTE = 0.6
+# The same under --cpu-allocator lean (every freed block above 1 MiB goes back to the system at once): what is left
+# is the heap of small blocks and the runtime itself, about constant. Fitted to seven runs with AdamW, one step at
+# batch 1 (SmolLM2-135M and Gemma-3-270M, full, LoRA and LoRA with checkpointing at 256 tokens, LoRA with
+# checkpointing at 2,048): 54-234 MB besides the tensors, so 140 MB puts all seven within 9%; a tiny model holds
+# what it holds under the default.
+CPU_LEAN_RUNTIME_BYTES = 140 * MB
+CPU_LEAN_RUNTIME_PER_WEIGHT_BYTE = 0.0
 # The backward's working set while it walks the layers (the gradients of one layer's outputs and intermediates),
 # as a multiple of one layer's saved activations.
 BACKWARD_WORKING_LAYERS = 1.0
@@ -284,14 +291,17 @@ def estimate(shape: ModelShape, acts: ActivationProfile, cfg, seq_len: int, devi
     teacher_logits = 4 * tokens * v if cfg.teacher == "online" and cfg.objective != "ft" else 0
     rows_in_flight = 4 * b * cfg.grad_accum  # the Prefetcher: 2 queued steps, one being read, one training
     rows = rows_in_flight * cache_row_bytes(t, top_k, logprob_bytes)
-    runtime = CPU_RUNTIME_BYTES + CPU_RUNTIME_PER_WEIGHT_BYTE * weights if device == "cpu" else 0
+    runtime = cpu_runtime(weights, getattr(cfg, "cpu_allocator", "default")) if device == "cpu" else 0
 
     # the optimiser step's temporaries: on CUDA the foreach kernels make one float32 copy of every trained
     # parameter (AdamW's sqrt of the second moment, Adafactor's variance estimates); on the CPU the
-    # per-tensor loop makes one of the largest parameter at a time
+    # per-tensor loop works on one parameter at a time, and AdamW's denominator (the sqrt, then its division) holds
+    # two copies of the largest for a moment (measured with --cpu-allocator lean: Gemma 3's 671 MB embedding
+    # adds 2 x 671 MB at the step)
     largest = max((math.prod(s) for s in shape.trainable_shapes), default=0)
     if cfg.optimizer in ("adamw", "adafactor"):
-        step_temp = 4 * (shape.trainable if device == "cuda" else largest)
+        copies = 2 if device == "cpu" and cfg.optimizer == "adamw" else 1
+        step_temp = 4 * (shape.trainable if device == "cuda" else copies * largest)
     else:
         step_temp = 0
     embedding_grad = 4 * v * h if shape.embedding_trained else 0
@@ -320,6 +330,14 @@ def estimate(shape: ModelShape, acts: ActivationProfile, cfg, seq_len: int, devi
     }
 
 
+def cpu_runtime(weight_bytes: int, allocator: str) -> float:
+    """What a CPU process holds besides its live tensors, with glibc's default policy or --cpu-allocator lean."""
+    default = CPU_RUNTIME_BYTES + CPU_RUNTIME_PER_WEIGHT_BYTE * weight_bytes
+    if allocator == "lean":  # never more than the default keeps (a tiny model holds ~40 MB either way)
+        return min(default, CPU_LEAN_RUNTIME_BYTES + CPU_LEAN_RUNTIME_PER_WEIGHT_BYTE * weight_bytes)
+    return default
+
+
 # -- the command: `mft train --plan` ----------------------------------------------------------------------------
 def available_memory(device: str) -> tuple[int | None, str]:
     """(bytes free for this run, where the number comes from): CUDA's free memory, else the system's MemAvailable."""
@@ -341,9 +359,11 @@ def available_memory(device: str) -> tuple[int | None, str]:
         return None, "unknown"
 
 
-def _changes(cfg) -> list[tuple[str, dict]]:
+def _changes(cfg, device: str = "cpu") -> list[tuple[str, dict]]:
     """Changes that lower the peak, cheapest first (in what they cost the run: nothing, speed, what is trained)."""
     out = []
+    if device == "cpu" and cfg.cpu_allocator != "lean":
+        out.append(("--cpu-allocator lean", {"cpu_allocator": "lean"}))
     if cfg.loss_impl != "transformers" and cfg.chunk_size > 256:
         out.append(("--chunk-size 256", {"chunk_size": 256}))
     if cfg.loss_impl == "transformers":
@@ -391,7 +411,7 @@ def plan(cfg) -> dict:
 
     est = run_estimate(cfg)
     changes = []
-    for flags, change in _changes(cfg):
+    for flags, change in _changes(cfg, device):
         total = run_estimate(dataclasses.replace(cfg, **change))["total"]
         changes.append({"flags": flags, "total": total, "fits": None if free is None else total <= free})
     shape = est.pop("shape")
@@ -401,6 +421,7 @@ def plan(cfg) -> dict:
             "estimate": est, "available": free, "available_source": free_source,
             "fits": None if free is None else est["total"] <= free, "changes": changes,
             "options": {k: getattr(cfg, k) for k in ("peft", "base_dtype", "optimizer", "gradient_checkpointing",
+                                                     "cpu_allocator",
                                                      "loss_impl", "chunk_size", "mixed_precision", "teacher",
                                                      "objective", "grad_accum")}}
 
@@ -447,10 +468,13 @@ def format_plan(p: dict) -> str:
         verdict = "fits" if p["fits"] else "does NOT fit"
         lines.append(f"  available: {_mb(p['available'])} ({p['available_source']}): {verdict} "
                      f"({100 * e['total'] / p['available']:.0f}% of it)")
-    if p["device"] == "cpu":
-        lines.append("  (CPU: the C allocator can keep memory a step freed, more so with more tokens per micro-batch: "
-                     "measured 1.1x this estimate at 4 x 256 tokens, 1.6x with LoRA at 2,048; "
-                     "MALLOC_MMAP_THRESHOLD_=1048576 gives it back, about 20% slower: docs/MEMORY.md)")
+    if p["device"] == "cpu" and o["cpu_allocator"] == "lean":
+        lines.append("  (CPU, --cpu-allocator lean: every freed block above 1 MiB goes back to the system, so the "
+                     "process holds about what its tensors need)")
+    elif p["device"] == "cpu":
+        lines.append("  (CPU, glibc's default allocator: the process can keep memory a step freed, more so with more "
+                     "tokens per micro-batch and with checkpointing, up to 2.3x this estimate measured; "
+                     "--cpu-allocator lean gives it back, for about a fifth more time per step: docs/MEMORY.md)")
     if p["changes"]:
         lines += ["", "  changes, cheapest first, and the peak each gives (the rest of the command as it is):"]
         for c in p["changes"]:
