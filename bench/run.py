@@ -100,6 +100,9 @@ def parse_args(argv=None):
                    help="memory, on CPU: every row runs with `mft train --cpu-allocator` this (lean: RSS follows the "
                    "live tensors, which is what --plan estimates; default: glibc's own policy, which keeps some of "
                    "what a step freed)")
+    p.add_argument("--memory-keep", action="store_true",
+                   help="memory: keep the rows of the results file that this run does not measure (same allocator), "
+                   "each with the commit and command that measured it, so that the long table can be measured in parts")
     p.add_argument("--unfused", action="store_true",
                    help="train: also (c) through StudentLoss's checkpointed-chunks fallback instead of the fused loss")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables of the train section")
@@ -158,6 +161,29 @@ def measured(results: dict, args) -> dict:
     mi = results["machine"]
     return {"command": results["command"], "commit": mi["git_commit"], "dirty": mi["git_dirty"],
             "load_average_at_start": mi.get("load_average_at_start"), "date": time.strftime("%Y-%m-%d")}
+
+
+ROW_KEY = ("model", "seq_len", "mode", "variant")
+
+
+def keep_memory_rows(section: dict, args, stamp: dict) -> None:
+    """Stamp each new memory row with the run that measured it; with --memory-keep, add the earlier rows of the
+    results file that this run did not measure, when they were measured with the same allocator."""
+    for row in section["rows"]:
+        row["measured"] = stamp
+    if not args.memory_keep or not Path(args.results).exists():
+        return
+    old = json.loads(Path(args.results).read_text()).get("sections", {}).get("memory")
+    if not old or old.get("cpu_allocator", "default") != section.get("cpu_allocator"):
+        return
+    have = {tuple(r[k] for k in ROW_KEY) for r in section["rows"]}
+    kept = [r | {"measured": r.get("measured", old.get("measured"))} for r in old["rows"]
+            if tuple(r[k] for k in ROW_KEY) not in have]
+    order = {(m, s): i for i, (m, s) in enumerate(dict.fromkeys((r["model"], r["seq_len"]) for r in kept + section["rows"]))}
+    section["rows"] = sorted(kept + section["rows"], key=lambda r: (order[(r["model"], r["seq_len"])],
+                                                                     MEMORY_MODES.index(r["mode"]),
+                                                                     list(MEMORY_VARIANTS).index(r["variant"])))
+    section["kept_rows"] = len(kept)
 
 
 def resolve_device(name: str) -> str:
@@ -437,13 +463,21 @@ def tables(results: dict) -> str:
         out.append(f"### Memory options (batch {mm['batch']}, {mm['timed_steps']} timed steps after {mm['warmup_steps']}; "
                    f"{unit}; estimate: `mft train --plan` for the same run; step time as a multiple of FT with "
                    f"transformers' loss, full weights, same model and length)\n")
+        if mm.get("cpu_allocator"):
+            out.append(f"On the CPU every row ran with `--cpu-allocator {mm['cpu_allocator']}`.\n")
+        commits = list(dict.fromkeys(str((r.get("measured") or {}).get("commit"))[:10] for r in mm["rows"]))
+        several = len(commits) > 1
         out.append("| model | seq len | mode | variant | peak MB | estimate MB | estimate / peak | peak phase (estimate) | "
-                   "loading MB | step s | x FT (a) |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                   "loading MB | step s | x FT (a) |" + (" commit |" if several else ""))
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if several else ""))
         for r in mm["rows"]:
             out.append(f"| {r['model']} | {r['seq_len']} | {MODE_NAMES.get(r['mode'], r['mode'])} | {r['variant']} | "
                        f"{_f(r['peak_mb'], 0)} | {_f(r['estimate_mb'], 0)} | {_f(r['ratio_estimate'])} | "
-                       f"{r['estimate_phase']} | {_f(r['loading_mb'], 0)} | {_f(r['step_s'])} | {_f(r.get('step_ratio'))} |")
+                       f"{r['estimate_phase']} | {_f(r['loading_mb'], 0)} | {_f(r['step_s'])} | {_f(r.get('step_ratio'))} |"
+                       + (f" {str((r.get('measured') or {}).get('commit'))[:10]} |" if several else ""))
+        if several:
+            out.append("\nThe rows were measured in parts (`--memory-keep`); step times compare only within a commit's "
+                       "rows of the same model and length.")
         out.append("")
     if "ingest" in s:
         g = s["ingest"]
@@ -651,6 +685,8 @@ def main(argv=None) -> dict:
         else:
             r = section_scaling(args, work, device)
         results["sections"][name] = r | {"wall_s": time.perf_counter() - ts, "measured": measured(results, args)}
+        if name == "memory":
+            keep_memory_rows(results["sections"]["memory"], args, measured(results, args))
     results["wall_s"] = time.perf_counter() - t0
     if not args.quick and Path(args.results).exists():  # keep the sections this run did not measure
         old = json.loads(Path(args.results).read_text())

@@ -84,3 +84,32 @@ def test_bench_ingest_section_quick(tmp_path):
     assert [(x["scale"], x["code"]) for x in rows] == [(1, "streamed"), (2, "streamed")]
     assert rows[1]["input_tokens"] == 2 * rows[0]["input_tokens"] and all(x["peak_rss_mb"] > 0 for x in rows)
     assert "Ingestion" in (tmp_path / "work" / "BENCHMARKS.md").read_text()
+
+
+def test_memory_rows_measured_in_parts_are_kept_with_their_commit(tmp_path):
+    """--memory-keep: a run of some memory rows keeps the earlier rows it did not measure (same allocator), each
+    stamped with the run that measured it; another allocator's rows are not mixed in."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from run import keep_memory_rows
+
+    def row(mode, variant, peak):
+        return {"model": "m", "seq_len": 256, "mode": mode, "variant": variant, "peak_mb": peak}
+
+    old_stamp, new_stamp = {"commit": "old"}, {"commit": "new"}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"sections": {"memory": {
+        "cpu_allocator": "lean", "measured": old_stamp,
+        "rows": [row("mft-cache", "full", 1.0), row("ft-hf", "lora", 2.0), row("ft-hf", "full", 3.0)]}}}))
+    args = type("A", (), {"memory_keep": True, "results": str(results)})
+    section = {"cpu_allocator": "lean", "rows": [row("mft-cache", "full", 9.0)]}
+    keep_memory_rows(section, args, new_stamp)
+    got = [(r["mode"], r["variant"], r["peak_mb"], r["measured"]["commit"]) for r in section["rows"]]
+    assert got == [("ft-hf", "full", 3.0, "old"), ("ft-hf", "lora", 2.0, "old"), ("mft-cache", "full", 9.0, "new")]
+    assert section["kept_rows"] == 2
+    other = {"cpu_allocator": "default", "rows": [row("mft-cache", "full", 9.0)]}
+    keep_memory_rows(other, args, new_stamp)
+    assert [r["peak_mb"] for r in other["rows"]] == [9.0] and "kept_rows" not in other
+    args.memory_keep = False
+    alone = {"cpu_allocator": "lean", "rows": [row("ft", "full", 5.0)]}
+    keep_memory_rows(alone, args, new_stamp)
+    assert [r["measured"] for r in alone["rows"]] == [new_stamp]

@@ -223,8 +223,8 @@ def test_lean_allocator_in_a_run_and_in_the_plan(cache, tmp_path, capsys, caplog
 
     assert cpu_runtime(513 * MB, "lean") < cpu_runtime(513 * MB, "default") / 2  # SmolLM2-135M's weights
     assert cpu_runtime(MB // 2, "lean") == cpu_runtime(MB // 2, "default")  # a tiny model's
-    assert default["changes"][0]["flags"] == "--cpu-allocator lean" and "--cpu-allocator lean" not in \
-        [c["flags"] for c in p["changes"]]
+    assert "--cpu-allocator lean" in [c["flags"] for c in default["changes"]]
+    assert "--cpu-allocator lean" not in [c["flags"] for c in p["changes"]]
     with pytest.raises(SystemExit) as stop:
         main(["train", "--cache", str(cache), "--out", str(tmp_path / "p"), "--cpu-allocator", "huge"])
     assert stop.value.code == 2 and "--cpu-allocator" in capsys.readouterr().err

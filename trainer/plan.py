@@ -362,12 +362,12 @@ def available_memory(device: str) -> tuple[int | None, str]:
 def _changes(cfg, device: str = "cpu") -> list[tuple[str, dict]]:
     """Changes that lower the peak, cheapest first (in what they cost the run: nothing, speed, what is trained)."""
     out = []
-    if device == "cpu" and cfg.cpu_allocator != "lean":
-        out.append(("--cpu-allocator lean", {"cpu_allocator": "lean"}))
     if cfg.loss_impl != "transformers" and cfg.chunk_size > 256:
         out.append(("--chunk-size 256", {"chunk_size": 256}))
     if cfg.loss_impl == "transformers":
         out.append(("--loss-impl fused", {"loss_impl": "fused"}))
+    if device == "cpu" and cfg.cpu_allocator != "lean":
+        out.append(("--cpu-allocator lean", {"cpu_allocator": "lean"}))
     if not cfg.gradient_checkpointing:
         out.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
     if cfg.batch_size > 1:
