@@ -167,18 +167,20 @@ ROW_KEY = ("model", "seq_len", "mode", "variant")
 
 
 def keep_memory_rows(section: dict, args, stamp: dict) -> None:
-    """Stamp each new memory row with the run that measured it; with --memory-keep, add the earlier rows of the
-    results file that this run did not measure, when they were measured with the same allocator."""
+    """Stamp each new memory row with the run that measured it and its allocator; with --memory-keep, add the
+    earlier rows of the results file that this run did not measure (with the allocator they ran under)."""
     for row in section["rows"]:
-        row["measured"] = stamp
+        row["measured"], row["cpu_allocator"] = stamp, section.get("cpu_allocator")
     if not args.memory_keep or not Path(args.results).exists():
         return
     old = json.loads(Path(args.results).read_text()).get("sections", {}).get("memory")
-    if not old or old.get("cpu_allocator", "default") != section.get("cpu_allocator"):
+    if not old:
         return
     have = {tuple(r[k] for k in ROW_KEY) for r in section["rows"]}
-    kept = [r | {"measured": r.get("measured", old.get("measured"))} for r in old["rows"]
-            if tuple(r[k] for k in ROW_KEY) not in have]
+    # rows from before the allocator was recorded ran under glibc's default
+    kept = [r | {"measured": r.get("measured", old.get("measured")),
+                 "cpu_allocator": r.get("cpu_allocator", old.get("cpu_allocator", "default"))}
+            for r in old["rows"] if tuple(r[k] for k in ROW_KEY) not in have]
     order = {(m, s): i for i, (m, s) in enumerate(dict.fromkeys((r["model"], r["seq_len"]) for r in kept + section["rows"]))}
     section["rows"] = sorted(kept + section["rows"], key=lambda r: (order[(r["model"], r["seq_len"])],
                                                                      MEMORY_MODES.index(r["mode"]),
@@ -463,21 +465,24 @@ def tables(results: dict) -> str:
         out.append(f"### Memory options (batch {mm['batch']}, {mm['timed_steps']} timed steps after {mm['warmup_steps']}; "
                    f"{unit}; estimate: `mft train --plan` for the same run; step time as a multiple of FT with "
                    f"transformers' loss, full weights, same model and length)\n")
-        if mm.get("cpu_allocator"):
-            out.append(f"On the CPU every row ran with `--cpu-allocator {mm['cpu_allocator']}`.\n")
+        allocators = list(dict.fromkeys(r.get("cpu_allocator") for r in mm["rows"]))
+        if allocators == ["lean"] or allocators == ["default"]:
+            out.append(f"On the CPU every row ran with `--cpu-allocator {allocators[0]}`.\n")
         commits = list(dict.fromkeys(str((r.get("measured") or {}).get("commit"))[:10] for r in mm["rows"]))
-        several = len(commits) > 1
+        several = len(commits) > 1 or len(allocators) > 1
         out.append("| model | seq len | mode | variant | peak MB | estimate MB | estimate / peak | peak phase (estimate) | "
-                   "loading MB | step s | x FT (a) |" + (" commit |" if several else ""))
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if several else ""))
+                   "loading MB | step s | x FT (a) |" + (" allocator | commit |" if several else ""))
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if several else ""))
         for r in mm["rows"]:
             out.append(f"| {r['model']} | {r['seq_len']} | {MODE_NAMES.get(r['mode'], r['mode'])} | {r['variant']} | "
                        f"{_f(r['peak_mb'], 0)} | {_f(r['estimate_mb'], 0)} | {_f(r['ratio_estimate'])} | "
                        f"{r['estimate_phase']} | {_f(r['loading_mb'], 0)} | {_f(r['step_s'])} | {_f(r.get('step_ratio'))} |"
-                       + (f" {str((r.get('measured') or {}).get('commit'))[:10]} |" if several else ""))
+                       + (f" {r.get('cpu_allocator')} | {str((r.get('measured') or {}).get('commit'))[:10]} |"
+                          if several else ""))
         if several:
-            out.append("\nThe rows were measured in parts (`--memory-keep`); step times compare only within a commit's "
-                       "rows of the same model and length.")
+            out.append("\nThe rows were measured in parts (`--memory-keep`), each under the allocator and at the commit "
+                       "named; an estimate is of the run under its row's allocator. Step times compare only within "
+                       "one commit's rows of the same model and length.")
         out.append("")
     if "ingest" in s:
         g = s["ingest"]
@@ -544,19 +549,28 @@ def verdicts(results: dict) -> list[dict]:
         rows = s["memory"]["rows"]
         ratios = [r["ratio_estimate"] for r in rows]
         worst = max(ratios, key=lambda x: abs(x - 1))
+        by = {}
+        for r in rows:
+            by.setdefault(r.get("cpu_allocator") or "default", []).append(r["ratio_estimate"])
+        parts = "; ".join(f"{a} allocator: {min(x):.3f} to {max(x):.3f} over {len(x)}, "
+                          f"{sum(not 0.85 <= q <= 1.15 for q in x)} outside" for a, x in by.items())
         add("`mft train --plan` within 15% of the measured peak (every memory row)", worst,
             all(0.85 <= x <= 1.15 for x in ratios),
-            f"estimate / measured from {min(ratios):.3f} to {max(ratios):.3f} over {len(ratios)} runs")
+            f"estimate / measured from {min(ratios):.3f} to {max(ratios):.3f} over {len(ratios)} runs ({parts})")
         pick = {(r["model"], r["seq_len"], r["mode"], r["variant"]): r for r in rows}
         for (model, seq, mode, variant), r in pick.items():
-            if (mode, variant) == ("mft-cache", "lora+bf16+ckpt") and (model, seq, "ft-hf", "full") in pick:
+            same = (model, seq, "ft-hf", "full") in pick and \
+                pick[(model, seq, "ft-hf", "full")].get("cpu_allocator") == r.get("cpu_allocator")
+            if (mode, variant) == ("mft-cache", "lora+bf16+ckpt") and same:
                 base = pick[(model, seq, "ft-hf", "full")]["peak_mb"]
                 ratio = r["peak_mb"] / base
                 add(f"{model} at {seq} tokens: cached MFT, LoRA, checkpointing, bf16 base <= 0.4 x transformers' full "
                     "FT peak", ratio, ratio <= 0.4, f"{r['peak_mb']:.0f} vs {base:.0f} MB ({ratio:.3f} x)",
                     info=not (model.lower().startswith("gemma") and seq >= 2048))
         pairs = [(r, pick[(r["model"], r["seq_len"], "mft-online", r["variant"])]) for r in rows
-                 if r["mode"] == "mft-cache" and (r["model"], r["seq_len"], "mft-online", r["variant"]) in pick]
+                 if r["mode"] == "mft-cache" and (r["model"], r["seq_len"], "mft-online", r["variant"]) in pick
+                 and pick[(r["model"], r["seq_len"], "mft-online", r["variant"])].get("cpu_allocator")
+                 == r.get("cpu_allocator")]
         if pairs:
             more = [o["peak_mb"] > c["peak_mb"] for c, o in pairs]
             least = min(o["peak_mb"] / c["peak_mb"] for c, o in pairs)

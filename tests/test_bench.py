@@ -87,8 +87,8 @@ def test_bench_ingest_section_quick(tmp_path):
 
 
 def test_memory_rows_measured_in_parts_are_kept_with_their_commit(tmp_path):
-    """--memory-keep: a run of some memory rows keeps the earlier rows it did not measure (same allocator), each
-    stamped with the run that measured it; another allocator's rows are not mixed in."""
+    """--memory-keep: a run of some memory rows keeps the earlier rows it did not measure, each stamped with the run
+    that measured it and the allocator it ran under."""
     sys.path.insert(0, str(ROOT / "bench"))
     from run import keep_memory_rows
 
@@ -103,12 +103,14 @@ def test_memory_rows_measured_in_parts_are_kept_with_their_commit(tmp_path):
     args = type("A", (), {"memory_keep": True, "results": str(results)})
     section = {"cpu_allocator": "lean", "rows": [row("mft-cache", "full", 9.0)]}
     keep_memory_rows(section, args, new_stamp)
-    got = [(r["mode"], r["variant"], r["peak_mb"], r["measured"]["commit"]) for r in section["rows"]]
-    assert got == [("ft-hf", "full", 3.0, "old"), ("ft-hf", "lora", 2.0, "old"), ("mft-cache", "full", 9.0, "new")]
+    got = [(r["mode"], r["variant"], r["peak_mb"], r["measured"]["commit"], r["cpu_allocator"]) for r in section["rows"]]
+    assert got == [("ft-hf", "full", 3.0, "old", "lean"), ("ft-hf", "lora", 2.0, "old", "lean"),
+                   ("mft-cache", "full", 9.0, "new", "lean")]
     assert section["kept_rows"] == 2
-    other = {"cpu_allocator": "default", "rows": [row("mft-cache", "full", 9.0)]}
+    other = {"cpu_allocator": "default", "rows": [row("ft-hf", "full", 7.0)]}
     keep_memory_rows(other, args, new_stamp)
-    assert [r["peak_mb"] for r in other["rows"]] == [9.0] and "kept_rows" not in other
+    assert [(r["peak_mb"], r["cpu_allocator"]) for r in other["rows"]] == [(7.0, "default"), (2.0, "lean"),
+                                                                           (1.0, "lean")]
     args.memory_keep = False
     alone = {"cpu_allocator": "lean", "rows": [row("ft", "full", 5.0)]}
     keep_memory_rows(alone, args, new_stamp)
