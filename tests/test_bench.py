@@ -115,3 +115,25 @@ def test_memory_rows_measured_in_parts_are_kept_with_their_commit(tmp_path):
     alone = {"cpu_allocator": "lean", "rows": [row("ft", "full", 5.0)]}
     keep_memory_rows(alone, args, new_stamp)
     assert [r["measured"] for r in alone["rows"]] == [new_stamp]
+
+
+def test_memory_rows_always_include_a_step_after_the_first(tmp_path, monkeypatch):
+    """A run's peak needs the optimiser's state, which exists only after the first step: the memory section runs at
+    least one untimed step before its timed ones, whatever --warmup says."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run
+
+    specs, caches = [], []
+    monkeypatch.setattr(run, "memory_models", lambda args, work, model: [("folder", "m")])
+    monkeypatch.setattr(run, "build_train_cache", lambda *a, **kw: caches.append(kw["sequences"]) or tmp_path)
+    monkeypatch.setattr(run.benchlib, "run_child", lambda script, spec, log: specs.append(spec) or {
+        "memory": {"delta_mb": 100.0, "kind": "rss"}, "step_s": [1.0], "loss": [1.0], "params": 1, "trainable": 1})
+    monkeypatch.setattr(run, "plan_estimate", lambda spec, seq, device, profiles: {"total": 2**20 * 100.0,
+                                                                                    "peak_phase": "optimiser step"})
+    args = type("A", (), {"memory_seq_lens": [256], "memory_modes": ["ft-hf"], "memory_variants": ["full"],
+                          "warmup": 0, "steps": 1, "top_k": 8, "memory_allocator": "lean"})
+    section = run.section_memory(args, tmp_path, "model", "data", "cpu")
+    assert [s["warmup"] for s in specs] == [1] and section["warmup_steps"] == 1 and caches == [1 + 1 + 2]
+    args.warmup = 3
+    specs.clear()
+    assert run.section_memory(args, tmp_path, "model", "data", "cpu")["warmup_steps"] == 3 and specs[0]["warmup"] == 3
