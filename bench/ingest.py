@@ -75,7 +75,11 @@ def measure(code: Path, model: Path, data: Path, out: Path, args, log: Path) -> 
         raise RuntimeError(f"mft cache failed ({os.waitstatus_to_exitcode(status)}); log {log}:\n{log.read_text()[-2000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
     tokens = manifest["num_input_tokens"]
-    result = {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "input_tokens": tokens,
+    import numpy as np  # documents.npy: each document's start in the packed stream, then the stream's length
+
+    stream = int(np.load(out / manifest["data"]["documents_file"]["name"])[-1])
+    result = {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "input_tokens": tokens, "stream_tokens": stream,
+              "documents": manifest["data"]["num_documents"],
               "tokens_per_s": tokens / wall, "bytes_per_token": manifest["bytes_per_token"],
               "sha256": [s["sha256"] for s in manifest["shards"]] + [manifest["data"]["documents_file"]["sha256"]]}
     shutil.rmtree(out, ignore_errors=True)  # 100x is gigabytes

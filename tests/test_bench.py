@@ -82,7 +82,10 @@ def test_bench_ingest_section_quick(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(results.read_text())["sections"]["ingest"]["rows"]
     assert [(x["scale"], x["code"]) for x in rows] == [(1, "streamed"), (2, "streamed")]
-    assert rows[1]["input_tokens"] == 2 * rows[0]["input_tokens"] and all(x["peak_rss_mb"] > 0 for x in rows)
+    # 2x is the 1x file twice: twice the documents and the packed stream. The rows' tokens are not exactly doubled:
+    # every row continuing a document starts with an extra BOS, and where rows are cut depends on the whole stream
+    assert rows[1]["documents"] == 2 * rows[0]["documents"] and rows[1]["stream_tokens"] == 2 * rows[0]["stream_tokens"]
+    assert all(x["peak_rss_mb"] > 0 and x["input_tokens"] >= x["stream_tokens"] for x in rows)
     assert "Ingestion" in (tmp_path / "work" / "BENCHMARKS.md").read_text()
 
 
