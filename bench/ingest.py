@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 import benchlib
 from benchlib import ROOT
 
@@ -75,9 +77,8 @@ def measure(code: Path, model: Path, data: Path, out: Path, args, log: Path) -> 
         raise RuntimeError(f"mft cache failed ({os.waitstatus_to_exitcode(status)}); log {log}:\n{log.read_text()[-2000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
     tokens = manifest["num_input_tokens"]
-    import numpy as np  # documents.npy: each document's start in the packed stream, then the stream's length
-
-    stream = int(np.load(out / manifest["data"]["documents_file"]["name"])[-1])
+    # documents.npy: each document's start in the packed stream, then the stream's length (only that is read)
+    stream = int(np.load(out / manifest["data"]["documents_file"]["name"], mmap_mode="r")[-1])
     result = {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "input_tokens": tokens, "stream_tokens": stream,
               "documents": manifest["data"]["num_documents"],
               "tokens_per_s": tokens / wall, "bytes_per_token": manifest["bytes_per_token"],

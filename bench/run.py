@@ -275,7 +275,7 @@ def plan_estimate(spec: dict, seq_len: int, device: str, profiles: dict) -> dict
 def section_memory(args, work: Path, model: str, data: str, device: str) -> dict:
     rows, profiles = [], {}
     # A run's peak is reached from its second step on: AdamW's state exists only after the first optimizer step, so a
-    # one-step measurement of full finetuning would miss it (measured: 3,702 MB instead of a run's ~4,700 at 2,048).
+    # one-step measurement of full finetuning would miss it (cached MFT at 2,048: 3,702 MB alone, 4,773 after a step).
     warmup = max(args.warmup, 1)
     for folder, name in memory_models(args, work, model):
         for seq in args.memory_seq_lens:
