@@ -1,10 +1,12 @@
 """The loss against brute-force dense references written out row by row: the plain autograd reference
 (tests/reference.py) against them, then the library's fused and checkpointed engines against the reference."""
+import weakref
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 
 from mft_cache.trainer import loss as L
 from mft_cache.trainer.targets import TeacherTargets
@@ -677,6 +679,46 @@ def test_fused_bf16(seed, softcap):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2)
     torch.testing.assert_close(total, fp32, rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(h_grad, fp32_h, rtol=5e-2, atol=3e-2)
+
+
+class ChunkBuffers(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most bytes held at once by tensors of at least `numel` elements made under it (views and
+    in-place results share their base's memory and count once)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.live, self.peak = numel, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
+                self.live.append((weakref.ref(t), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        self.live = [(r, ptr, size) for r, ptr, size in self.live if r() is not None]
+        self.peak = max(self.peak, sum(dict((ptr, size) for _, ptr, size in self.live).values()))
+        return out
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense", "none"])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_holds_one_chunk_at_a_time(kind, softcap, dtype):
+    """The (c, V) buffers alive at once, forward and backward, are what `mft train --plan` counts for the loss:
+    the next chunk's logits are never made while the previous chunk's are alive."""
+    from mft_cache.trainer.plan import loss_chunk_bytes
+
+    chunk, v = 16, 1000  # c·V = 16,000 elements: more than the head's V·H = 8,000
+    c = make_case(0, n=64, v=v, k=5)
+    _, ids, lp, label_lp = {x[0]: x for x in teacher_variants(c)}[kind]
+    head_w, b = make_head(0, v, True)
+    head_w, b = head_w.detach().to(dtype).requires_grad_(), b.detach().to(dtype).requires_grad_()
+    hidden = torch.randn(c.n, H, dtype=dtype).requires_grad_()
+    with ChunkBuffers(chunk * v) as seen:
+        fused_linear_mft_loss(hidden, head_w, b, c.labels, c.weight, c.mask, ids, lp, label_lp, chunk_size=chunk,
+                              softcap=softcap).backward()
+    assert hidden.grad is not None and head_w.grad is not None
+    assert seen.peak == loss_chunk_bytes(chunk, v, half=dtype == torch.bfloat16, softcap=bool(softcap),
+                                         dense=kind == "dense")
 
 
 def test_fused_bad_arguments():

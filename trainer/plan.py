@@ -77,6 +77,7 @@ class ModelShape:
     layers: int
     head_trained: bool  # the output layer is trained (full finetuning): the fused loss builds its gradient
     embedding_trained: bool  # the input embedding is trained (its gradient is one dense [V, H] tensor)
+    softcap: bool = False  # the logits are soft-capped (Gemma 2): the fused loss keeps tanh(z/cap) beside them
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,18 @@ class ActivationProfile:
     fixed: float  # outside the layers (embedding, final norm), per token
     fixed_checkpointed: float
     hidden_dtype_bytes: int  # the final hidden states' element size
+
+
+def loss_chunk_bytes(c: int, v: int, *, half: bool, softcap: bool, dense: bool) -> int:
+    """The most bytes of (c, V) buffers the fused loss holds at once for one chunk of c positions.
+
+    The chunk's float32 logits become their own gradient in place (4 bytes an entry). While the loss is computed,
+    soft-capping keeps tanh(z/cap) for the chain rule (4 more) and a dense teacher the chunk's log-probabilities
+    and probabilities (8 more). A half-precision matmul's output sits beside the float32 logits while they are
+    made, and the gradient's cast beside them afterwards (2 more). One chunk is alive at a time.
+    """
+    during_loss = (4 if softcap else 0) + (8 if dense else 0)
+    return c * v * (4 + max(during_loss, 2 if half else 0))
 
 
 def _text_config(config):
@@ -156,7 +169,8 @@ def model_shape(config, cfg) -> ModelShape:
                       trainable_shapes=tuple(tuple(p.shape) for p in trained), trainable=sum(p.numel() for p in trained),
                       params=n, vocab=int(head.weight.shape[0]), hidden=int(head.weight.shape[1]),
                       layers=int(text.num_hidden_layers), head_trained=bool(head.weight.requires_grad),
-                      embedding_trained=bool(embedding.weight.requires_grad))
+                      embedding_trained=bool(embedding.weight.requires_grad),
+                      softcap=bool(getattr(text, "final_logit_softcapping", None)))
 
 
 def _saved_bytes(model, seq_len: int, autocast: torch.dtype | None) -> int:
@@ -274,11 +288,8 @@ def estimate(shape: ModelShape, acts: ActivationProfile, cfg, seq_len: int, devi
         chunk = TRANSFORMERS_LOGIT_COPIES * 4 * tokens * v
         loss_forward, loss_backward = chunk, chunk
     else:
-        c = min(cfg.chunk_size, n)
-        half = acts.hidden_dtype_bytes == 2
-        # the chunk's float32 logits become its gradient in place; a half-precision matmul adds its output (or
-        # later the gradient's cast), 2 bytes; a dense teacher adds the chunk's log-probs and probabilities
-        chunk = c * v * (4 + (2 if half else 0) + (8 if dense else 0))
+        chunk = loss_chunk_bytes(min(cfg.chunk_size, n), v, half=acts.hidden_dtype_bytes == 2,
+                                 softcap=shape.softcap, dense=dense)
         dh = n * h * acts.hidden_dtype_bytes
         # forward: dL/dW of the head (float32, when trained) and dL/dh are built chunk by chunk; the backward
         # scales both into new tensors before the saved ones are freed
