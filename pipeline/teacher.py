@@ -36,6 +36,7 @@ def topk_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head, k: int, chun
         vals, ids = torch.topk(lp, k, dim=-1, sorted=True)
         topk_lp[s:e], topk_ids[s:e] = vals, ids
         label_lp[s:e] = lp.gather(1, labels[s:e, None]).squeeze(1)
+        del lp  # before the next chunk's logits are made: one chunk's (n, V) buffers alive at a time, not two
     return topk_lp, topk_ids, label_lp
 
 

@@ -193,3 +193,24 @@ def test_finished_cache_is_not_recomputed_and_other_config_is_refused(llama, doc
         build(llama, docs_jsonl, tmp_path / "c", top_k=3)
     m = build(llama, docs_jsonl, tmp_path / "c", top_k=3, overwrite=True)
     assert m["top_k"] == 3 and open_cache(tmp_path / "c", verify="full").top_k == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_topk_one_chunk_at_a_time(dtype):
+    """The teacher's chunked top-k equals a whole-vocabulary log_softmax, and holds one chunk's logits and
+    log-probs at a time (8 bytes an entry), never the previous chunk's beside the next one's."""
+    from buffers import ChunkBuffers
+    from mft_cache.pipeline.teacher import topk_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    n, hdim, v, k, chunk = 50, 4, 1000, 5, 16  # c·V = 16,000 elements: more than the head's V·H = 4,000
+    weight = torch.randn(v, hdim, generator=g).to(dtype)
+    hidden, labels = torch.randn(n, hdim, generator=g).to(dtype), torch.randint(0, v, (n,), generator=g)
+    with ChunkBuffers(chunk * v) as seen:
+        lp, ids, label_lp = topk_logprobs(hidden, labels, lambda h: h @ weight.T, k, chunk)
+    full = torch.log_softmax((hidden @ weight.T).float(), dim=-1)  # (N, V) all positions at once
+    want_lp, want_ids = full.topk(k, dim=-1)
+    torch.testing.assert_close(lp, want_lp, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(label_lp, full.gather(1, labels[:, None]).squeeze(1), rtol=1e-6, atol=1e-6)
+    assert seen.peak == 8 * chunk * v

@@ -1,15 +1,14 @@
 """The loss against brute-force dense references written out row by row: the plain autograd reference
 (tests/reference.py) against them, then the library's fused and checkpointed engines against the reference."""
-import weakref
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-import torch.utils._python_dispatch
 
 from mft_cache.trainer import loss as L
 from mft_cache.trainer.targets import TeacherTargets
+from buffers import ChunkBuffers
 from reference import sparse_mft_loss
 
 
@@ -679,24 +678,6 @@ def test_fused_bf16(seed, softcap):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-2)
     torch.testing.assert_close(total, fp32, rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(h_grad, fp32_h, rtol=5e-2, atol=3e-2)
-
-
-class ChunkBuffers(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the most bytes held at once by tensors of at least `numel` elements made under it (views and
-    in-place results share their base's memory and count once)."""
-
-    def __init__(self, numel):
-        super().__init__()
-        self.numel, self.live, self.peak = numel, [], 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
-                self.live.append((weakref.ref(t), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
-        self.live = [(r, ptr, size) for r, ptr, size in self.live if r() is not None]
-        self.peak = max(self.peak, sum(dict((ptr, size) for _, ptr, size in self.live).values()))
-        return out
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense", "none"])
