@@ -345,6 +345,9 @@ def test_plan_estimate_is_monotone_in_the_obvious_ways(kind):
     assert _estimate(config, optimizer="adafactor")["optimizer"] < _estimate(config, optimizer="sgd")["optimizer"] \
         < base["optimizer"]
     assert _estimate(config, chunk_size=16)["loss_chunk"] < base["loss_chunk"]
+    # an online teacher is read and cast after the student, which is resident by then: its load is the larger one
+    online = _estimate(config, peft="lora", base_dtype="bfloat16", teacher="online", model="m", data="-")
+    assert online["phases"]["loading"] > bf16["phases"]["loading"] > 0
     assert _estimate(config, batch_size=8)["activations"] == pytest.approx(2 * base["activations"])
     for e in (base, ckpt, lora, bf16):
         assert e["total"] == max(e["phases"].values())

@@ -330,6 +330,8 @@ def estimate(shape: ModelShape, acts: ActivationProfile, cfg, seq_len: int, devi
         # from_pretrained reads the stored weights (mapped from the file) while it casts them: both are resident
         # until it is done (measured: the peak after loading a float32 SmolLM2 in bfloat16 is exactly the two)
         loading = shape.file_bytes + shape.weight_bytes
+        if teacher_weights:  # the online teacher is loaded the same way after the student, which stays resident
+            loading = max(loading, shape.base_bytes + shape.file_bytes + teacher_weights)
         phases["loading"] = loading
     peak_phase = max(phases, key=phases.get)
     return {
