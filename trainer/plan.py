@@ -487,7 +487,7 @@ def format_plan(p: dict) -> str:
     elif p["device"] == "cpu":
         lines.append("  (CPU, glibc's default allocator: the process can keep memory a step freed, more so with more "
                      "tokens per micro-batch and with checkpointing, up to 2.3x this estimate measured; "
-                     "--cpu-allocator lean gives it back, for about a fifth more time per step: docs/MEMORY.md)")
+                     "--cpu-allocator lean gives it back, for more time per step: docs/MEMORY.md)")
     if p["changes"]:
         lines += ["", "  changes, cheapest first, and the peak each gives (the rest of the command as it is):"]
         for c in p["changes"]:
