@@ -140,3 +140,38 @@ def test_memory_rows_always_include_a_step_after_the_first(tmp_path, monkeypatch
     args.warmup = 3
     specs.clear()
     assert run.section_memory(args, tmp_path, "model", "data", "cpu")["warmup_steps"] == 3 and specs[0]["warmup"] == 3
+
+
+def test_memory_ab_alternates_the_values_and_takes_ratios_within_a_repeat(tmp_path, monkeypatch, capsys):
+    """bench/memory_ab.py: each row's values run one right after the other in every repeat, each with its setting in
+    the child's spec, and a value's ratio is the median over repeats of value / first value in the same repeat."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory_ab
+
+    specs = []
+    peaks = iter([100.0, 50.0, 300.0, 120.0, 200.0, 60.0, 300.0, 150.0])  # (row, value) in order, 2 repeats
+
+    def child(script, spec, log):
+        specs.append(spec)
+        return {"memory": {"delta_mb": next(peaks)}, "step_s": [1.0 if spec["cpu_allocator"] == "default" else 1.5]}
+
+    monkeypatch.setattr(memory_ab.benchlib, "run_child", child)
+    monkeypatch.setattr(memory_ab, "build_train_cache", lambda *a, **kw: tmp_path / "cache")
+    monkeypatch.setattr(memory_ab, "plan_estimate", lambda spec, seq, device, profiles: {"total": 2**20 * 90.0})
+    out = tmp_path / "ab.json"
+    memory_ab.main(["--rows", "ft-hf:full,mft-cache:lora+ckpt", "--vary", "cpu_allocator=default,lean",
+                    "--repeats", "2", "--warmup", "0", "--work", str(tmp_path), "--out", str(out)])
+    assert [(s["mode"], s["cpu_allocator"]) for s in specs] == [
+        ("ft-hf", "default"), ("ft-hf", "lean"), ("mft-cache", "default"), ("mft-cache", "lean")] * 2
+    assert all(s["warmup"] == 1 and s["chunk_size"] == 1024 for s in specs)
+    assert specs[2]["peft"] == "lora" and specs[2]["checkpointing"] is True
+    written = json.loads(out.read_text())
+    lines = written["table"].splitlines()
+    # ft-hf lean: 50/100 and 60/200 -> median 0.40; mft-cache lean: 120/300 and 150/300 -> 0.45
+    assert "| lean | 55 | 0.40 |" in lines[3] and "| 1.50 |" in lines[3]
+    assert "| lean | 135 | 0.45 |" in lines[5]
+    with pytest.raises(SystemExit):
+        memory_ab.parse_args(["--rows", "ft-hf:full", "--vary", "dtype=a,b"])
+    with pytest.raises(SystemExit):
+        memory_ab.parse_args(["--rows", "ft-hf:huge", "--vary", "chunk_size=1024,256"])
+    assert "--vary" in capsys.readouterr().err
