@@ -116,6 +116,36 @@ def _live_rows(mask: Tensor) -> Tensor:
 
 # ----- a linear output layer: fused -----
 
+def _fused_chunk(hidden: Tensor, w_c: Tensor, b_c: Tensor | None, labels: Tensor, targets: TeacherTargets,
+                 idx: Tensor, softcap: float | None, compute_dtype: torch.dtype, need_grad: bool,
+                 dh: Tensor | None, dw: Tensor | None, db: Tensor | None) -> Tensor:
+    """The summed loss of the rows idx; their gradients are added into dh, dw and db (each None when not needed)."""
+    h = hidden.index_select(0, idx).to(compute_dtype)  # (c, H)
+    z = h @ w_c.T if b_c is None else torch.addmm(b_c, h, w_c.T)  # (c, V)
+    z = z.float()  # a no-op in float32
+    capped = None
+    if softcap:
+        capped = z.div_(softcap).tanh_()  # (c, V) tanh(z / cap), kept for the chain rule
+        z = capped * softcap
+    loss, g = chunk_loss_and_grad(z, labels.index_select(0, idx), targets.rows(idx), need_grad)
+    if g is None:
+        return loss.sum()
+    if capped is not None:  # d(cap·tanh(x/cap))/dx = 1 - tanh²
+        g.addcmul_(g, capped.square_(), value=-1.0)
+        capped = None  # freed before the gradient's cast below
+    if db is not None:
+        db += g.sum(0)
+    g = g.to(compute_dtype)
+    if dh is not None:
+        dh.index_copy_(0, idx, (g @ w_c).to(dh.dtype))
+    if dw is not None:
+        if g.dtype == torch.float32:
+            dw.addmm_(g.T, h)
+        else:
+            dw += g.T @ h  # one chunk's product in compute_dtype, summed over chunks in float32
+    return loss.sum()
+
+
 def _fused_forward(hidden: Tensor, head_weight: Tensor, head_bias: Tensor | None, labels: Tensor, mask: Tensor,
                    targets: TeacherTargets, chunk_size: int, softcap: float | None, compute_dtype: torch.dtype,
                    need_dh: bool, need_dw: bool, need_db: bool
@@ -130,35 +160,9 @@ def _fused_forward(hidden: Tensor, head_weight: Tensor, head_bias: Tensor | None
     db = torch.zeros(head_weight.shape[0], dtype=torch.float32, device=hidden.device) if need_db else None  # (V,)
     need_grad = need_dh or need_dw or need_db
     for s in range(0, live.shape[0], chunk_size):
-        idx = live[s : s + chunk_size]  # (c,)
-        h = hidden.index_select(0, idx).to(compute_dtype)  # (c, H)
-        z = h @ w_c.T if b_c is None else torch.addmm(b_c, h, w_c.T)  # (c, V)
-        z = z.float()  # a no-op in float32
-        capped = None
-        if softcap:
-            capped = z.div_(softcap).tanh_()  # (c, V) tanh(z / cap), kept for the chain rule
-            z = capped * softcap
-        loss, g = chunk_loss_and_grad(z, labels.index_select(0, idx), targets.rows(idx), need_grad)
-        total += loss.sum()
-        if g is None:
-            del z, capped  # the next chunk's logits must not be allocated while this chunk's are alive
-            continue
-        if capped is not None:  # d(cap·tanh(x/cap))/dx = 1 - tanh²
-            g.addcmul_(g, capped.square_(), value=-1.0)
-            capped = None  # freed before the gradient's cast below
-        if need_db:
-            db += g.sum(0)
-        g = g.to(compute_dtype)
-        if need_dh:
-            dh.index_copy_(0, idx, (g @ w_c).to(dh.dtype))
-        if need_dw:
-            if g.dtype == torch.float32:
-                dw.addmm_(g.T, h)
-            else:
-                dw += g.T @ h  # one chunk's product in compute_dtype, summed over chunks in float32
-        # Drop this chunk's (c, V) buffers before the next chunk's matmul allocates its own: a name still bound at
-        # the top of the loop would keep two chunks alive at once (2 GiB instead of 1 for Gemma 3's vocabulary).
-        del z, g, capped
+        # one chunk per call: its (c, V) buffers die when the call returns, before the next chunk's are made
+        total += _fused_chunk(hidden, w_c, b_c, labels, targets, live[s : s + chunk_size], softcap, compute_dtype,
+                              need_grad, dh, dw, db)
     dw = None if dw is None else dw.to(head_weight.dtype)
     db = None if db is None else db.to(head_bias.dtype)
     return total, dh, dw, db
