@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
 from benchlib import ROOT  # noqa: E402
-from run import MEMORY_VARIANTS, MODE_NAMES, TRAIN_MODES, build_train_cache, plan_estimate  # noqa: E402
+from run import MEMORY_VARIANTS, MODE_NAMES, TRAIN_MODES, build_train_cache, memory_spec, plan_estimate  # noqa: E402
 
 VARIES = {"cpu_allocator": str, "chunk_size": int}
 
@@ -66,19 +66,15 @@ def parse_args(argv=None):
 
 
 def spec_of(args, cache: Path, mode: str, variant: str, value) -> dict:
-    peft, ckpt, dtype = MEMORY_VARIANTS[variant]
-    spec = {"mode": mode, "model": args.model, "cache": str(cache), "batch": 1, "warmup": args.warmup,
-            "steps": args.steps, "device": "cpu", "peft": peft, "checkpointing": ckpt, "base_dtype": dtype,
-            "top_k": args.top_k, "cpu_allocator": args.allocator, "chunk_size": args.chunk_size}
-    spec[args.setting] = value
-    return spec
+    spec = memory_spec(mode, variant, model=args.model, cache=cache, warmup=args.warmup, steps=args.steps,
+                       device="cpu", top_k=args.top_k, allocator=args.allocator, chunk_size=args.chunk_size)
+    return {**spec, args.setting: value}
 
 
 def measure(args) -> list[dict]:
     work = Path(args.work)
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    cache_args = SimpleNamespace(top_k=args.top_k, batch=1, sequences=0, warmup=args.warmup, steps=args.steps,
-                                 seq_len=args.seq_len)
+    cache_args = SimpleNamespace(top_k=args.top_k, batch=1)  # what build_train_cache reads when given a length and a count
     cache = build_train_cache(cache_args, work, args.model, args.data, "cpu", out=work / f"cache-{args.seq_len}",
                               seq_len=args.seq_len, sequences=args.warmup + args.steps + 2)
     results, profiles = [], {}

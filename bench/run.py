@@ -272,6 +272,15 @@ def plan_estimate(spec: dict, seq_len: int, device: str, profiles: dict) -> dict
     return estimate(shape, acts, cfg, seq_len, device.split(":")[0], top_k)
 
 
+def memory_spec(mode: str, variant: str, *, model: str, cache: Path, warmup: int, steps: int, device: str,
+                top_k: int, allocator: str, chunk_size: int = 1024) -> dict:
+    """What bench/memory_step.py runs for one (mode, variant): batch 1, the variant's adapter, checkpointing and dtype."""
+    peft, ckpt, dtype = MEMORY_VARIANTS[variant]
+    return {"mode": mode, "model": model, "cache": str(cache), "batch": 1, "warmup": warmup, "steps": steps,
+            "device": device, "peft": peft, "checkpointing": ckpt, "base_dtype": dtype, "top_k": top_k,
+            "cpu_allocator": allocator, "chunk_size": chunk_size}
+
+
 def section_memory(args, work: Path, model: str, data: str, device: str) -> dict:
     rows, profiles = [], {}
     # A run's peak is reached from its second step on: AdamW's state exists only after the first optimizer step, so a
@@ -285,9 +294,8 @@ def section_memory(args, work: Path, model: str, data: str, device: str) -> dict
             for mode in args.memory_modes:
                 for variant in args.memory_variants:
                     peft, ckpt, dtype = MEMORY_VARIANTS[variant]
-                    spec = {"mode": mode, "model": folder, "cache": str(cache), "batch": 1, "warmup": warmup,
-                            "steps": args.steps, "device": device, "peft": peft, "checkpointing": ckpt,
-                            "base_dtype": dtype, "top_k": args.top_k, "cpu_allocator": args.memory_allocator}
+                    spec = memory_spec(mode, variant, model=folder, cache=cache, warmup=warmup, steps=args.steps,
+                                       device=device, top_k=args.top_k, allocator=args.memory_allocator)
                     r = benchlib.run_child("memory_step.py", spec, work / "logs" / f"memory-{name}-{seq}-{mode}-{variant}.log")
                     est = plan_estimate(spec, seq, device, profiles)
                     m = r["memory"]
