@@ -113,13 +113,14 @@ def table(args, results: list[dict]) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    machine = benchlib.machine_info()  # before measuring: the tree and the load the run started with
     print(f"memory A/B: {args.model} at {args.seq_len} tokens, batch 1, {args.setting} in {args.values}, "
           f"{args.repeats} repeat(s); on 2 cores run nothing else meanwhile")
     results = measure(args)
     md = table(args, results)
     print("\n" + md)
     Path(args.out).write_text(json.dumps({"command": "python bench/memory_ab.py " + " ".join(sys.argv[1:]),
-                                          "machine": benchlib.machine_info(),
+                                          "machine": machine,
                                           "setting": args.setting, "values": args.values, "results": results,
                                           "table": md}, indent=1) + "\n")
     print(f"\nwritten: {args.out}")
