@@ -99,7 +99,7 @@ class TrainConfig:
                                        "pass of compute (`mft train --plan` shows both)")
     cpu_allocator: str = opt("default", "on a CPU: lean makes glibc give every freed block above 1 MiB back to the "
                              "system, so the process holds about what its tensors need (what `--plan` estimates) "
-                             "instead of up to 2x that, for more time per step (a fifth on short rows, up to 1.9x with "
+                             "instead of up to 2x that, for more time per step (a fifth on short rows, up to 2x with "
                              "checkpointing at 2,048 tokens); default keeps glibc's "
                              "own policy. No effect on a GPU", choices=ALLOCATORS)
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub to run")
