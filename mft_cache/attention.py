@@ -1,4 +1,4 @@
-"""Attention for rows of packed documents (storage/doc_packing.py): what a transformers model needs so that each
+"""Attention for rows of packed documents (rows/doc_packing.py): what a transformers model needs so that each
 document in a row attends only to itself, causally, from position 0. Used for the teacher in stage one and the
 student in stage two alike, so both see the same documents the same way.
 

@@ -1,6 +1,6 @@
 """Ctrl-C (SIGINT) and SIGTERM (what schedulers, `kill` and `docker stop` send): both stop a command cleanly.
 
-The CLI installs `handled()`: SIGINT raises KeyboardInterrupt as always, SIGTERM raises `Terminated` (a
+The CLI installs `handled()`: SIGINT raises KeyboardInterrupt, SIGTERM raises `Terminated` (a
 KeyboardInterrupt, so every `except KeyboardInterrupt` treats them alike; the CLI exits 130 or 143). Code that can
 stop better at a point of its own choosing (the training loop: after a step, with a checkpoint) runs inside
 `deferred()`: there the first signal is only remembered, `pending()` says so, and `raise_pending()` stops; a

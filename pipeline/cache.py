@@ -1,6 +1,6 @@
 """`mft cache`: the frozen teacher reads the finetuning set once and writes the cache.
 
-`build_cache` is three steps: `plan_cache` (read and pack the data, size the teacher from its config, open the
+`build_cache` is three steps: `open_job` (read and pack the data, size the teacher from its config, open the
 folder, and load the teacher's weights unless the cache is already complete),
 `teach_shards` (the teacher's pass over this process's missing shards, written as they complete) and
 `finish_cache` (documents.npy and the manifest, written last).
@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +34,16 @@ from mft_cache.folder_lock import FolderLock
 from mft_cache.models import (backbone_and_head, check_head, describe_model, load_config, load_model, load_tokenizer,
                               max_positions, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
                               weights_fingerprint)
-from mft_cache.storage import CacheWriter, cache_schema, load_manifest
+from mft_cache.masks import BOS_PER_ROW, CONCAT, label_mask
+from mft_cache.rows import DATA_FORMATS, PACKINGS, DocumentStream, RowSpec, bos_rule, data_fingerprint, spec_for
+from mft_cache.rows.chat import TRAIN_ON, template_fingerprint
+from mft_cache.rows.ingest import FILES as INGEST_FILES
+from mft_cache.rows.ingest import Rows, ingest
+from mft_cache.rows.ingest import read_info as read_ingest
+from mft_cache.rows.spec import documents_note, packing_record
+from mft_cache.storage import CacheMetadata, CacheWriter, Manifest, cache_schema, load_manifest
 from mft_cache.storage.backends import formats
-from mft_cache.storage.chat import TRAIN_ON, template_fingerprint
-from mft_cache.storage.documents import DATA_FORMATS, DocumentStream, data_fingerprint, detect_format
 from mft_cache.storage.hub import check_online, dataset_card, push_folder
-from mft_cache.storage.ingest import Rows, ingest
-from mft_cache.storage.ingest import read_info as read_ingest
-from mft_cache.storage.manifest import CacheMetadata
-from mft_cache.storage.packing import BOS_PER_ROW, CONCAT, bos_rule, label_mask, packing_description
-from mft_cache.storage.rows import DOCUMENTS_NOTE, PACKINGS, RowSpec, packing_of, resolve_spec
 from mft_cache.storage.schema import LOGPROB_DTYPES, Field, encode_logprobs, row_bytes
 
 from .teacher import auto_chunk_tokens, teach_batch
@@ -56,39 +56,45 @@ DEFAULT_DATA = "assets/data/licenses_train.jsonl"
 
 @dataclass(frozen=True)
 class CacheConfig:
-    model: str = opt(DEFAULT_MODEL, "teacher: a hub id or a local folder of a transformers causal LM")
+    # its fields in the order of their `--help` groups
+    # -- data: the documents, and how rows are made of them
     data: str = opt(DEFAULT_DATA, "finetuning documents: .txt/.jsonl/.json/.parquet/.csv file or folder, "
-                    "a save_to_disk folder, or a hub dataset id")
-    out: str = opt("caches/demo", "cache folder to write")
-    text_field: str = opt("text", "field (column) holding the document text")
+                    "a save_to_disk folder, or a hub dataset id", group="data")
+    text_field: str = opt("text", "field (column) holding the document text", group="data")
     data_format: str = opt("auto", "rows of --data: text, chat (a `messages` list of {role, content}, rendered with "
                            "the tokenizer's chat template) or prompt-completion (TRL's fields); auto: from the first "
-                           "row's fields", choices=DATA_FORMATS)
-    prompt_field: str = opt("prompt", "field holding the prompt of prompt-completion rows")
-    completion_field: str = opt("completion", "field holding the completion of prompt-completion rows")
+                           "row's fields", choices=DATA_FORMATS, group="data")
+    prompt_field: str = opt("prompt", "field holding the prompt of prompt-completion rows", group="data")
+    completion_field: str = opt("completion", "field holding the completion of prompt-completion rows", group="data")
     train_on: str = opt("completion", "chat and prompt-completion rows: train on the completions (every assistant "
-                        "turn) only, or on every token (text rows: every token)", choices=TRAIN_ON)
+                        "turn) only, or on every token (text rows: every token)", choices=TRAIN_ON, group="data")
     packing: str = opt("auto", "document: whole documents per row, each attending only to itself (the default for "
                        "chat and prompt-completion); concat: documents concatenated and cut into rows (the default "
-                       "for text)", choices=PACKINGS)
-    split: str = opt("train", "split to read from a hub dataset or a DatasetDict")
-    seq_len: int = opt(256, "tokens per packed sequence")
-    top_k: int = opt(32, "teacher log-probs kept per position")
-    format: str = opt("zarr", "storage backend", choices=formats)
+                       "for text)", choices=PACKINGS, group="data")
+    split: str = opt("train", "split to read from a hub dataset or a DatasetDict", group="data")
+    seq_len: int = opt(256, "tokens per packed sequence", group="data")
+    max_sequences: int = opt(0, "cache only the first N packed sequences (0: all)", group="data")
+    # -- teacher: the model whose predictions are cached, and where it runs
+    model: str = opt(DEFAULT_MODEL, "teacher: a hub id or a local folder of a transformers causal LM", group="teacher")
+    dtype: str = opt("auto", "teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
+                     choices=("auto", "float32", "bfloat16", "float16"), group="teacher")
+    device: str = opt("auto", "device: auto, cpu, cuda, cuda:1, mps", group="teacher")
+    trust_remote_code: bool = opt(False, "allow the model's own code from the hub to run", group="teacher")
+    # -- cache format: what the cache keeps of each position, and how it is stored
+    top_k: int = opt(32, "teacher log-probs kept per position", group="cache format")
+    format: str = opt("zarr", "storage backend", choices=formats, group="cache format")
     logprob_dtype: str = opt("float16", "storage of the top-k log-probs: float16, float32, or q8 (exact float32 top-1 "
                              "plus uint8 codes of the gaps below it, decoded on read; the smallest) "
-                             "(the label log-prob is always float32)", choices=LOGPROB_DTYPES)
-    batch_size: int = opt(4, "sequences per teacher forward pass")
-    dtype: str = opt("auto", "teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
-                     choices=("auto", "float32", "bfloat16", "float16"))
-    device: str = opt("auto", "device: auto, cpu, cuda, cuda:1, mps")
-    shard_mb: float = opt(64.0, "bound on a shard's uncompressed size in MiB")
-    chunk_tokens: int = opt(0, "positions per output-head chunk (0: about 256 MiB of fp32 logits)")
-    max_sequences: int = opt(0, "cache only the first N packed sequences (0: all)")
-    overwrite: bool = opt(False, "replace a finished cache in --out")
-    trust_remote_code: bool = opt(False, "allow the model's own code from the hub to run")
+                             "(the label log-prob is always float32)", choices=LOGPROB_DTYPES, group="cache format")
+    shard_mb: float = opt(64.0, "bound on a shard's uncompressed size in MiB", group="cache format")
+    # -- output: the cache folder, and the Hub
+    out: str = opt("caches/demo", "cache folder to write", group="output")
+    overwrite: bool = opt(False, "replace a finished cache in --out", group="output")
     push_to_hub: str = opt("", "then upload the finished cache to this Hub dataset repository (OWNER/NAME) with a "
-                           "dataset card; `mft train --cache hf://OWNER/NAME` reads it back")
+                           "dataset card; `mft train --cache hf://OWNER/NAME` reads it back", group="output")
+    # -- performance: memory and speed of the teacher's pass
+    batch_size: int = opt(4, "sequences per teacher forward pass", group="performance")
+    chunk_tokens: int = opt(0, "positions per output-head chunk (0: about 256 MiB of fp32 logits)", group="performance")
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -136,7 +142,7 @@ def process_state(device: torch.device):
 
 
 @dataclass
-class CachePlan:
+class CacheJob:
     """Everything a build needs once the data is ingested, the teacher loaded and the folder checked."""
 
     cfg: CacheConfig
@@ -201,7 +207,7 @@ def load_teacher(cfg: CacheConfig, vocab: int, dtype: torch.dtype, device: torch
     return model
 
 
-def plan_cache(cfg: CacheConfig) -> CachePlan:
+def open_job(cfg: CacheConfig) -> CacheJob:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     dist = process_state(device)
@@ -222,22 +228,22 @@ def plan_cache(cfg: CacheConfig) -> CachePlan:
                     data_fingerprint=None, weights_fingerprint=weights_fingerprint(cfg.model),
                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                     packing=CONCAT if bos_rule(tokenizer) is None else BOS_PER_ROW)
-    identity.update(rows_identity(cfg, spec, tokenizer))  # nothing for plain text concatenated: as always
+    identity.update(rows_identity(cfg, spec, tokenizer))  # nothing for plain text concatenated
     rows_per_shard = max(1, int(cfg.shard_mb * 2**20) // row_bytes(schema))
     writer, state, done, lock = _open_writer(cfg, spec, schema, identity, tokenizer, vocab, rows_per_shard, dist)
     rows = None if state == "complete" else Rows(Path(cfg.out), read_ingest(cfg.out))
     model = None if state == "complete" else load_teacher(cfg, vocab, dtype, device)  # a finished cache needs none
     if model is not None and spec.packing == "document":
         check_packed_attention(model)  # refused before the pass if its documents would see each other
-    return CachePlan(cfg, spec, dist, device, dtype, tokenizer, rows, model, schema, writer.identity, writer, state,
+    return CacheJob(cfg, spec, dist, device, dtype, tokenizer, rows, model, schema, writer.identity, writer, state,
                      done, rows_per_shard=rows_per_shard, lock=lock)
 
 
 def row_spec(cfg: CacheConfig) -> RowSpec:
     """How --data becomes rows: its format (forced, or read from its first row), what is trained, the packing."""
-    fmt = cfg.data_format if cfg.data_format != "auto" else detect_format(
-        cfg.data, cfg.text_field, cfg.split, prompt_field=cfg.prompt_field, completion_field=cfg.completion_field)
-    return resolve_spec(fmt, cfg.train_on, cfg.packing, cfg.seq_len)
+    return spec_for(cfg.data, cfg.seq_len, data_format=cfg.data_format, train_on=cfg.train_on, packing=cfg.packing,
+                    text_field=cfg.text_field, split=cfg.split, prompt_field=cfg.prompt_field,
+                    completion_field=cfg.completion_field)
 
 
 def rows_identity(cfg: CacheConfig, spec: RowSpec, tokenizer) -> dict:
@@ -253,36 +259,36 @@ def rows_identity(cfg: CacheConfig, spec: RowSpec, tokenizer) -> dict:
     return out
 
 
-def teach_shards(plan: CachePlan) -> None:
+def teach_shards(job: CacheJob) -> None:
     """The teacher's pass over this process's share of the missing shards; the writer thread writes shard i while
     the teacher computes shard i+1."""
-    dist, rows = plan.dist, plan.rows
-    if plan.state == "resume":
-        log.info("resuming: %d of %d shards already written", len([i for i in plan.done if i < plan.num_shards]),
-                 plan.num_shards)
-    missing = [i for i in range(plan.num_shards) if i not in plan.done]
+    dist, rows = job.dist, job.rows
+    if job.state == "resume":
+        log.info("resuming: %d of %d shards already written", len([i for i in job.done if i < job.num_shards]),
+                 job.num_shards)
+    missing = [i for i in range(job.num_shards) if i not in job.done]
     mine = missing[dist.process_index::dist.num_processes]  # any process count can finish any build
     if dist.num_processes > 1:
         log.info("%d processes: %d shards to compute, about %d each", dist.num_processes, len(missing), len(mine))
-    backbone, head = backbone_and_head(plan.model)
-    check_head(plan.model, backbone, head, torch.as_tensor(rows.read(0, 1)[0], device=plan.device))
-    done_tokens = sum(rows.shard_tokens(i) for i in plan.done if i < plan.num_shards)
+    backbone, head = backbone_and_head(job.model)
+    check_head(job.model, backbone, head, torch.as_tensor(rows.read(0, 1)[0], device=job.device))
+    done_tokens = sum(rows.shard_tokens(i) for i in job.done if i < job.num_shards)
     bar = tqdm(total=rows.num_predictions, initial=done_tokens, unit="tok", unit_scale=True, desc="mft cache",
                dynamic_ncols=True, disable=not dist.is_main_process)
 
     def sync_bar() -> None:  # several processes: count every shard on disk, not only the first process's
         if dist.num_processes > 1 and not bar.disable:
-            bar.n = max(bar.n, sum(rows.shard_tokens(i) for i in plan.writer.recorded_shards() if i < plan.num_shards))
+            bar.n = max(bar.n, sum(rows.shard_tokens(i) for i in job.writer.recorded_shards() if i < job.num_shards))
             bar.refresh()
 
     pending: Future | None = None
     with ThreadPoolExecutor(max_workers=1) as pool:
         for i in mine:
-            out = teach_shard(plan, i, backbone, head, bar)
+            out = teach_shard(job, i, backbone, head, bar)
             if pending is not None:
                 fault_point(f"cache:shard-{pending.result()['index']}")
                 sync_bar()
-            pending = pool.submit(lambda i=i, out=out: plan.writer.write_shard(i, out))
+            pending = pool.submit(lambda i=i, out=out: job.writer.write_shard(i, out))
         if pending is not None:
             fault_point(f"cache:shard-{pending.result()['index']}")
     dist.wait_for_everyone()  # every shard is on disk
@@ -290,27 +296,27 @@ def teach_shards(plan: CachePlan) -> None:
     bar.close()
 
 
-def teach_shard(plan: CachePlan, i: int, backbone, head, bar) -> dict[str, np.ndarray]:
+def teach_shard(job: CacheJob, i: int, backbone, head, bar) -> dict[str, np.ndarray]:
     """The stored fields of shard i: its rows and the teacher's values for them, encoded (a dtype cast, or q8) a batch
     at a time into arrays of the shard's size, so that a shard is held once, in its stored dtypes; in the "trained"
     layout, at the trained positions only, and with documents packed whole, each document seen alone."""
-    cfg, device = plan.cfg, plan.device
-    rows = plan.shard_rows(i)
-    input_ids, lengths_np = plan.rows.read(rows.start, rows.stop)  # from the ingested rows on disk
-    id_np = np.dtype(plan.schema[0].dtype)
+    cfg, device = job.cfg, job.device
+    rows = job.shard_rows(i)
+    input_ids, lengths_np = job.rows.read(rows.start, rows.stop)  # from the ingested rows on disk
+    id_np = np.dtype(job.schema[0].dtype)
     out = {"input_ids": input_ids.astype(id_np), "length": lengths_np}
-    compact = plan.rows.layout == "trained"
+    compact = job.rows.layout == "trained"
     segments = None
     if compact:
-        segments, trained = plan.rows.read_packing(rows.start, rows.stop)
-        seg_np = next(f.dtype for f in plan.schema if f.name == "segment_ids")
+        segments, trained = job.rows.read_packing(rows.start, rows.stop)
+        seg_np = next(f.dtype for f in job.schema if f.name == "segment_ids")
         out.update(segment_ids=segments.astype(seg_np), label_mask=trained.astype(np.uint8))
         starts = np.concatenate(([0], np.cumsum(trained.sum(axis=1)))).astype(np.int64)  # each row's first position
         size, where = int(starts[-1]), (lambda b, e: slice(starts[b], starts[e]))
     else:
-        trained = label_mask(input_ids, lengths_np, plan.rows.bos_id)
+        trained = label_mask(input_ids, lengths_np, job.rows.bos_id)
         size, where = len(rows), (lambda b, e: slice(b, e))
-    chunk = cfg.chunk_tokens or auto_chunk_tokens(vocab_size_of(plan.model))
+    chunk = cfg.chunk_tokens or auto_chunk_tokens(vocab_size_of(job.model))
     inflight = None  # the previous batch's device-to-host copy (overlapping this batch's compute) and its rows
 
     def collect(copy: HostCopy, b: int, e: int) -> None:
@@ -329,8 +335,8 @@ def teach_shard(plan: CachePlan, i: int, backbone, head, bar) -> dict[str, np.nd
         lengths = torch.as_tensor(lengths_np[b:e], device=device, dtype=torch.long)
         valid = torch.as_tensor(trained[b:e], device=device)
         kwargs = None
-        if plan.spec.packing == "document":  # the teacher sees each document alone, as the student will
-            kwargs = packed_forward_kwargs(plan.model, torch.as_tensor(segments[b:e], device=device))
+        if job.spec.packing == "document":  # the teacher sees each document alone, as the student will
+            kwargs = packed_forward_kwargs(job.model, torch.as_tensor(segments[b:e], device=device))
         lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk, valid,
                                             forward_kwargs=kwargs, compact=compact)
         copy = HostCopy((top_ids, lp, label_lp), int(trained[b:e].sum()))
@@ -342,70 +348,68 @@ def teach_shard(plan: CachePlan, i: int, backbone, head, bar) -> dict[str, np.nd
     return out
 
 
-def finish_cache(plan: CachePlan) -> dict:
+def finish_cache(job: CacheJob) -> Manifest:
     """documents.npy and the manifest (by the first process, once every shard is written); every process returns it."""
-    cfg, dist = plan.cfg, plan.dist
+    cfg, dist = job.cfg, job.dist
     if not dist.is_main_process:
         dist.wait_for_everyone()  # the first process writes the manifest
         return load_manifest(cfg.out)
-    manifest = plan.writer.finish(metadata(plan), plan.num_shards, plan.rows)
-    plan.release()
+    manifest = job.writer.finish(metadata(job), job.num_shards, job.rows)
+    job.release()
     dist.wait_for_everyone()
     return manifest
 
 
-def metadata(plan: CachePlan) -> CacheMetadata:
+def metadata(job: CacheJob) -> CacheMetadata:
     import transformers
 
-    cfg, rows, tokenizer, spec = plan.cfg, plan.rows, plan.tokenizer, plan.spec
+    cfg, rows, tokenizer, spec = job.cfg, job.rows, job.tokenizer, job.spec
     data = {"source": cfg.data, "text_field": cfg.text_field, "split": cfg.split,
             "fingerprint": rows.info["fingerprint"], "num_documents": rows.info["num_documents"],
-            "num_empty_skipped": rows.info["num_empty"]}
+            "num_empty_skipped": rows.info["num_empty"], "documents_note": documents_note(spec)}
     if spec.layout == "trained":
         data.update(format=spec.format, train_on=spec.train_on)
-        data.update({k: v for k, v in plan.identity.items()
+        data.update({k: v for k, v in job.identity.items()
                      if k in ("chat_template_fingerprint", "prompt_field", "completion_field")})
-        if spec.packing == "document":
-            data["documents_note"] = DOCUMENTS_NOTE
     return CacheMetadata(
-        model={**describe_model(cfg.model, plan.model, plan.identity["weights_fingerprint"]),
-               "dtype": str(plan.dtype).removeprefix("torch.")},
-        tokenizer={"fingerprint": plan.identity["tokenizer_fingerprint"], "class": type(tokenizer).__name__,
+        model={**describe_model(cfg.model, job.model, job.identity["weights_fingerprint"]),
+               "dtype": str(job.dtype).removeprefix("torch.")},
+        tokenizer={"fingerprint": job.identity["tokenizer_fingerprint"], "class": type(tokenizer).__name__,
                    "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
-        vocab_size=vocab_size_of(plan.model), top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype,
-        data=data, packing=packing_description(rows.bos_id) if spec.layout == "dense" else packing_of(spec),
+        vocab_size=vocab_size_of(job.model), top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype,
+        data=data, packing=packing_record(spec, rows.bos_id),
         num_sequences=rows.num_sequences, num_tokens=rows.num_predictions,
-        num_input_tokens=rows.info["num_input_tokens"], rows_per_shard=plan.rows_per_shard,
-        num_processes=plan.dist.num_processes,
+        num_input_tokens=rows.info["num_input_tokens"], rows_per_shard=job.rows_per_shard,
+        num_processes=job.dist.num_processes,
         created_by={"mft_cache": __version__, "torch": torch.__version__, "transformers": transformers.__version__})
 
 
-def build_cache(cfg: CacheConfig) -> dict:
+def build_cache(cfg: CacheConfig) -> Manifest:
     """Build (or resume, or find complete) the cache described by `cfg`; return its manifest."""
     t0 = time.perf_counter()
     if cfg.push_to_hub:
         check_online("--push-to-hub", cfg.push_to_hub)  # before the teacher's pass, not after it
-    plan = plan_cache(cfg)
+    job = open_job(cfg)
     try:
-        if plan.state == "complete":
+        if job.state == "complete":
             log.info("cache in %s is already complete (same configuration); nothing to do (--overwrite rebuilds it)",
                      cfg.out)
             manifest = load_manifest(cfg.out)
-            push_cache(cfg, manifest, plan.dist)
+            push_cache(cfg, manifest, job.dist)
             return manifest
-        teach_shards(plan)
-        manifest = finish_cache(plan)
+        teach_shards(job)
+        manifest = finish_cache(job)
     finally:
-        plan.release()  # also when stopped (Ctrl-C, SIGTERM, an error): the next run takes the folder over
-    push_cache(cfg, manifest, plan.dist)
-    n = plan.dist.num_processes
+        job.release()  # also when stopped (Ctrl-C, SIGTERM, an error): the next run takes the folder over
+    push_cache(cfg, manifest, job.dist)
+    n = job.dist.num_processes
     log.info("cache written to %s: %d sequences, %d tokens, %d shards, %.1f bytes/token, %.1f s%s",
-             cfg.out, manifest["num_sequences"], manifest["num_tokens"], plan.num_shards, manifest["bytes_per_token"],
+             cfg.out, manifest.num_sequences, manifest.num_tokens, job.num_shards, manifest.bytes_per_token,
              time.perf_counter() - t0, f", {n} processes" if n > 1 else "")
     return manifest
 
 
-def push_cache(cfg: CacheConfig, manifest: dict, dist) -> None:
+def push_cache(cfg: CacheConfig, manifest: Manifest, dist) -> None:
     """--push-to-hub: the finished folder and its dataset card to the Hub (the first process)."""
     if cfg.push_to_hub and dist.is_main_process:
         url = push_folder(Path(cfg.out), cfg.push_to_hub, "dataset", "--push-to-hub",
@@ -425,7 +429,7 @@ def _open_writer(cfg: CacheConfig, spec: RowSpec, schema, identity: dict, tokeni
         lock = prepared["lock"] = FolderLock.acquire(Path(cfg.out))
         try:
             writer = prepared["writer"] = CacheWriter(cfg.out, fmt=cfg.format, schema=schema, identity=identity,
-                                                      prepare=False)
+                                                      prepare=False, scratch=INGEST_FILES)
             writer.identity = {**identity,
                                "data_fingerprint": read_data(cfg, spec, writer, tokenizer, vocab, rows_per_shard)}
             writer.state = writer.prepare(cfg.overwrite)
@@ -437,14 +441,14 @@ def _open_writer(cfg: CacheConfig, spec: RowSpec, schema, identity: dict, tokeni
     state, done, fingerprint = decide_on_main(dist, decide)
     writer = prepared.get("writer") or CacheWriter(cfg.out, fmt=cfg.format, schema=schema,
                                                    identity={**identity, "data_fingerprint": fingerprint},
-                                                   prepare=False)
+                                                   prepare=False, scratch=INGEST_FILES)
     return writer, state, set(done), prepared.get("lock")
 
 
 def read_data(cfg: CacheConfig, spec: RowSpec, writer: CacheWriter, tokenizer, vocab: int, rows_per_shard: int) -> str:
     """The data's fingerprint, computed as the documents stream by. Where the folder holds a finished cache (and
     no --overwrite), the documents are only read: the fingerprint says whether it is this build's. Otherwise they
-    are tokenized and packed into the folder's ingested rows (storage.ingest), reused from an earlier run of the
+    are tokenized and packed into the folder's ingested rows (rows/ingest.py), reused from an earlier run of the
     same build where the source has not changed."""
     writer.check_folder()  # before reading anything: a foreign folder is refused at once
     options = dict(data_format=spec.format, prompt_field=cfg.prompt_field, completion_field=cfg.completion_field)

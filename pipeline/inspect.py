@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from mft_cache.storage import open_cache
-from mft_cache.storage.packing import label_mask, rule_of
+from mft_cache.masks import label_mask
 
 
 def cache_stats(folder, verify: bool = False) -> dict:
@@ -15,13 +15,12 @@ def cache_stats(folder, verify: bool = False) -> dict:
     cache = open_cache(folder, verify="full" if verify else "none")
     m = cache.manifest
     lp_field = next(f for f in cache.schema if f.name == "topk_logprobs")
-    bos = m["tokenizer"].get("bos_token_id")
+    bos = m.tokenizer.bos_token_id
     n = correct = bos_rows = 0
     label_lp_sum = tail_sum = 0.0
     for arrays in cache.iter_shards():  # encoded log-probs come decoded: the values the trainer sees
-        t = arrays["topk_ids"].shape[1]
         valid = arrays["label_mask"] if "label_mask" in arrays else \
-            label_mask(arrays["input_ids"], arrays["length"], rule_of(m))  # (R, T-1) trained positions
+            label_mask(arrays["input_ids"], arrays["length"], m.bos_id)  # (R, T-1) trained positions
         labels = arrays["input_ids"][:, 1:].astype(np.int64)
         top_ids = arrays["topk_ids"].astype(np.int64)
         top_p = np.exp(arrays["topk_logprobs"].astype(np.float64))
@@ -35,26 +34,26 @@ def cache_stats(folder, verify: bool = False) -> dict:
         tail_sum += float(np.clip(1.0 - mass, 0.0, None)[valid].sum())
     return json_safe({
         "path": str(cache.folder),
-        "format": m["format"],
-        "schema_version": m["schema_version"],
-        "model": m["model"]["id"],
-        "vocab_size": m["vocab_size"],
-        "top_k": m["top_k"],
-        "seq_len": m["seq_len"],
-        "num_sequences": m["num_sequences"],
-        "num_tokens": m["num_tokens"],
-        "num_input_tokens": m.get("num_input_tokens"),
-        "data_format": m["data"].get("format", "text"),
-        "train_on": m["data"].get("train_on", "all"),
-        "num_shards": len(m["shards"]),
-        "bytes_per_token": m["bytes_per_token"],
+        "format": m.format,
+        "schema_version": m.schema_version,
+        "model": m.model.id,
+        "vocab_size": m.vocab_size,
+        "top_k": m.top_k,
+        "seq_len": m.seq_len,
+        "num_sequences": m.num_sequences,
+        "num_tokens": m.num_tokens,
+        "num_input_tokens": m.num_input_tokens,
+        "data_format": m.data.format,
+        "train_on": m.data.train_on,
+        "num_shards": len(m.shards),
+        "bytes_per_token": m.bytes_per_token,
         "logprob_storage": lp_field.encoding["name"] if lp_field.encoding else lp_field.dtype,
         "top1_accuracy": correct / max(n, 1),
         "mean_label_logprob": label_lp_sum / max(n, 1),
         "mean_tail_mass": tail_sum / max(n, 1),
-        "packing": (m.get("packing") or {}).get("rule", "concat"),
-        "bos_row_share": None if bos is None else bos_rows / max(m["num_sequences"], 1),
-        "num_processes": m.get("num_processes", 1),
+        "packing": m.rule,
+        "bos_row_share": None if bos is None else bos_rows / max(m.num_sequences, 1),
+        "num_processes": m.num_processes,
         "verified": bool(verify),
     })
 

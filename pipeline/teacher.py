@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mft_cache.masks import real_tokens
 from mft_cache.models import hidden_states
 
 
@@ -48,8 +49,7 @@ def teach_batch(backbone, head, input_ids: torch.Tensor, lengths: torch.Tensor, 
     (N, ...) in row order (the "trained" layout), and the head runs on those alone. `forward_kwargs`: what the
     backbone gets instead of the padding mask (mft_cache.attention.packed_forward_kwargs: documents packed whole)."""
     b, t = input_ids.shape
-    positions = torch.arange(t, device=input_ids.device)
-    attention_mask = (positions[None, :] < lengths[:, None]).long()  # (B, T)
+    attention_mask = real_tokens(lengths, t).long()  # (B, T)
     h = hidden_states(backbone, input_ids, **(forward_kwargs or {"attention_mask": attention_mask}))
     h = h[:, :-1]  # (B, T-1, H)
     labels = input_ids[:, 1:]  # (B, T-1)

@@ -85,12 +85,11 @@ def dataset_card(manifest: dict, repo: str) -> str:
     """The Hub dataset card of a cache: teacher, k, dtype, size, data, and how to read it."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    cfg, model, data = manifest["config"], manifest["model"], manifest["data"]
-    facts = {"teacher": model["id"], "teacher_weights_fingerprint": model.get("weights_fingerprint"),
-             "top_k": manifest["top_k"], "logprob_dtype": cfg.get("logprob_dtype"), "seq_len": manifest["seq_len"],
-             "num_sequences": manifest["num_sequences"], "num_tokens": manifest["num_tokens"],
-             "bytes_per_token": manifest["bytes_per_token"], "format": manifest["format"],
-             "data_fingerprint": data.get("fingerprint"), "manifest_sha256": manifest["manifest_sha256"]}
+    m = manifest
+    facts = {"teacher": m.model.id, "teacher_weights_fingerprint": m.model.weights_fingerprint,
+             "top_k": m.top_k, "logprob_dtype": m.config.get("logprob_dtype"), "seq_len": m.seq_len,
+             "num_sequences": m.num_sequences, "num_tokens": m.num_tokens, "bytes_per_token": m.bytes_per_token,
+             "format": m.format, "data_fingerprint": m.data.fingerprint, "manifest_sha256": m.manifest_sha256}
     meta = DatasetCardData(tags=["mft-cache", "logit-distillation", "teacher-logprobs"], mft_cache=facts)
     rows = "\n".join(f"| {k} | `{v}` |" for k, v in facts.items())
     text = f"""# {repo}: a teacher's top-{facts['top_k']} log-probs, cached by mft-cache

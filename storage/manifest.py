@@ -1,30 +1,182 @@
 """`manifest.json`: the contract between the two stages, written last. Its keys are declared here:
 `build_manifest` assembles it from what the writer wrote and the metadata the writing stage gives
-(`CacheMetadata`); `load_manifest` reads and checks it. docs/FORMAT.md describes every key.
+(`CacheMetadata`); `load_manifest` reads and checks it into a `Manifest`, which every reader uses (attributes, never
+dict lookups). docs/FORMAT.md describes every key.
 
 The manifest carries its own sha256 (over its canonical JSON without that key), so a hand-edited
 manifest is detected like a corrupted shard.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from .schema import FORMAT_NAME, READABLE_SCHEMA_VERSIONS, Field, layout_of, schema_version_of, value_semantics
-from .validate import DOCUMENTS, ManifestError, read_manifest_json, validate_manifest
+from mft_cache.files import write_json_atomic
+from mft_cache.masks import BOS_PER_ROW, CONCAT
+
+from .schema import (FORMAT_NAME, READABLE_SCHEMA_VERSIONS, Field, layout_of, schema_from_json, schema_version_of,
+                     value_semantics)
+from .validate import ManifestError, read_manifest_json, validate_manifest
 
 MANIFEST = "manifest.json"
-REQUIRED_KEYS = (
-    "format_name", "schema_version", "format", "values", "schema", "model", "tokenizer", "vocab_size",
-    "top_k", "seq_len", "data", "config", "shards", "num_sequences", "num_tokens", "bytes_per_token",
-)
 
 
-DOCUMENTS_NOTE = ("documents.npy: int64 start offset of each document in the packed token stream (see packing for "
-                  "how rows are cut from it), then the total")
+@dataclass(frozen=True)
+class FileRecord:
+    """A file of the cache folder: its name there, its size in bytes and its sha256."""
+
+    name: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Shard(FileRecord):
+    """One shard: a FileRecord holding `rows` rows, from row `first_row` of the cache."""
+
+    rows: int
+    first_row: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The teacher: its id (hub id or folder), local folder, architecture, fingerprints and the dtype of its pass."""
+
+    id: str
+    path: str | None = None
+    architecture: str | None = None
+    config_fingerprint: str | None = None
+    weights_fingerprint: str | None = None
+    dtype: str | None = None
+    tied_embeddings: bool | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The teacher's tokenizer: its fingerprint, class name and special ids (a storage-only writer may give none)."""
+
+    fingerprint: str | None = None
+    class_name: str | None = None  # the manifest's key "class"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """The documents the rows were made from, and how: source, split, field names, fingerprint, row format, what is
+    trained, counts, and documents.npy (each document's offset)."""
+
+    source: str | None = None
+    split: str | None = None
+    text_field: str | None = None
+    fingerprint: str | None = None
+    format: str = "text"
+    train_on: str = "all"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    chat_template_fingerprint: str | None = None
+    documents_note: str | None = None
+    num_documents: int | None = None
+    num_empty_skipped: int | None = None
+    documents_file: FileRecord | None = None
+
+
+@dataclass(frozen=True)
+class Packing:
+    """The rule that formed the rows: "concat", "bos-per-row" (every row starts with `bos_token_id`) or "document"
+    (documents packed whole)."""
+
+    rule: str = CONCAT
+    bos_token_id: int | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A cache's manifest.json, validated. `from_json` is the only constructor readers use: it checks every key
+    (validate.py) and raises ManifestError naming the key; `to_json()` gives the file's content as it was read."""
+
+    format: str
+    schema_version: int
+    schema: tuple[Field, ...]
+    vocab_size: int
+    top_k: int
+    seq_len: int
+    model: ModelInfo
+    tokenizer: TokenizerInfo
+    data: DataInfo
+    shards: tuple[Shard, ...]
+    num_sequences: int
+    num_tokens: int  # trained positions (tokens with a next-token label)
+    bytes_per_token: float | None
+    config: dict  # the build's identity: everything that determined the cache's content
+    values: dict  # what the stored values mean, in words
+    manifest_sha256: str
+    packing: Packing | None = None  # None: a cache made before rows started with BOS (rule "concat")
+    num_input_tokens: int | None = None
+    rows_per_shard: int | None = None
+    shard_bytes: int | None = None
+    num_processes: int = 1
+    created_by: dict | None = None
+    _json: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def layout(self) -> str:
+        """"trained" (fields per trained position, with each row's segment ids and label mask) or "dense"."""
+        return layout_of(self.schema)
+
+    @property
+    def rule(self) -> str:
+        """How the rows were packed: "concat", "bos-per-row" or "document"."""
+        return self.packing.rule if self.packing is not None else CONCAT
+
+    @property
+    def bos_id(self) -> int | None:
+        """The BOS every row starts with (rule "bos-per-row"), or None."""
+        return self.packing.bos_token_id if self.rule == BOS_PER_ROW else None
+
+    def to_json(self) -> dict:
+        """A copy of the manifest's JSON as it was read."""
+        return copy.deepcopy(self._json)
+
+    @classmethod
+    def from_json(cls, obj, path: Path) -> Manifest:
+        """The typed manifest of a parsed manifest.json (format_name and schema_version already known good); raises
+        ManifestError naming `path` and the key of the first problem (validate.validate_manifest)."""
+        validate_manifest(obj, path)
+        data = dict(obj["data"])
+        docs = data.pop("documents_file", None)
+        tokenizer = dict(obj["tokenizer"])
+        class_name = tokenizer.pop("class", None)
+        return cls(
+            format=obj["format"], schema_version=obj["schema_version"], schema=schema_from_json(obj["schema"]),
+            vocab_size=obj["vocab_size"], top_k=obj["top_k"], seq_len=obj["seq_len"],
+            model=_build(ModelInfo, obj["model"]), tokenizer=_build(TokenizerInfo, tokenizer, class_name=class_name),
+            data=_build(DataInfo, data, documents_file=_build(FileRecord, docs) if docs else None),
+            shards=tuple(_build(Shard, s) for s in obj["shards"]), num_sequences=obj["num_sequences"],
+            num_tokens=obj["num_tokens"], bytes_per_token=obj["bytes_per_token"], config=copy.deepcopy(obj["config"]),
+            values=dict(obj["values"]), manifest_sha256=obj["manifest_sha256"],
+            packing=_build(Packing, obj["packing"]) if obj.get("packing") else None,
+            num_input_tokens=obj.get("num_input_tokens"), rows_per_shard=obj.get("rows_per_shard"),
+            shard_bytes=obj.get("shard_bytes"), num_processes=obj.get("num_processes", 1),
+            created_by=copy.deepcopy(obj.get("created_by")), _json=copy.deepcopy(obj))
+
+
+def _build(cls, obj: dict, **extra):
+    """An instance of the dataclass `cls` from a validated JSON object: its known keys (others are prose a later
+    version may add, kept in the manifest's JSON), with `extra` on top; absent keys take their defaults."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in obj.items() if k in names}, **extra)
+
+
+# the keys every manifest holds: the format name, and the typed manifest's fields without a default (its own sha256
+# is checked on its own: a manifest without it "was modified after it was written")
+REQUIRED_KEYS = ("format_name", *(f.name for f in fields(Manifest) if f.default is MISSING and f.default_factory is MISSING
+                                  and f.name != "manifest_sha256"))
 
 
 @dataclass(frozen=True)
@@ -40,7 +192,7 @@ class CacheMetadata:
     logprob_dtype: str
     data: dict  # source, text_field, split, fingerprint, num_documents, num_empty_skipped (chat and instruction
     #             data also: format, train_on, chat_template_fingerprint, prompt_field, completion_field, documents_note)
-    packing: dict  # storage.packing.packing_description
+    packing: dict  # rule, bos_token_id, description (the rows' packing: docs/FORMAT.md)
     num_sequences: int
     num_tokens: int  # trained positions (tokens with a next-token label)
     num_input_tokens: int
@@ -57,7 +209,7 @@ def build_manifest(meta: CacheMetadata, *, fmt: str, schema: tuple[Field, ...], 
     manifest.update({
         "values": value_semantics(manifest.pop("logprob_dtype"), layout_of(schema)),
         "schema": [f.to_json() for f in schema],
-        "data": {"documents_note": DOCUMENTS_NOTE, **meta.data, "documents_file": documents_file},
+        "data": {**meta.data, "documents_file": documents_file},
         "format": fmt,
         "config": identity,
         "shards": shards,
@@ -77,32 +229,21 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k != "manifest_sha256"})).hexdigest()
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON under a temporary name, fsync, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_manifest(folder: Path, manifest: dict) -> dict:
     """Stamp the format name, the schema version (2 once a field is encoded, see schema.py) and the
-    manifest's own sha256, then write it atomically."""
+    manifest's own sha256, then write it atomically; return what was written."""
     manifest = {**manifest, "format_name": FORMAT_NAME, "schema_version": schema_version_of(manifest.get("schema", []))}
     manifest["manifest_sha256"] = manifest_digest(manifest)
     write_json_atomic(Path(folder) / MANIFEST, manifest)
     return manifest
 
 
-def load_manifest(folder: Path) -> dict:
-    """Read and validate `folder/manifest.json`; raise ManifestError naming the problem.
+def load_manifest(folder: Path) -> Manifest:
+    """Read and validate `folder/manifest.json` into a Manifest; raise ManifestError naming the problem.
 
     The manifest is untrusted input (anyone can edit it and recompute its sha256): after the checks of format,
-    version and self-checksum, validate.validate_manifest checks every key this version reads (types, ranges,
-    the schema against cache_schema, shard names and row counts). See storage/validate.py.
+    version and self-checksum, Manifest.from_json checks every key this version reads (types, ranges, the schema
+    against cache_schema, shard names and row counts; storage/validate.py).
     """
     path = Path(folder) / MANIFEST
     if not Path(folder).is_dir():
@@ -124,5 +265,4 @@ def load_manifest(folder: Path) -> dict:
         raise ManifestError(f"{path} lacks required keys {missing}")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise ManifestError(f"{path} was modified after it was written (manifest_sha256 does not match its content)")
-    validate_manifest(manifest, path)
-    return manifest
+    return Manifest.from_json(manifest, path)

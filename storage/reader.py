@@ -33,9 +33,10 @@ import torch
 
 from .backends import CorruptShardError, checksum, get_backend, size_on_disk
 from .encoding import Q8, Q8_GAP_MAX, Q8_LEVELS, decode_q8, q8_bad_rows
-from .manifest import MANIFEST, ManifestError, load_manifest
-from .packing import label_mask, rule_of
-from .schema import MASK_FIELD, Field, layout_of, position_counts, row_bytes, schema_from_json
+from mft_cache.masks import label_mask, real_tokens
+
+from .manifest import MANIFEST, FileRecord, ManifestError, load_manifest
+from .schema import MASK_FIELD, Field, layout_of, position_counts, row_bytes
 from .validate import member_path
 
 VERIFY_MODES = ("none", "lazy", "full")
@@ -123,7 +124,7 @@ def validate_values(arrays: dict[str, np.ndarray], *, vocab_size: int, seq_len: 
             q8 `topk_logprobs` codes must decode within [0, levels] with column 0 at 0, and its
             `top1_logprob` must be finite and not positive. Without a schema (or without
             `topk_logprobs` in `arrays`) only the first checks run.
-        bos_id: the cache's packing rule (packing.rule_of(manifest)), which says which positions are trained.
+        bos_id: the BOS the rows start with (Manifest.bos_id), which says which positions are trained.
         first_row: the row of the shard `arrays` starts at, for messages.
     Raises:
         CorruptShardError naming `path`, the field, the problem and the first bad row.
@@ -176,7 +177,7 @@ def check_segments(arrays: dict[str, np.ndarray], length: np.ndarray, seq_len: i
     a label mask of 0s and 1s that trains only labels of the same document as their position. Returns the mask
     (R, T-1) bool."""
     seg = arrays["segment_ids"].astype(np.int64, copy=False)  # (R, T)
-    real = np.arange(seg.shape[1])[None, :] < length[:, None]  # (R, T)
+    real = real_tokens(length, seg.shape[1])  # (R, T)
     wrong = (seg < 0) | (seg > seq_len) | ((seg == 0) == real)
     if wrong.any():
         bad("segment_ids", "segment ids outside [1, seq_len] on real tokens or not 0 on the padding",
@@ -244,7 +245,7 @@ MAX_OPEN_SHARDS = 8  # shard readers kept open at once by a Cache
 class Cache:
     """A finished cache. `len(cache)` sequences; `cache[i]` -> dict of torch tensors for row i.
 
-    Fields of a row (see `manifest["schema"]`): input_ids (T,), length (), topk_ids (T-1, K),
+    Fields of a row (see `manifest.schema`): input_ids (T,), length (), topk_ids (T-1, K),
     topk_logprobs (T-1, K), label_logprob (T-1,). Ids come back as int64, values as stored, except
     encoded fields, which come back decoded (q8 `topk_logprobs`: float32 log-probs).
     """
@@ -254,20 +255,20 @@ class Cache:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder)  # validated: types, ranges, schema, shard names, row counts
-        self.format = self.manifest["format"]
-        self.schema: tuple[Field, ...] = schema_from_json(self.manifest["schema"])
-        self.shards = self.manifest["shards"]
-        self._starts = [s["first_row"] for s in self.shards]
+        self.format = self.manifest.format
+        self.schema: tuple[Field, ...] = self.manifest.schema
+        self.shards = self.manifest.shards
+        self._starts = [s.first_row for s in self.shards]
         self._open: OrderedDict[int, object] = OrderedDict()  # the most recently read shards' readers
         self._offsets: dict[int, np.ndarray] = {}  # the "trained" layout: each open shard's (rows + 1,) position offsets
-        self.layout = layout_of(self.schema)
+        self.layout = self.manifest.layout
         self._verified: set[int] = set()
         self._closed = 0  # shard readers closed so far
         self._lock = threading.Lock()
         self.verify_mode = verify
         for i, s in enumerate(self.shards):  # cheap structural check, metadata only: each a member of the folder, of its size
             self._member(f"shards[{i}]", s)
-        docs = self.manifest["data"].get("documents_file")
+        docs = self.manifest.data.documents_file
         if docs:
             self._member("data.documents_file", docs, file=True)
         if verify == "full":
@@ -275,31 +276,31 @@ class Cache:
 
     # -- metadata -------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self.manifest["num_sequences"])
+        return self.manifest.num_sequences
 
     @property
     def top_k(self) -> int:
-        return int(self.manifest["top_k"])
+        return self.manifest.top_k
 
     @property
     def seq_len(self) -> int:
-        return int(self.manifest["seq_len"])
+        return self.manifest.seq_len
 
     @property
     def vocab_size(self) -> int:
-        return int(self.manifest["vocab_size"])
+        return self.manifest.vocab_size
 
     # -- integrity ------------------------------------------------------------------------------
-    def _member(self, key: str, entry: dict, file: bool = False) -> Path:
-        """folder/entry["name"] once it is a plain member of the folder (validate.member_path) of the size the
+    def _member(self, key: str, entry: FileRecord, file: bool = False) -> Path:
+        """folder/entry.name once it is a plain member of the folder (validate.member_path) of the size the
         manifest's `key` records (a file only, if `file`), from metadata alone; raise CorruptShardError naming the
         file and the key, never echoing what is there."""
-        path = self.folder / entry["name"]
-        member_path(self.folder, entry["name"])
+        path = self.folder / entry.name
+        member_path(self.folder, entry.name)
         if file and not stat.S_ISREG(os.stat(path).st_mode):
             raise CorruptShardError(path, f"is not a regular file (manifest key {key!r})")
-        if size_on_disk(path) != entry["bytes"]:
-            raise CorruptShardError(path, f"its size differs from the {entry['bytes']} bytes of the manifest's "
+        if size_on_disk(path) != entry.bytes:
+            raise CorruptShardError(path, f"its size differs from the {entry.bytes} bytes of the manifest's "
                                     f"{key}.bytes (truncated or replaced)")
         return path
 
@@ -308,14 +309,14 @@ class Cache:
         the manifest (before any parser reads it), its row count, then its values block by block."""
         s = self.shards[index]
         path = self._member(f"shards[{index}]", s)
-        if checksum(path) != s["sha256"]:
+        if checksum(path) != s.sha256:
             raise CorruptShardError(path, f"its sha256 does not match the manifest's shards[{index}].sha256 (altered, or "
                                     "copied from another cache)")
         reader = get_backend(self.format)(path, self.schema)
-        found = len(reader.read("length", 0, s["rows"] + 1))
-        if found != s["rows"]:
-            raise CorruptShardError(path, f"holds {'more than ' if found > s['rows'] else ''}{min(found, s['rows'])} rows, "
-                                    f"the manifest says {s['rows']} (shards[{index}].rows)")
+        found = len(reader.read("length", 0, s.rows + 1))
+        if found != s.rows:
+            raise CorruptShardError(path, f"holds {'more than ' if found > s.rows else ''}{min(found, s.rows)} rows, "
+                                    f"the manifest says {s.rows} (shards[{index}].rows)")
         if self.layout == "trained":
             offsets = self._position_offsets(index, reader)
             for f in self.schema:
@@ -324,10 +325,10 @@ class Cache:
                     raise CorruptShardError(path, f"field {f.name!r} holds {found} trained positions, its rows' "
                                             f"label_mask {int(offsets[-1])}")
         block = max(1, _VERIFY_BLOCK_BYTES // max(1, row_bytes(self.schema)))
-        for a in range(0, s["rows"], block):
-            b = min(s["rows"], a + block)
+        for a in range(0, s.rows, block):
+            b = min(s.rows, a + block)
             validate_values(self._read_block(index, reader, a, b), vocab_size=self.vocab_size,
-                            seq_len=self.seq_len, path=path, schema=self.schema, bos_id=rule_of(self.manifest),
+                            seq_len=self.seq_len, path=path, schema=self.schema, bos_id=self.manifest.bos_id,
                             first_row=a)
         self._verified.add(index)
         return reader
@@ -335,7 +336,7 @@ class Cache:
     def _position_offsets(self, index: int, reader) -> np.ndarray:
         """(rows + 1,) where each row's trained positions start in shard `index`'s per-position fields."""
         if index not in self._offsets:
-            mask = reader.read(MASK_FIELD, 0, self.shards[index]["rows"])
+            mask = reader.read(MASK_FIELD, 0, self.shards[index].rows)
             counts = position_counts(self.schema, {MASK_FIELD: mask})
             self._offsets[index] = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         return self._offsets[index]
@@ -356,10 +357,10 @@ class Cache:
         """Check every shard's checksum and values, and the auxiliary files; raise CorruptShardError naming the first bad one."""
         for i in range(len(self.shards)):
             self.verify_shard(i)
-        docs = self.manifest["data"].get("documents_file")
+        docs = self.manifest.data.documents_file
         if docs:
             path = self._member("data.documents_file", docs, file=True)
-            if checksum(path) != docs["sha256"]:
+            if checksum(path) != docs.sha256:
                 raise CorruptShardError(path, "its sha256 does not match the manifest's data.documents_file.sha256")
 
     # -- rows -----------------------------------------------------------------------------------
@@ -373,7 +374,7 @@ class Cache:
                 if self.verify_mode != "none" and index not in self._verified:
                     self._open[index] = self._verified_reader(index)  # checksum before any parser touches the bytes
                 else:
-                    self._open[index] = get_backend(self.format)(self.folder / self.shards[index]["name"], self.schema)
+                    self._open[index] = get_backend(self.format)(self.folder / self.shards[index].name, self.schema)
                 if len(self._open) > MAX_OPEN_SHARDS:
                     closed, _ = self._open.popitem(last=False)
                     self._offsets.pop(closed, None)
@@ -410,7 +411,7 @@ class Cache:
         row = start
         while row < stop:
             i, local = self.locate(row)
-            n = min(stop - row, self.shards[i]["rows"] - local)
+            n = min(stop - row, self.shards[i].rows - local)
             if n <= 0:  # load_manifest makes the rows add up; never loop on a manifest changed since
                 raise ManifestError(f"{self.folder / MANIFEST}: row {row} lies past the end of the last shard "
                                     f"(num_sequences exceeds the shards' rows)")
@@ -422,9 +423,9 @@ class Cache:
                     parts[f.name].append(a)
                     continue
                 if len(a) != n:
-                    raise CorruptShardError(self.folder / self.shards[i]["name"], f"field {f.name!r} gave {len(a)} rows "
+                    raise CorruptShardError(self.folder / self.shards[i].name, f"field {f.name!r} gave {len(a)} rows "
                                             f"for rows {local}:{local + n}; the manifest says the shard holds "
-                                            f"{self.shards[i]['rows']}")
+                                            f"{self.shards[i].rows}")
                 parts[f.name].append(a)
             row += n
         arrays = {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in parts.items()}
@@ -437,7 +438,7 @@ class Cache:
     def iter_shards(self, raw: bool = False):
         """Yield each shard's rows as numpy arrays (one shard in memory at a time); raw as in read_rows."""
         for s in self.shards:
-            yield self.read_rows(s["first_row"], s["first_row"] + s["rows"], raw=raw)
+            yield self.read_rows(s.first_row, s.first_row + s.rows, raw=raw)
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         arrays = self.read_rows(row, row + 1)

@@ -92,9 +92,9 @@ class Field:
 
     def to_json(self) -> dict:
         d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "doc": self.doc}
-        if self.encoding is not None:  # absent for plain fields: their manifests stay as before
+        if self.encoding is not None:  # absent for plain fields: schema version 1 holds none
             d["encoding"] = dict(self.encoding)
-        if self.per_position:  # absent for row fields: dense manifests stay as before
+        if self.per_position:  # absent for row fields: dense manifests hold no axis
             d["axis"] = self.axis
         return d
 

@@ -27,34 +27,32 @@ import json
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from mft_cache.faults import fault_point
+from mft_cache.files import OwnedFolder, remove_member, write_json_atomic
 from mft_cache.folder_lock import LOCK_FILE
 
-from .ingest import FILES as INGEST_FILES
-from .ingest import INGEST, Rows
 from .backends import checksum, get_backend, parse_shard_name, shard_name, size_on_disk
-from .manifest import (DOCUMENTS, MANIFEST, CacheMetadata, ManifestError, build_manifest, load_manifest, save_manifest,
-                       write_json_atomic)
+from .manifest import MANIFEST, CacheMetadata, Manifest, ManifestError, build_manifest, load_manifest, save_manifest
 from .schema import FORMAT_NAME, Field
+from .validate import DOCUMENTS
 
 log = logging.getLogger(__name__)
 
 PROGRESS = ".mft-cache-progress.json"
 # what a writer puts in a folder besides the shards themselves: the manifest, the progress file, documents.npy,
 # shard records (.shard-NNNNN.json) and anything under a temporary name (.NAME.tmp-PID)
-_OURS = re.compile(r"^(manifest\.json|\.mft-cache-progress\.json|documents\.npy|\.shard-\d{5}\.json|\..+\.tmp-\d+"
-                   r"|\.ingest\.json|\.ingest-[a-z_]+\.bin)$")
+_OURS = re.compile(r"^(manifest\.json|\.mft-cache-progress\.json|documents\.npy|\.shard-\d{5}\.json|\..+\.tmp-\d+)$")
 _PROGRESS_TMP = re.compile(r"^\.\.mft-cache-progress\.json\.tmp-\d+$")  # write_json_atomic's name for it
 
 
-def is_ours(name: str) -> bool:
-    """Whether a file name in a cache folder is one a writer of a registered backend makes (or the folder's lock)."""
-    return name == LOCK_FILE or bool(_OURS.match(name)) or parse_shard_name(name) is not None
+def is_ours(name: str, scratch: tuple[str, ...] = ()) -> bool:
+    """Whether a file name in a cache folder is one a writer of a registered backend makes, one of the build's
+    `scratch` files, or the folder's lock."""
+    return name == LOCK_FILE or name in scratch or bool(_OURS.match(name)) or parse_shard_name(name) is not None
 
 
 # identity keys added since caches were first written, with the value an identity without them meant
@@ -84,13 +82,6 @@ def _read_json(path: Path, quiet: bool = False) -> dict:
     return obj
 
 
-def _remove(p: Path) -> None:
-    if p.is_dir():
-        shutil.rmtree(p)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
-
-
 class CacheWriter:
     """Owns one cache folder during a build. `state` is "new", "resume" or "complete".
 
@@ -103,12 +94,17 @@ class CacheWriter:
         overwrite: remove an existing cache (ours only; a folder with foreign files is always refused).
         prepare: check (and if needed wipe) the folder and set `state`. False: attach to a folder another
             process of the same build has prepared; `state` is None and only `write_shard` is meant to be used.
+        scratch: names of the files a build keeps in the folder until it finishes (its ingested rows): ours, kept
+            when the folder is prepared, removed by `finish`; a readable JSON `scratch[0]` shows the folder is a
+            build's.
     """
 
     def __init__(self, folder: Path, *, fmt: str, schema: tuple[Field, ...], identity: dict, overwrite: bool = False,
-                 prepare: bool = True):
+                 prepare: bool = True, scratch: tuple[str, ...] = ()):
         self.backend = get_backend(fmt)
+        self.scratch = tuple(scratch)
         self.folder = Path(folder)
+        self.owned = OwnedFolder(self.folder, lambda name: is_ours(name, self.scratch))
         self.fmt, self.schema, self.identity = fmt, schema, identity
         self.state = self.prepare(overwrite) if prepare else None
 
@@ -120,8 +116,8 @@ class CacheWriter:
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"--out {self.folder} is a file, not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
-        names = sorted(n for n in os.listdir(self.folder) if n != LOCK_FILE)  # the lock: held by this build
-        foreign = [n for n in names if not is_ours(n)]
+        names = self.owned.names()  # the lock left out: held by this build
+        foreign = self.owned.foreign(names)
         if foreign:
             raise ValueError(
                 f"--out {self.folder} holds files that are not part of an mft-cache (e.g. {foreign[:3]}); "
@@ -141,7 +137,7 @@ class CacheWriter:
         if not (self.folder / MANIFEST).exists():
             return None
         try:
-            return _identity(load_manifest(self.folder)["config"])
+            return _identity(load_manifest(self.folder).config)
         except ManifestError as e:
             raise ValueError(f"--out {self.folder} holds a damaged cache ({e}); pass --overwrite to rebuild it") from e
 
@@ -151,9 +147,9 @@ class CacheWriter:
         old = None if overwrite else self.finished_identity()
         if old is not None:
             if old == _identity(self.identity):
-                for n in names:  # leftovers of a run stopped inside finish(), after the manifest was written
-                    if n.startswith("."):  # progress file, shard records, *.tmp-PID, ingested rows (all ours)
-                        _remove(self.folder / n)
+                # leftovers of a run stopped inside finish(), after the manifest was written: progress file, shard
+                # records, *.tmp-PID, ingested rows (all ours)
+                self.owned.remove([n for n in names if n.startswith(".")])
                 return "complete"
             raise ValueError(
                 f"--out {self.folder} holds a finished cache built with another configuration "
@@ -168,15 +164,12 @@ class CacheWriter:
                     f"--out {self.folder} holds an unfinished cache built with another configuration "
                     f"(differs in {_diff(old, self.identity)}); rerun that command to finish it, or pass --overwrite"
                 )
-            for n in names:  # debris of the interrupted run
-                if ".tmp-" in n:
-                    _remove(self.folder / n)
+            self.owned.remove([n for n in names if ".tmp-" in n])  # debris of the interrupted run
             return "resume"
-        names = [n for n in names if n not in INGEST_FILES]  # this build's rows, ingested before the folder was prepared
+        names = [n for n in names if n not in self.scratch]  # this build's rows, ingested before the folder was prepared
         if names:
             log.info("removing %s in %s", "the cache (--overwrite)" if overwrite else "an unfinished start", self.folder)
-            for n in names:
-                _remove(self.folder / n)
+            self.owned.remove(names)
         write_json_atomic(progress, self.identity)
         return "new"
 
@@ -190,7 +183,8 @@ class CacheWriter:
                 return True
         if PROGRESS in names and _read_json(self.folder / PROGRESS, quiet=True):
             return True
-        if INGEST in names and _read_json(self.folder / INGEST, quiet=True):  # a build stopped while reading its data
+        if self.scratch and self.scratch[0] in names and _read_json(self.folder / self.scratch[0], quiet=True):
+            # a build stopped while reading its data
             return True
         return any(_PROGRESS_TMP.match(n) for n in names)
 
@@ -217,12 +211,12 @@ class CacheWriter:
         """Write one shard (numpy arrays keyed by field name) atomically; return its record."""
         name = shard_name(index, self.fmt)
         tmp = self.folder / f".{name}.tmp-{os.getpid()}"
-        _remove(tmp)
+        remove_member(tmp)
         self.backend.write(tmp, self.schema, arrays)
         record = {"name": name, "rows": int(arrays[self.schema[0].name].shape[0]), "sha256": checksum(tmp), "bytes": size_on_disk(tmp)}
         write_json_atomic(self._record_path(index), record)
         fault_point("cache:shard-write")
-        _remove(self.folder / name)
+        remove_member(self.folder / name)
         os.replace(tmp, self.folder / name)
         return {**record, "index": index}
 
@@ -236,9 +230,10 @@ class CacheWriter:
         os.replace(tmp, self.folder / name)
         return {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
-    def finish(self, meta: CacheMetadata, num_shards: int, doc_offsets: np.ndarray | Rows) -> dict:
-        """Write documents.npy (from the offsets, or from ingested rows on disk), then manifest.json (last) from the
-        shard records and `meta`; clean up (the ingested rows too); return it."""
+    def finish(self, meta: CacheMetadata, num_shards: int, doc_offsets) -> Manifest:
+        """Write documents.npy, then manifest.json (last) from the shard records and `meta`; clean up (the scratch
+        files too); return it. `doc_offsets` is the int64 offsets, or an object whose `write_documents(path)`
+        writes them as a .npy file and returns {sha256, bytes} (ingested rows on disk)."""
         done = self.done_shards()
         missing = [i for i in range(num_shards) if i not in done]
         assert not missing, f"finish() with shards still missing: {missing[:10]}"
@@ -246,7 +241,7 @@ class CacheWriter:
         for i in range(num_shards):
             shards.append({**done[i], "first_row": first})
             first += done[i]["rows"]
-        if isinstance(doc_offsets, Rows):
+        if hasattr(doc_offsets, "write_documents"):
             tmp = self.folder / f".{DOCUMENTS}.tmp-{os.getpid()}"
             documents_file = doc_offsets.write_documents(tmp)
             os.replace(tmp, self.folder / DOCUMENTS)
@@ -255,11 +250,12 @@ class CacheWriter:
             buf = io.BytesIO()
             np.save(buf, np.asarray(doc_offsets, dtype=np.int64), allow_pickle=False)
             documents_file = self.write_file(DOCUMENTS, buf.getvalue())
-        manifest = save_manifest(self.folder, build_manifest(meta, fmt=self.fmt, schema=self.schema, identity=self.identity,
-                                                             shards=shards, documents_file=documents_file))
+        written = save_manifest(self.folder, build_manifest(meta, fmt=self.fmt, schema=self.schema, identity=self.identity,
+                                                            shards=shards, documents_file=documents_file))
+        manifest = Manifest.from_json(written, self.folder / MANIFEST)  # what every reader will see: checked here too
         for i in range(num_shards):
-            _remove(self._record_path(i))
-        for name in INGEST_FILES:
-            _remove(self.folder / name)
-        _remove(self.folder / PROGRESS)
+            remove_member(self._record_path(i))
+        for name in self.scratch:
+            remove_member(self.folder / name)
+        remove_member(self.folder / PROGRESS)
         return manifest

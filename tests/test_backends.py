@@ -74,7 +74,7 @@ def test_a_registered_backend_writes_resumes_and_reads(npz, tmp_path):
                          packing={"rule": "concat", "bos_token_id": None}, num_sequences=10, num_tokens=50,
                          num_input_tokens=60, rows_per_shard=4, num_processes=1, created_by={})
     manifest = again.finish(meta, 3, np.array([0, 60]))
-    assert manifest["format"] == "npz" and [s["name"] for s in manifest["shards"]] == [
+    assert manifest.format == "npz" and [s.name for s in manifest.shards] == [
         "shard-00000.npz", "shard-00001.npz", "shard-00002.npz"]
     cache = open_cache(tmp_path / "c", verify="full")
     rows = cache.read_rows(0, len(cache))

@@ -8,16 +8,17 @@ import logging
 import numpy as np
 
 from conftest import make_texts, unpack_stream, write_jsonl
+from helpers import cache_args
 from mft_cache.cli import main
 from mft_cache.models import load_tokenizer
 from mft_cache.pipeline.inspect import cache_stats
-from mft_cache.storage import build_sequences, open_cache
+from mft_cache.rows import build_sequences
+from mft_cache.storage import open_cache
 from mft_cache.storage.manifest import MANIFEST, manifest_digest
 
 
 def _cache(model, data, out, *extra):
-    assert main(["cache", "--model", str(model), "--data", str(data), "--out", str(out), "--seq-len", "24",
-                 "--top-k", "4", *extra]) == 0
+    assert main(cache_args(model, data, out, *extra, seq_len=24, top_k=4)) == 0
     return open_cache(out)
 
 
@@ -36,15 +37,16 @@ def test_every_cache_row_starts_with_bos_and_bos_labels_are_not_cached(llama, do
     assert bos_label.any()
     assert (rows["label_logprob"][bos_label] == 0).all() and (rows["topk_ids"][bos_label] == 0).all()
     real = np.arange(23)[None, :] < (rows["length"][:, None] - 1)
-    assert cache.manifest["num_tokens"] == int((real & ~bos_label).sum())
-    assert cache.manifest["packing"]["rule"] == "bos-per-row"
+    assert cache.manifest.num_tokens == int((real & ~bos_label).sum())
+    assert cache.manifest.packing.rule == "bos-per-row"
     stats = cache_stats(tmp_path / "c")
     assert stats["bos_row_share"] == 1.0 and stats["packing"] == "bos-per-row"
 
 
 def test_a_tokenizer_without_bos_packs_plain_slices(gpt2, docs_jsonl, tmp_path):
     cache = _cache(gpt2, docs_jsonl, tmp_path / "c")
-    assert cache.manifest["packing"] == {**cache.manifest["packing"], "rule": "concat", "bos_token_id": None}
+    packing = cache.manifest.to_json()["packing"]
+    assert packing == {**packing, "rule": "concat", "bos_token_id": None}
     packed, _ = build_sequences(docs_jsonl, load_tokenizer(str(gpt2)), seq_len=24)
     stream = unpack_stream(packed)
     np.testing.assert_array_equal(cache.read_rows(0, len(cache))["input_ids"].reshape(-1)[: len(stream)], stream)
@@ -57,9 +59,9 @@ def test_online_batches_and_evaluation_rows_start_with_bos(llama, docs_jsonl, tm
     seen = []
     forward = student.StudentLoss.forward
 
-    def spy(self, input_ids, length, mask, **kw):
-        seen.append((input_ids.clone(), length.clone(), mask.clone()))
-        return forward(self, input_ids, length, mask, **kw)
+    def spy(self, input_ids, length, label_mask, **kw):
+        seen.append((input_ids.clone(), length.clone(), label_mask.clone()))
+        return forward(self, input_ids, length, label_mask, **kw)
 
     monkeypatch.setattr(student.StudentLoss, "forward", spy)
     bos = load_tokenizer(str(llama)).bos_token_id

@@ -12,8 +12,10 @@ import torch
 
 from mft_cache.pipeline.cache import CacheConfig, build_cache
 from conftest import unpack_stream
+from helpers import snapshot
 from mft_cache.models import load_tokenizer
-from mft_cache.storage import CorruptShardError, ManifestError, build_sequences, open_cache
+from mft_cache.rows import build_sequences
+from mft_cache.storage import CorruptShardError, ManifestError, open_cache
 from mft_cache.storage.manifest import manifest_digest
 
 # fp16 storage: round-to-nearest keeps the relative error of a stored log-prob within 2**-11 (4.9e-4),
@@ -24,7 +26,7 @@ FP16_RTOL, FP16_ATOL = 2.0**-11, 1e-6
 def build(model: Path, data: Path, out: Path, **kw) -> dict:
     cfg = dict(model=str(model), data=str(data), out=str(out), seq_len=48, top_k=8, batch_size=3, shard_mb=0.02)
     cfg.update(kw)
-    return build_cache(CacheConfig(**cfg))
+    return build_cache(CacheConfig(**cfg)).to_json()  # the manifest as written
 
 
 def brute_force(model_dir: Path, input_ids: np.ndarray, length: int) -> torch.Tensor:
@@ -65,16 +67,12 @@ def test_cache_equals_brute_force_log_softmax(kind, logprob_dtype, request, docs
     assert int(cache[len(cache) - 1]["length"]) < cache.seq_len or manifest["num_input_tokens"] % cache.seq_len == 0
 
 
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_same_input_gives_byte_identical_cache_and_backends_agree(llama, docs_jsonl, tmp_path):
     build(llama, docs_jsonl, tmp_path / "z1", format="zarr")
     build(llama, docs_jsonl, tmp_path / "z2", format="zarr")
     build(llama, docs_jsonl, tmp_path / "a1", format="arrow")
     build(llama, docs_jsonl, tmp_path / "a2", format="arrow")
-    z1, z2, a1, a2 = (_files(tmp_path / n) for n in ("z1", "z2", "a1", "a2"))
+    z1, z2, a1, a2 = (snapshot(tmp_path / n) for n in ("z1", "z2", "a1", "a2"))
     assert len(z1) > 5 and z1 == z2  # every shard file and the manifest, byte for byte
     assert a1 == a2
     cz, ca = open_cache(tmp_path / "z1"), open_cache(tmp_path / "a1")
@@ -88,8 +86,8 @@ def test_arrow_shards_are_readable_by_datasets(llama, docs_jsonl, tmp_path):
 
     build(llama, docs_jsonl, tmp_path / "a", format="arrow")
     cache = open_cache(tmp_path / "a")
-    ds = Dataset.from_file(str(tmp_path / "a" / cache.shards[0]["name"]))
-    assert ds.num_rows == cache.shards[0]["rows"]
+    ds = Dataset.from_file(str(tmp_path / "a" / cache.shards[0].name))
+    assert ds.num_rows == cache.shards[0].rows
     np.testing.assert_array_equal(np.array(ds[1]["topk_ids"]), cache[1]["topk_ids"].numpy())
 
 
@@ -130,19 +128,19 @@ def test_reader_gives_tensors_by_index_without_loading_everything(llama, docs_js
 def test_truncated_or_edited_shard_is_detected(fmt, llama, docs_jsonl, tmp_path):
     build(llama, docs_jsonl, tmp_path / "c", format=fmt)
     cache = open_cache(tmp_path / "c")
-    shard = tmp_path / "c" / cache.shards[1]["name"]
+    shard = tmp_path / "c" / cache.shards[1].name
     victim = shard if shard.is_file() else max((p for p in shard.rglob("*") if p.is_file() and "topk_logprobs" in str(p)),
                                                 key=lambda p: p.stat().st_size)
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit, same size
     victim.write_bytes(bytes(data))
     open_cache(tmp_path / "c", verify="none")  # size unchanged: only the checksum can tell
-    with pytest.raises(CorruptShardError, match=cache.shards[1]["name"]):
+    with pytest.raises(CorruptShardError, match=cache.shards[1].name):
         open_cache(tmp_path / "c", verify="full")
     lazy = open_cache(tmp_path / "c")  # default: checked on first read of that shard
     lazy[0]
-    with pytest.raises(CorruptShardError, match=cache.shards[1]["name"]):
-        lazy[cache.shards[1]["first_row"]]
+    with pytest.raises(CorruptShardError, match=cache.shards[1].name):
+        lazy[cache.shards[1].first_row]
     victim.write_bytes(bytes(data[: len(data) // 3]))  # truncated
     with pytest.raises(CorruptShardError, match="truncated"):
         open_cache(tmp_path / "c", verify="none")
@@ -170,7 +168,7 @@ def test_missing_shard_is_detected(llama, docs_jsonl, tmp_path):
     import shutil
 
     build(llama, docs_jsonl, tmp_path / "c")
-    name = open_cache(tmp_path / "c").shards[-1]["name"]
+    name = open_cache(tmp_path / "c").shards[-1].name
     shutil.rmtree(tmp_path / "c" / name)
     with pytest.raises(CorruptShardError, match=f"{name}: missing"):
         open_cache(tmp_path / "c")

@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from conftest import make_texts, write_jsonl
+from helpers import cache_args, snapshot, torchrun
 from reference import sparse_mft_loss
 from mft_cache.cli import main
 from mft_cache.pipeline.cache import CacheConfig, build_cache
 from mft_cache.storage import ManifestError, open_cache
-from mft_cache.storage.chat import render, template_fingerprint
-from mft_cache.storage.documents import DocumentStream
+from mft_cache.rows.chat import render, template_fingerprint
+from mft_cache.rows.documents import DocumentStream
 from mft_cache.testing import WORDS, make_chat_tokenizer, make_model
 from mft_cache.trainer.config import TrainConfig
 from mft_cache.trainer.data import CacheRows
@@ -127,7 +128,7 @@ def test_cache_holds_the_teacher_of_each_conversation_alone_at_its_trained_posit
     out = root / f"cache-{kind}"
     manifest = build_cache(CacheConfig(model=str(model_dir), data=str(data), out=str(out), seq_len=SEQ, top_k=5,
                                        logprob_dtype="float32", batch_size=2, shard_mb=0.02,
-                                       format="arrow" if kind == "gpt2" else "zarr"))
+                                       format="arrow" if kind == "gpt2" else "zarr")).to_json()
     cache = open_cache(out, verify="full")
     tok = make_chat_tokenizer(template, bos=kind != "gpt2")
     assert manifest["schema_version"] == 3 and manifest["packing"]["rule"] == "document"
@@ -160,7 +161,7 @@ def test_the_cache_takes_bytes_for_trained_positions_only(root, llama_chat, chat
     exactly that many positions."""
     everything = root / "cache-all"
     m_all = build_cache(CacheConfig(model=str(llama_chat), data=str(chats), out=str(everything), seq_len=SEQ,
-                                    top_k=VOCAB, logprob_dtype="float32", batch_size=3, shard_mb=0.05, train_on="all"))
+                                    top_k=VOCAB, logprob_dtype="float32", batch_size=3, shard_mb=0.05, train_on="all")).to_json()
     m = json.loads((chat_cache / "manifest.json").read_text())
     assert m_all["num_input_tokens"] == m["num_input_tokens"] and m_all["num_tokens"] > 2 * m["num_tokens"]
     raw = open_cache(chat_cache).read_rows(0, m["num_sequences"], raw=True)
@@ -178,7 +179,8 @@ def test_an_old_reader_refuses_the_new_layout(chat_cache, monkeypatch):
 
 
 def test_text_caches_keep_their_identity_and_layout(llama, docs_jsonl, tmp_path):
-    m = build_cache(CacheConfig(model=str(llama), data=str(docs_jsonl), out=str(tmp_path / "c"), seq_len=SEQ, top_k=4))
+    m = build_cache(CacheConfig(model=str(llama), data=str(docs_jsonl), out=str(tmp_path / "c"), seq_len=SEQ,
+                                top_k=4)).to_json()
     assert m["schema_version"] == 1 and "format" not in m["data"]
     assert not {"data_format", "train_on", "prompt_field", "chat_template_fingerprint"} & set(m["config"])
     assert m["config"]["packing"] == "bos-per-row"
@@ -250,24 +252,24 @@ def test_loss_over_trained_positions_equals_each_document_alone(llama_chat, chat
     cache = open_cache(chat_cache)
     rows = CacheRows(cache)
     batch = rows.batch(list(range(len(cache))))
-    assert "segment_ids" in batch and torch.equal(batch["mask"], torch.from_numpy(
+    assert "segment_ids" in batch and torch.equal(batch["label_mask"], torch.from_numpy(
         np.concatenate([cache.read_rows(r, r + 1)["label_mask"] for r in range(len(cache))])))
     student = AutoModelForCausalLM.from_pretrained(llama_chat, dtype=torch.float32)
     student.get_output_embeddings().weight.data.mul_(0.5)  # not the teacher: the loss is not at its minimum
     targets = from_cache(batch, objective="mft", tau=0.25)
     module = StudentLoss(student, chunk_size=40)
-    loss, n = module(input_ids=batch["input_ids"], length=batch["length"], mask=batch["mask"], **targets.tensors(),
+    loss, n = module(input_ids=batch["input_ids"], length=batch["length"], label_mask=batch["label_mask"], **targets.tensors(),
                      segment_ids=batch["segment_ids"])
-    assert int(n) == int(batch["mask"].sum()) == cache.manifest["num_tokens"]
+    assert int(n) == int(batch["label_mask"].sum()) == cache.manifest.num_tokens
     loss.backward()
     grads = {k: p.grad.clone() for k, p in student.named_parameters()}
     student.zero_grad()
 
-    garbage = batch["mask"][..., None]
+    garbage = batch["label_mask"][..., None]
     spoiled = {**batch, "topk_ids": torch.where(garbage, batch["topk_ids"], 7),
                "topk_logprobs": torch.where(garbage, batch["topk_logprobs"], -0.5),
-               "label_logprob": torch.where(batch["mask"], batch["label_logprob"], -0.1)}
-    loss2, _ = module(input_ids=batch["input_ids"], length=batch["length"], mask=batch["mask"],
+               "label_logprob": torch.where(batch["label_mask"], batch["label_logprob"], -0.1)}
+    loss2, _ = module(input_ids=batch["input_ids"], length=batch["length"], label_mask=batch["label_mask"],
                       **from_cache(spoiled, objective="mft", tau=0.25).tensors(), segment_ids=batch["segment_ids"])
     loss2.backward()
     assert loss2.item() == loss.item()
@@ -278,7 +280,7 @@ def test_loss_over_trained_positions_equals_each_document_alone(llama_chat, chat
     for r, s, n_tok in documents_of(cache):
         ids = batch["input_ids"][r, s:s + n_tok]
         logits = student(input_ids=ids[None], use_cache=False).logits[0, :-1]  # the conversation alone
-        m = batch["mask"][r, s:s + n_tok - 1]
+        m = batch["label_mask"][r, s:s + n_tok - 1]
         t = from_cache({k: v[r:r + 1, s:s + n_tok - 1] if k != "input_ids" else ids[None] for k, v in batch.items()
                         if k in ("input_ids", "topk_ids", "topk_logprobs", "label_logprob")}, objective="mft", tau=0.25)
         total += sparse_mft_loss(logits, ids[1:], t.weight[0], m, t.topk_ids[0], t.logprobs[0],
@@ -355,14 +357,12 @@ def test_a_student_that_would_render_or_mask_otherwise_is_refused(llama_chat, ch
 def test_two_process_chat_cache_equals_the_one_process_cache(llama_chat, chats, chat_cache, tmp_path):
     """2 processes (torchrun, gloo) deal out the shards of a chat cache; every file but the manifest's process
     count is the one a single process writes (here: the module's cache, one row a shard)."""
-    from test_distributed import files, flags, torchrun
-
     out = tmp_path / "two"
-    args = dict(model=llama_chat, data=chats, out=out, seq_len=SEQ, top_k=VOCAB, logprob_dtype="float32",
-                batch_size=3, shard_mb=0.05)
-    rc, err = torchrun(["cache", *flags(args)], tmp_path / "run")
+    args = cache_args(llama_chat, chats, out, seq_len=SEQ, top_k=VOCAB, logprob_dtype="float32", batch_size=3,
+                      shard_mb=0.05)
+    rc, err = torchrun(args, tmp_path / "run")
     assert rc == 0, err[-3000:]
-    one, two = files(chat_cache), files(out)
+    one, two = snapshot(chat_cache), snapshot(out)
     assert sorted(one) == sorted(two) and len([k for k in one if k.startswith("shard-")]) >= 3
     assert [k for k in one if k != "manifest.json" and one[k] != two[k]] == []
     m1, m2 = (json.loads((f / "manifest.json").read_text()) for f in (chat_cache, out))

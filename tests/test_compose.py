@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import make_texts, write_jsonl
 from mft_cache.pipeline.cache import CacheConfig, build_cache
 from mft_cache.trainer.config import TrainConfig
-from mft_cache.trainer.data import MixedRows, PackedRows, mixed_step_rows, replay_layout
+from mft_cache.trainer.data import MixedRows, mixed_step_rows, replay_layout
 from mft_cache.trainer.targets import from_cache
 from mft_cache.trainer.train import train
 

@@ -6,7 +6,7 @@ import json
 import zipfile
 
 from demo.chat import PREFIX, SPECIALIZED, conversations, read_dialogues, split
-from mft_cache.storage.documents import DocumentStream
+from mft_cache.rows.documents import DocumentStream
 
 
 def fake_wheel(path):

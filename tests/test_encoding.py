@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import cache_args, rewrite_field, snapshot
 from mft_cache.cli import main
 from mft_cache.pipeline.inspect import cache_stats
 from mft_cache.storage import CorruptShardError, ManifestError, open_cache
-from mft_cache.storage.backends import BACKENDS, checksum, size_on_disk
 from mft_cache.storage.encoding import Q8_GAP_MAX, Q8_LEVELS, decode_q8, encode_q8, q8_error_bound
-from mft_cache.storage.manifest import manifest_digest, save_manifest
+from mft_cache.storage.manifest import manifest_digest
 from mft_cache.trainer.data import CacheRows
 
 F32_EPS = 2.0**-23  # float32 rounding of `top1 - gap`: relative to the larger magnitude
@@ -100,14 +100,9 @@ def test_q8_encoding_refuses_what_it_cannot_represent():
 # -- caches ------------------------------------------------------------------------------------------
 
 def cli_cache(model: Path, data: Path, out: Path, *extra: str) -> dict:
-    argv = ["cache", "--model", str(model), "--data", str(data), "--out", str(out), "--seq-len", "48", "--top-k", "8",
-            "--batch-size", "3", "--shard-mb", "0.02", *extra]
+    argv = cache_args(model, data, out, *extra, seq_len=48, top_k=8, batch_size=3, shard_mb=0.02)
     assert main(argv) in (0, None)
     return json.loads((out / "manifest.json").read_text())
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -160,30 +155,16 @@ def test_q8_cache_reads_back_within_the_bound_of_a_float32_cache(fmt, f32_cache,
 def test_q8_cache_is_byte_identical_and_a_flipped_bit_is_detected(fmt, llama, docs_jsonl, tmp_path):
     cli_cache(llama, docs_jsonl, tmp_path / "a", "--logprob-dtype", "q8", "--format", fmt)
     cli_cache(llama, docs_jsonl, tmp_path / "b", "--logprob-dtype", "q8", "--format", fmt)
-    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
     cache = open_cache(tmp_path / "a")
-    shard = tmp_path / "a" / cache.shards[1]["name"]
+    shard = tmp_path / "a" / cache.shards[1].name
     victim = shard if shard.is_file() else max((p for p in shard.rglob("*") if p.is_file() and "topk_logprobs" in str(p)),
                                                 key=lambda p: p.stat().st_size)
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
-    with pytest.raises(CorruptShardError, match=cache.shards[1]["name"]):
+    with pytest.raises(CorruptShardError, match=cache.shards[1].name):
         open_cache(tmp_path / "a", verify="full")
-
-
-def _tamper_raw(folder: Path, field: str, edit) -> str:
-    """Rewrite shard 0's stored (encoded) fields with `edit` applied to one, and re-sign: only the values are wrong."""
-    cache = open_cache(folder, verify="none")
-    shard = cache.shards[0]
-    arrays = {k: np.array(v) for k, v in cache.read_rows(0, shard["rows"], raw=True).items()}
-    edit(arrays[field])
-    path = folder / shard["name"]
-    BACKENDS[cache.format].write(path, cache.schema, arrays)
-    manifest = dict(cache.manifest)
-    manifest["shards"] = [{**shard, "sha256": checksum(path), "bytes": size_on_disk(path)}, *manifest["shards"][1:]]
-    save_manifest(folder, {k: v for k, v in manifest.items() if k != "manifest_sha256"})
-    return shard["name"]
 
 
 @pytest.mark.parametrize("field, edit, message", [
@@ -197,7 +178,7 @@ def _tamper_raw(folder: Path, field: str, edit) -> str:
 def test_q8_values_out_of_range_are_refused(field, edit, message, llama, docs_jsonl, tmp_path):
     folder = tmp_path / "c"
     cli_cache(llama, docs_jsonl, folder, "--logprob-dtype", "q8", "--format", "arrow", "--top-k", "4")
-    name = _tamper_raw(folder, field, edit)
+    name = rewrite_field(folder, field, edit)  # its stored (encoded) values, re-signed
     with pytest.raises(CorruptShardError, match=re.escape(name) + ".*" + re.escape(field) + ".*" + re.escape(message)):
         open_cache(folder)[0]
 

@@ -731,7 +731,7 @@ def test_student_loss_fused_equals_callable_head(arch, monkeypatch):
     full = torch.log_softmax(torch.randn(b, t - 1, v, generator=g) * 3, -1)
     lp, ids = full.topk(k, -1)
     mask = torch.arange(t - 1)[None, :] < (length[:, None] - 1)
-    batch = dict(input_ids=input_ids, length=length, mask=mask, weight=torch.rand(b, t - 1, generator=g), topk_ids=ids,
+    batch = dict(input_ids=input_ids, length=length, label_mask=mask, weight=torch.rand(b, t - 1, generator=g), topk_ids=ids,
                  logprobs=lp, label_logprob=full.gather(-1, input_ids[:, 1:, None])[..., 0])
     linear, cap = output_linear(model)
     assert linear is model.get_output_embeddings() and cap == (3.0 if arch == "gemma_softcap" else None)
@@ -754,7 +754,7 @@ def test_student_loss_fused_equals_callable_head(arch, monkeypatch):
     for name in fused[2]:
         torch.testing.assert_close(fused[2][name], chunked[2][name], rtol=1e-4, atol=1e-5, msg=name)
     # plain cross-entropy: transformers' own loss over full logits gives the same loss and gradients
-    plain = {k: batch[k] for k in ("input_ids", "length", "mask")}
+    plain = {k: batch[k] for k in ("input_ids", "length", "label_mask")}
     ours, theirs = run("fused", plain), run("transformers", plain)
     assert ours[1] == theirs[1] == 8 + 4
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)

@@ -37,7 +37,7 @@ def _batch(vocab: int, b: int = 2, t: int = 24, seed: int = 0) -> dict:
     ids = torch.randint(3, vocab, (b, t), generator=g)
     length = torch.tensor([t, t - 5][:b])
     mask = torch.arange(t - 1)[None, :] < (length[:, None] - 1)
-    return {"input_ids": ids, "length": length, "mask": mask}
+    return {"input_ids": ids, "length": length, "label_mask": mask}
 
 
 def _loss_and_grads(model, batch, impl="fused"):
@@ -411,7 +411,7 @@ def test_cuda_plan_estimate_is_within_15_percent_of_max_memory_allocated(kw):
     module = StudentLoss(model, cfg.chunk_size, cfg.loss_impl).train()
     opt = build_optimizer(cfg.optimizer, [p for p in module.parameters() if p.requires_grad], 1e-4, 0.0)
     batch = {k: v.to(dev) for k, v in _batch(16384, b=2, t=512).items()}
-    batch["mask"][:] = True
+    batch["label_mask"][:] = True
     batch["length"][:] = 512
     for _ in range(3):
         loss, n = module(**batch)

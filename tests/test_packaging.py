@@ -1,6 +1,6 @@
-"""Packaging: the stage folders pipeline/, storage/, trainer/ are installed as `mft_cache.pipeline`,
-`mft_cache.storage`, `mft_cache.trainer`, so they never shadow, nor get shadowed by, an unrelated
-distribution that installs a top-level `trainer`, `pipeline` or `storage`.
+"""Packaging: the package folders pipeline/, rows/, storage/, trainer/ are installed as `mft_cache.pipeline`,
+`mft_cache.rows`, `mft_cache.storage`, `mft_cache.trainer`, so they never shadow, nor get shadowed by, an unrelated
+distribution that installs a top-level `trainer`, `pipeline`, `rows` or `storage`.
 
 Checked for real in subprocesses (fake top-level packages first on PYTHONPATH, from a neutral folder
 and from the repository root), statically (every import of our code, parsed with `ast`), and in the
@@ -22,7 +22,7 @@ import pytest
 import mft_cache
 
 ROOT = Path(mft_cache.__file__).resolve().parent.parent  # the repository root
-STAGES = ("pipeline", "storage", "trainer")
+STAGES = ("pipeline", "rows", "storage", "trainer")
 OUR_DIRS = ("mft_cache", *STAGES)
 TIMEOUT_S = 600
 
@@ -30,7 +30,7 @@ TIMEOUT_S = 600
 # stray `import storage` (etc.) anywhere in our code would show up in `leaked`.
 CHECK = textwrap.dedent('''
     import io, json, math, sys, contextlib
-    import mft_cache, mft_cache.storage, mft_cache.pipeline.cache, mft_cache.trainer.loss
+    import mft_cache, mft_cache.rows, mft_cache.storage, mft_cache.pipeline.cache, mft_cache.trainer.loss
     from mft_cache.storage import SCHEMA_VERSION, cache_schema
     from mft_cache.pipeline.cache import CacheConfig
     from mft_cache.trainer.loss import fused_linear_mft_loss
@@ -38,9 +38,9 @@ CHECK = textwrap.dedent('''
 
     out = {}
     out["files"] = {m: sys.modules[m].__file__ for m in (
-        "mft_cache", "mft_cache.storage", "mft_cache.storage.writer", "mft_cache.pipeline", "mft_cache.pipeline.cache",
-        "mft_cache.trainer", "mft_cache.trainer.loss")}
-    out["leaked"] = sorted(m for m in sys.modules if m.split(".")[0] in ("trainer", "pipeline", "storage"))
+        "mft_cache", "mft_cache.rows", "mft_cache.rows.spec", "mft_cache.storage", "mft_cache.storage.writer",
+        "mft_cache.pipeline", "mft_cache.pipeline.cache", "mft_cache.trainer", "mft_cache.trainer.loss")}
+    out["leaked"] = sorted(m for m in sys.modules if m.split(".")[0] in ("trainer", "pipeline", "rows", "storage"))
     # our modules work
     out["schema_version"] = SCHEMA_VERSION
     out["schema_fields"] = [f.name for f in cache_schema(vocab_size=300, top_k=4, seq_len=8)]
@@ -62,16 +62,17 @@ CHECK = textwrap.dedent('''
         helps[" ".join(argv)] = [code, buf.getvalue()]
     out["help"] = helps
     # now the unrelated top-level packages: the fakes, not us
-    import trainer, pipeline, storage
-    out["fakes"] = {m.__name__: [getattr(m, "FAKE", False), m.__file__] for m in (trainer, pipeline, storage)}
-    out["distinct"] = mft_cache.storage is not storage and mft_cache.trainer is not trainer and mft_cache.pipeline is not pipeline
+    import trainer, pipeline, rows, storage
+    out["fakes"] = {m.__name__: [getattr(m, "FAKE", False), m.__file__] for m in (trainer, pipeline, rows, storage)}
+    out["distinct"] = (mft_cache.storage is not storage and mft_cache.trainer is not trainer
+                       and mft_cache.pipeline is not pipeline and mft_cache.rows is not rows)
     print("RESULT " + json.dumps(out))
 ''')
 
 
 @pytest.fixture(scope="module")
 def fakes(tmp_path_factory) -> Path:
-    """A folder holding unrelated top-level packages `trainer`, `pipeline`, `storage` (FAKE = True)."""
+    """A folder holding unrelated top-level packages `trainer`, `pipeline`, `rows`, `storage` (FAKE = True)."""
     d = tmp_path_factory.mktemp("fake-site")
     for name in STAGES:
         (d / name).mkdir()
@@ -224,8 +225,10 @@ def test_no_absolute_import_of_top_level_stage_names():
     assert not bad, "import our stages as mft_cache.<stage> (or relatively), never by the top-level name:\n" + "\n".join(bad)
 
 
-FORBIDDEN = {  # the import direction: storage <- trainer, storage <- pipeline; storage knows no transformers
-    "storage": ("mft_cache.pipeline", "mft_cache.trainer", "transformers"),
+FORBIDDEN = {  # the import direction: the stages (pipeline, trainer) on top, never importing each other; rows and
+    # storage below them, neither importing the other; storage knows no transformers
+    "rows": ("mft_cache.pipeline", "mft_cache.trainer", "mft_cache.storage"),
+    "storage": ("mft_cache.pipeline", "mft_cache.trainer", "mft_cache.rows", "transformers"),
     "trainer": ("mft_cache.pipeline",),
     "pipeline": ("mft_cache.trainer",),
 }

@@ -149,9 +149,9 @@ def test_per_row_losses_add_up_to_the_batch_loss(llama, impl):
     length = torch.tensor([12, 7, 1])  # the last row has no label
     mask = torch.arange(11)[None, :] < (length[:, None] - 1)
     with torch.no_grad():
-        total, count = module(input_ids=ids, length=length, mask=mask)
-        rows, counts = module(input_ids=ids, length=length, mask=mask, per_row=True)
-        one, _ = module(input_ids=ids[1:2], length=length[1:2], mask=mask[1:2])
+        total, count = module(input_ids=ids, length=length, label_mask=mask)
+        rows, counts = module(input_ids=ids, length=length, label_mask=mask, per_row=True)
+        one, _ = module(input_ids=ids[1:2], length=length[1:2], label_mask=mask[1:2])
     assert counts.tolist() == [11, 6, 0] and rows[2] == 0
     torch.testing.assert_close(rows.sum(), total, rtol=1e-5, atol=0)
     torch.testing.assert_close(rows[1], one, rtol=1e-5, atol=1e-6)
@@ -243,8 +243,8 @@ def test_the_standard_error_in_metrics_matches_a_hand_computation(sweep_out):
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1].double(), -1)
     nll = -logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    x = [float(nll[i][batch["mask"][i]].sum()) for i in range(len(rows))]
-    n = [int(batch["mask"][i].sum()) for i in range(len(rows))]
+    x = [float(nll[i][batch["label_mask"][i]].sum()) for i in range(len(rows))]
+    n = [int(batch["label_mask"][i].sum()) for i in range(len(rows))]
     ppl, se = _se_by_hand(x, n)
     last = _evals(folder)[-1]
     assert last["ppl_specialized"] == pytest.approx(ppl, rel=1e-4)
@@ -278,8 +278,8 @@ def test_the_base_is_evaluated_once_and_shared_by_every_run(sweep_out, llama):
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1].double(), -1)
     nll = -logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    x = [float(nll[i][batch["mask"][i]].sum()) for i in range(len(rows))]
-    n = [int(batch["mask"][i].sum()) for i in range(len(rows))]
+    x = [float(nll[i][batch["label_mask"][i]].sum()) for i in range(len(rows))]
+    n = [int(batch["label_mask"][i].sum()) for i in range(len(rows))]
     assert firsts[0]["ppl_specialized"] == pytest.approx(_se_by_hand(x, n)[0], rel=1e-4)
     assert runs[-1]["base_ppl_specialized"] == firsts[0]["ppl_specialized"]
 

@@ -12,23 +12,25 @@ from pathlib import Path
 
 from mft_cache import __version__
 from mft_cache.config import command_line
+from mft_cache.storage import Manifest
 
 _NUMBERS = ("step", "S", "DG", "ratio", "ppl_specialized", "ppl_general")
 
 
-def card_metadata(resolved: dict, manifest: dict | None, record: dict, base: dict, adapter: bool) -> dict:
-    """The `mft:` block of the card's metadata: every number and fingerprint the card states."""
-    cfg_ = (manifest or {}).get("config", {})
-    data = (manifest or {}).get("data", {})
+def card_metadata(resolved: dict, manifest: Manifest | None, record: dict, base: dict, adapter: bool) -> dict:
+    """The `mft:` block of the card's metadata: every number and fingerprint the card states (`manifest`: the
+    cache's, None with the online teacher)."""
+    m = manifest
     return {
         "objective": resolved["objective"], "tau": resolved["tau"], "adapter": resolved["peft"] if adapter else None,
         **{k: record.get(k) for k in _NUMBERS},
         "base_ppl_specialized": base.get("ppl_specialized"), "base_ppl_general": base.get("ppl_general"),
-        "teacher": (manifest or {}).get("model", {}).get("id", resolved["model"] or None),
-        "teacher_weights_fingerprint": (manifest or {}).get("model", {}).get("weights_fingerprint"),
-        "cache_top_k": resolved.get("cache_top_k"), "cache_logprob_dtype": cfg_.get("logprob_dtype"),
+        "teacher": m.model.id if m else resolved["model"] or None,
+        "teacher_weights_fingerprint": m.model.weights_fingerprint if m else None,
+        "cache_top_k": resolved.get("cache_top_k"), "cache_logprob_dtype": m.config.get("logprob_dtype") if m else None,
         "cache_manifest_sha256": resolved.get("cache_manifest_sha256"),
-        "data_fingerprint": data.get("fingerprint"), "data_source": data.get("source") or resolved["data"] or None,
+        "data_fingerprint": m.data.fingerprint if m else None,
+        "data_source": (m.data.source if m else None) or resolved["data"] or None,
         "command": command_line(), "mft_cache_version": __version__,
     }
 
@@ -67,7 +69,7 @@ def card_text(name: str, m: dict, resolved: dict) -> str:
         "```json", json.dumps(resolved, indent=1), "```", ""])
 
 
-def write_model_card(folder: Path, resolved: dict, manifest: dict | None, record: dict, base: dict,
+def write_model_card(folder: Path, resolved: dict, manifest: Manifest | None, record: dict, base: dict,
                      adapter: bool) -> None:
     """folder/README.md: the card of the checkpoint in `folder`, evaluated as `record` (base: the first evaluation)."""
     from huggingface_hub import ModelCard, ModelCardData

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mft_cache.faults import fault_point
-from mft_cache.storage.manifest import write_json_atomic
+from mft_cache.files import write_json_atomic
 
 from .adapters import is_adapted, save_adapted
 

@@ -12,9 +12,10 @@ import threading
 import numpy as np
 import torch
 
-from mft_cache.storage import Cache, Packed
-from mft_cache.storage.packing import label_mask, rule_of
-from mft_cache.storage.rows import DocPacked
+from mft_cache.rows import Packed
+from mft_cache.storage import Cache
+from mft_cache.masks import label_mask, real_tokens
+from mft_cache.rows.spec import DocPacked
 
 
 def _long(a: np.ndarray) -> torch.Tensor:
@@ -27,8 +28,8 @@ class CacheRows:
 
     def __init__(self, cache: Cache):
         self.cache = cache
-        self.bos_id = rule_of(cache.manifest)
-        self.document = (cache.manifest.get("packing") or {}).get("rule") == "document"
+        self.bos_id = cache.manifest.bos_id
+        self.document = cache.manifest.rule == "document"
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -40,7 +41,7 @@ class CacheRows:
         out = {
             "input_ids": _long(a["input_ids"]),  # (B, T)
             "length": _long(a["length"]),  # (B,)
-            "mask": torch.from_numpy(mask),  # (B, T-1) trained
+            "label_mask": torch.from_numpy(mask),  # (B, T-1) trained
             "topk_ids": _long(a["topk_ids"]),  # (B, T-1, K)
             "topk_logprobs": torch.from_numpy(a["topk_logprobs"]),  # (B, T-1, K) stored dtype
             "label_logprob": torch.from_numpy(a["label_logprob"]),  # (B, T-1) float32
@@ -52,7 +53,7 @@ class CacheRows:
 
 class PackedRows:
     """Rows packed from raw data (the online-teacher baseline, evaluation sets, raw replay documents): tokens, the
-    trained positions, and the segments of documents packed whole (storage.rows.DocPacked)."""
+    trained positions, and the segments of documents packed whole (mft_cache.rows.DocPacked)."""
 
     def __init__(self, packed: Packed | DocPacked):
         self.packed = packed
@@ -67,7 +68,7 @@ class PackedRows:
             mask = self.packed.mask[rows]
         else:
             mask = label_mask(ids, lengths, self.packed.bos_id)
-        out = {"input_ids": _long(ids), "length": _long(lengths), "mask": torch.from_numpy(mask)}
+        out = {"input_ids": _long(ids), "length": _long(lengths), "label_mask": torch.from_numpy(mask)}
         if self.document:
             out["segment_ids"] = _long(self.packed.segment_ids[rows])
         return out
@@ -114,8 +115,7 @@ class MixedRows:
         parts = [src.batch(r) for src, r in ((self.main, ours), (self.replay, theirs)) if r]
         if any("segment_ids" in p for p in parts):  # rows of one document each: causal attention as segments
             t = parts[0]["input_ids"].shape[1]
-            parts = [p if "segment_ids" in p else {**p, "segment_ids": (torch.arange(t)[None, :] < p["length"][:, None]).long()}
-                     for p in parts]
+            parts = [p if "segment_ids" in p else {**p, "segment_ids": real_tokens(p["length"], t).long()} for p in parts]
         keys = [k for k in parts[0] if all(k in p for p in parts)]
         if "topk_ids" in keys:
             k_min = min(p["topk_ids"].shape[-1] for p in parts)

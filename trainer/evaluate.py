@@ -33,7 +33,7 @@ def evaluate_perplexity_se(loss_module, rows: PackedRows, batch_size: int, accel
         batch = rows.batch(part or [0])
         if not part:
             batch["length"] = torch.ones_like(batch["length"])  # no label token: adds 0 to every sum
-            batch["mask"] = torch.zeros_like(batch["mask"])
+            batch["label_mask"] = torch.zeros_like(batch["label_mask"])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             nll, n = loss_module(**batch, per_row=True)  # (B,) summed NLL and trained tokens of each row

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from mft_cache.storage import open_cache
+from mft_cache.storage import Manifest, open_cache
 
 from .data import CacheRows, step_rows
 from .loss_module import StudentLoss
@@ -28,7 +28,7 @@ from .train import student_forward
 
 class CacheDataset(torch.utils.data.Dataset):
     """The rows of a cache folder (checked as `mft train` checks it): item i is row i as a dict of tensors,
-    input_ids (T,), length (), mask (T-1,) of trained positions, topk_ids (T-1, K), topk_logprobs (T-1, K) in the
+    input_ids (T,), length (), label_mask (T-1,) of trained positions, topk_ids (T-1, K), topk_logprobs (T-1, K) in the
     stored dtype, label_logprob (T-1,); with documents packed whole (chat data), segment_ids (T,), which MFTLoss
     turns into the same block-causal attention the teacher had."""
 
@@ -37,7 +37,7 @@ class CacheDataset(torch.utils.data.Dataset):
         self.rows = CacheRows(self.cache)
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         return self.cache.manifest
 
     def __len__(self) -> int:

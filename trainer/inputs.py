@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mft_cache.storage import open_cache
-from mft_cache.storage.documents import detect_format
+from mft_cache.rows import RowSpec, build_rows, resolve_spec, spec_for
+from mft_cache.storage import Manifest, open_cache
 from mft_cache.storage.hub import download_cache, is_hub_ref
-from mft_cache.storage.rows import RowSpec, build_rows, resolve_spec
 
 from .checks import check_data, check_replay_cache, cache_row_spec
 from .config import TrainConfig
@@ -21,7 +20,7 @@ DEFAULT_SEQ_LEN = 256
 @dataclass
 class TrainingRows:
     rows: CacheRows | None  # None with the online teacher: packed once the student's tokenizer is loaded
-    manifest: dict | None  # the cache's, or None with the online teacher
+    manifest: Manifest | None  # the cache's, or None with the online teacher
     model_id: str  # the student to load
     seq_len: int
     spec: RowSpec | None = None  # how the training rows were made (format, what is trained, packing)
@@ -29,9 +28,9 @@ class TrainingRows:
 
 def online_spec(cfg: TrainConfig, seq_len: int) -> RowSpec:
     """How the online teacher's --data becomes rows: its format (forced, or from its first row), --train-on, --packing."""
-    fmt = cfg.data_format if cfg.data_format != "auto" else detect_format(
-        cfg.data, cfg.text_field, what="--data", prompt_field=cfg.prompt_field, completion_field=cfg.completion_field)
-    return resolve_spec(fmt, cfg.train_on, cfg.packing, seq_len)
+    return spec_for(cfg.data, seq_len, data_format=cfg.data_format, train_on=cfg.train_on, packing=cfg.packing,
+                    text_field=cfg.text_field, what="--data", prompt_field=cfg.prompt_field,
+                    completion_field=cfg.completion_field)
 
 
 def open_training_rows(cfg: TrainConfig) -> TrainingRows:
@@ -41,8 +40,7 @@ def open_training_rows(cfg: TrainConfig) -> TrainingRows:
     # validated; shards checksummed on first read (all of them at once after a download from the Hub)
     cache = open_cache(download_cache(cfg.cache) if is_hub_ref(cfg.cache) else cfg.cache)
     m = cache.manifest
-    model_id = cfg.model or (m["model"]["path"] if m["model"].get("path") and Path(m["model"]["path"]).is_dir()
-                             else m["model"]["id"])
+    model_id = cfg.model or (m.model.path if m.model.path and Path(m.model.path).is_dir() else m.model.id)
     if cfg.seq_len and cfg.seq_len != cache.seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} differs from the cache's {cache.seq_len}; leave it unset with a cache")
     check_top_k(cfg.top_k, cache.top_k, f"--cache {cfg.cache}")
@@ -53,7 +51,7 @@ def open_training_rows(cfg: TrainConfig) -> TrainingRows:
 
 
 def _rows(cfg: TrainConfig, source: str, tokenizer, seq_len: int, what: str, spec_of=None):
-    """Rows of a raw source (storage.rows.build_rows): plain text concatenated exactly as always, chat and
+    """Rows of a raw source (mft_cache.rows.build_rows): plain text concatenated, chat and
     prompt-completion rows rendered and packed as `spec_of(format)` says."""
     return build_rows(source, tokenizer, seq_len, text_field=cfg.text_field, what=what,
                       data_format=cfg.data_format if what == "--data" else "auto", prompt_field=cfg.prompt_field,
@@ -89,7 +87,7 @@ def open_replay(cfg: TrainConfig, manifest: dict | None, tokenizer, seq_len: int
         replay = open_cache(source)
         if manifest is not None:
             check_replay_cache(manifest, replay.manifest, cfg.replay, cfg.cache)
-            check_top_k(cfg.top_k or manifest["top_k"], replay.top_k, f"--replay {cfg.replay} (pass --top-k "
+            check_top_k(cfg.top_k or manifest.top_k, replay.top_k, f"--replay {cfg.replay} (pass --top-k "
                         f"{replay.top_k} or rebuild it)")
         elif replay.seq_len != seq_len:
             raise ValueError(f"--replay {cfg.replay}: seq len {replay.seq_len}, not {seq_len}")

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mft_cache.attention import packed_forward_kwargs
+from mft_cache.masks import real_tokens
 from mft_cache.models import backbone_and_head, hidden_states, output_linear
 
 from .loss import LOSS_IMPLS, chunked_mft_loss, fused_linear_mft_loss
@@ -14,7 +15,7 @@ from .targets import TeacherTargets
 
 
 class StudentLoss(nn.Module):
-    """forward(input_ids, length, mask, **teacher tensors) -> (summed loss, number of trained positions); with
+    """forward(input_ids, length, label_mask, **teacher tensors) -> (summed loss, number of trained positions); with
     per_row=True (evaluation) -> ((B,) summed loss of each row, (B,) trained positions of each row). With
     segment_ids (B, T) (documents packed whole), every document attends only to itself, from position 0
     (mft_cache.attention), as the teacher saw it.
@@ -34,21 +35,21 @@ class StudentLoss(nn.Module):
             raise ValueError(f"--loss-impl must be one of {LOSS_IMPLS}; got {impl!r}")
         self.model, self.chunk_size, self.impl = model, chunk_size, impl
 
-    def forward(self, input_ids, length, mask, weight=None, topk_ids=None, logprobs=None, label_logprob=None,
+    def forward(self, input_ids, length, label_mask, weight=None, topk_ids=None, logprobs=None, label_logprob=None,
                 drop_tail=False, per_row=False, segment_ids=None):
         b, t = input_ids.shape
         if segment_ids is not None:  # the model itself, not a wrapper: its config says how it attends
             attention = packed_forward_kwargs(self.model, segment_ids)  # 4-D mask (or varlen) and position ids
         else:
-            attention = {"attention_mask": (torch.arange(t, device=input_ids.device)[None, :] < length[:, None]).long()}
+            attention = {"attention_mask": real_tokens(length, t).long()}
         targets = TeacherTargets(weight, topk_ids, logprobs, label_logprob, drop_tail)
         if self.impl == "transformers":
             if per_row:
-                return self._transformers_row_losses(input_ids, attention, mask, targets)
-            return self._transformers_loss(input_ids, attention, mask, targets)
+                return self._transformers_row_losses(input_ids, attention, label_mask, targets)
+            return self._transformers_loss(input_ids, attention, label_mask, targets)
         backbone, head = backbone_and_head(self.model)
         h = hidden_states(backbone, input_ids, **attention)[:, :-1].reshape(b * (t - 1), -1)  # (N, H)
-        flat_mask = mask.reshape(-1)  # (N,) trained positions
+        flat_mask = label_mask.reshape(-1)  # (N,) trained positions
         labels = input_ids[:, 1:].reshape(-1)  # (N,)
         targets = targets.flatten()
         linear, softcap = output_linear(self.model) if self.impl == "fused" else (None, None)
@@ -63,7 +64,7 @@ class StudentLoss(nn.Module):
 
         if per_row:  # each row's own sum: the standard error of an evaluation is over sequences
             losses = torch.stack([loss_of(slice(i * (t - 1), (i + 1) * (t - 1))) for i in range(b)])  # (B,)
-            return losses, mask.sum(-1)
+            return losses, label_mask.sum(-1)
         if linear is not None:
             loss = fused_linear_mft_loss(h, linear.weight, linear.bias, labels, flat_mask, targets,
                                          chunk_size=self.chunk_size, softcap=softcap)

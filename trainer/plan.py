@@ -1,4 +1,4 @@
-"""`mft train --plan`: the peak memory of a run, estimated before anything is trained, and what would make it fit.
+"""`mft plan` (and `mft train --plan`): the peak memory of a run, estimated before anything is trained, and what would make it fit.
 
 What is estimated is the memory the run adds to a process that has imported torch, transformers and the trainer:
 on CPU its resident set (the growth of ru_maxrss above that baseline), on CUDA what PyTorch's allocator hands out
@@ -16,9 +16,9 @@ The estimate is built from
 - a model of one step's phases (`estimate`): the peak is the largest of the forward with the loss, the start of
   the backward, and the end of the backward with the optimiser step; each adds up what is alive then.
 
-The constants below that are not read off the model were measured with bench/memory_step.py on the CPU (torch
-2.13, transformers 5.24; a SmolLM2-135M-shaped Llama at 256 tokens, batch 1, and tiny Llamas), as each comment
-says; the memory section of the benchmarks re-checks them (estimate / measured) on every run.
+The constants below that are not read off the model were measured with bench/memory_step.py on the CPU
+(docs/MEMORY.md says how each was fitted); the memory section of the benchmarks re-checks them (estimate / measured)
+on every run.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mft_cache.config import flag
+
 from .optim import state_bytes
 
 MB = 2**20
@@ -38,20 +40,14 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _PROBE_LENGTHS = (32, 64)  # two sequence lengths: the per-token part and the T^2 part of the activations
 _PROBE_VOCAB = 512
 
-# -- constants measured on the CPU (bench/memory_step.py; see the module docstring) -------------------------------
-# Resident memory a CPU run holds besides the tensors alive at its peak: 40 MB (the model's own modules and the cache
-# reader's imported on first use, the tokenizer) plus 0.6 x the student's weights (what malloc keeps of blocks freed
-# during a step, and the weight file's pages still mapped). Fitted to ru_maxrss: a tiny Llama (0.5 MB of weights)
-# holds 26-46 MB; eleven SmolLM2-135M-shaped configurations at 256 tokens (full and LoRA, with and without
-# checkpointing, a bf16 base, adafactor and sgd, transformers' loss, cached and online MFT) land within 6% with it
-# and 10% under without it.
+# -- constants measured on the CPU with bench/memory_step.py; how they were fitted: docs/MEMORY.md ----------------
+# Resident memory a CPU run holds besides the tensors alive at its peak: a fixed part (the model's own modules, the
+# cache reader imported on first use, the tokenizer) plus a share of the student's weights (what malloc keeps of
+# blocks freed during a step, and the weight file's pages still mapped).
 CPU_RUNTIME_BYTES = 40 * MB
 CPU_RUNTIME_PER_WEIGHT_BYTE = 0.6
 # The same under --cpu-allocator lean (every freed block above 1 MiB goes back to the system at once): what is left
-# is the heap of small blocks and the runtime itself, about constant. Fitted to seven runs with AdamW, one step at
-# batch 1 (SmolLM2-135M and Gemma-3-270M, full, LoRA and LoRA with checkpointing at 256 tokens, LoRA with
-# checkpointing at 2,048): 54-234 MB besides the tensors, so 140 MB puts all seven within 9%; a tiny model holds
-# what it holds under the default.
+# is the heap of small blocks and the runtime itself, about constant.
 CPU_LEAN_RUNTIME_BYTES = 140 * MB
 CPU_LEAN_RUNTIME_PER_WEIGHT_BYTE = 0.0
 # The backward's working set while it walks the layers (the gradients of one layer's outputs and intermediates),
@@ -372,31 +368,35 @@ def available_memory(device: str) -> tuple[int | None, str]:
         return None, "unknown"
 
 
-def _changes(cfg, device: str = "cpu") -> list[tuple[str, dict]]:
-    """Changes that lower the peak, cheapest first (in what they cost the run: nothing, speed, what is trained)."""
+def _changes(cfg, device: str = "cpu") -> list[dict]:
+    """Changes that lower the peak, cheapest first (in what they cost the run: nothing, speed, what is trained), each
+    as the options it sets."""
     out = []
     if cfg.loss_impl != "transformers" and cfg.chunk_size > 256:
-        out.append(("--chunk-size 256", {"chunk_size": 256}))
+        out.append({"chunk_size": 256})
     if cfg.loss_impl == "transformers":
-        out.append(("--loss-impl fused", {"loss_impl": "fused"}))
+        out.append({"loss_impl": "fused"})
     if device == "cpu" and cfg.cpu_allocator != "lean":
-        out.append(("--cpu-allocator lean", {"cpu_allocator": "lean"}))
+        out.append({"cpu_allocator": "lean"})
     if not cfg.gradient_checkpointing:
-        out.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
+        out.append({"gradient_checkpointing": True})
     if cfg.batch_size > 1:
         b = max(1, cfg.batch_size // 2)
-        accum = cfg.grad_accum * cfg.batch_size // b
-        out.append((f"--batch-size {b} --grad-accum {accum}", {"batch_size": b, "grad_accum": accum}))
+        out.append({"batch_size": b, "grad_accum": cfg.grad_accum * cfg.batch_size // b})
     if cfg.optimizer in ("adamw", "sgd"):
-        out.append(("--optimizer adafactor", {"optimizer": "adafactor"}))
+        out.append({"optimizer": "adafactor"})
     if cfg.peft == "none":
-        out.append(("--peft lora", {"peft": "lora"}))
-        out.append(("--peft lora --base-dtype bfloat16", {"peft": "lora", "base_dtype": "bfloat16"}))
-        out.append(("--peft lora --base-dtype bfloat16 --gradient-checkpointing",
-                    {"peft": "lora", "base_dtype": "bfloat16", "gradient_checkpointing": True}))
+        out.append({"peft": "lora"})
+        out.append({"peft": "lora", "base_dtype": "bfloat16"})
+        out.append({"peft": "lora", "base_dtype": "bfloat16", "gradient_checkpointing": True})
     elif cfg.base_dtype == "float32":
-        out.append(("--base-dtype bfloat16", {"base_dtype": "bfloat16"}))
+        out.append({"base_dtype": "bfloat16"})
     return out
+
+
+def _flags(change: dict) -> str:
+    """A change as the command line spells it: `--batch-size 2 --grad-accum 8`, `--gradient-checkpointing`."""
+    return " ".join(flag(k) if v is True else f"{flag(k)} {v}" for k, v in change.items())
 
 
 def plan(cfg) -> dict:
@@ -408,7 +408,7 @@ def plan(cfg) -> dict:
 
     training = open_training_rows(cfg)
     m = training.manifest
-    top_k = (cfg.top_k or m["top_k"]) if m is not None else 0
+    top_k = (cfg.top_k or m.top_k) if m is not None else 0
     config = load_config(training.model_id, cfg.trust_remote_code)
     gpu = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
     device = "cuda" if gpu is not None and gpu.type == "cuda" else "cpu"
@@ -424,9 +424,9 @@ def plan(cfg) -> dict:
 
     est = run_estimate(cfg)
     changes = []
-    for flags, change in _changes(cfg, device):
+    for change in _changes(cfg, device):
         total = run_estimate(dataclasses.replace(cfg, **change))["total"]
-        changes.append({"flags": flags, "total": total, "fits": None if free is None else total <= free})
+        changes.append({"flags": _flags(change), "total": total, "fits": None if free is None else total <= free})
     shape = est.pop("shape")
     return {"model": training.model_id, "architecture": (getattr(config, "architectures", None) or ["?"])[0],
             "device": device, "seq_len": training.seq_len, "batch_size": cfg.batch_size, "top_k": top_k,
@@ -461,7 +461,7 @@ def format_plan(p: dict) -> str:
              f"  {'activations with --gradient-checkpointing' + ('  <- applies' if ck else ''):<64}"
              f"{_mb(e['activations_with_checkpointing']):>12}"]
     if o["loss_impl"] == "transformers":
-        what = f"loss: full [B, T, V] logits, their log-softmax and gradient (--loss-impl transformers)"
+        what = "loss: full [B, T, V] logits, their log-softmax and gradient (--loss-impl transformers)"
     else:
         what = f"loss: one chunk of logits (--chunk-size {o['chunk_size']}, vocabulary {p['vocab']:,})"
     lines.append(f"  {what:<64}{_mb(e['loss_chunk']):>12}")

@@ -11,14 +11,13 @@ import json
 import logging
 import os
 import re
-import shutil
 import typing
 from dataclasses import fields
 from pathlib import Path
 
 from mft_cache import __version__
-from mft_cache.folder_lock import LOCK_FILE, FolderLock
-from mft_cache.storage.manifest import write_json_atomic
+from mft_cache.folder_lock import FolderLock
+from mft_cache.files import OwnedFolder, write_json_atomic
 
 from .checkpoint import STATE_FILE, read_state, usable_checkpoint
 from .config import RESOLVED_KEYS, TrainConfig
@@ -53,7 +52,7 @@ def prepare_run_folder(out: Path, resolved: dict, cfg: TrainConfig) -> Path | st
     """Check --out (locked by this process); return the checkpoint to resume from, None (a fresh start), or FINISHED."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
-    names = sorted(n for n in os.listdir(out) if n != LOCK_FILE) if out.is_dir() else []
+    names = _owned(out).names()
     if not names:
         return None
     marker = marker_state(out)
@@ -75,7 +74,7 @@ def prepare_run_folder(out: Path, resolved: dict, cfg: TrainConfig) -> Path | st
     if keys:
         raise ValueError(f"--resume: the run in {out} was started with another configuration (differs in {sorted(keys)})")
     if marker == "missing":
-        mark_run_folder(out)  # a run from before markers: it is one, now that it resumes
+        mark_run_folder(out)  # a run folder without a marker (written by an older version) is marked as it resumes
     if (out / "summary.json").exists():
         return FINISHED
     ckpt = usable_checkpoint(out)
@@ -115,7 +114,8 @@ def _is_run_config(path: Path) -> bool:
 def clear_run_folder(out: Path, names: list[str], marker: str) -> None:
     """Remove what a run wrote, keeping the folder (and the marker and lock): only from a folder the marker proves
     is a run, and only if nothing else is in it. Otherwise refuse, having removed nothing."""
-    foreign = [n for n in names if not _OURS.match(n)]
+    folder = _owned(out)
+    foreign = folder.foreign(names)
     if foreign:
         raise ValueError(f"--overwrite: --out {out} holds files mft train did not write ({foreign[:5]}"
                          f"{' and more' if len(foreign) > 5 else ''}); nothing was removed. Move them elsewhere, "
@@ -128,13 +128,11 @@ def clear_run_folder(out: Path, names: list[str], marker: str) -> None:
         raise ValueError(f"--overwrite: {out / MARKER} is not the marker mft train writes; nothing was removed. "
                          "Remove the folder by hand if you mean to replace it, or choose another folder")
     log.info("--overwrite: removing the run in %s", out)
-    for n in sorted(names, key=lambda n: n == "config.json"):  # config.json last
-        if n not in (MARKER, LOCK_FILE):
-            _remove(out / n)
+    folder.remove(sorted((n for n in names if n != MARKER), key=lambda n: n == "config.json"))  # config.json last
 
 
-def _remove(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+def _owned(out: Path) -> OwnedFolder:
+    return OwnedFolder(out, lambda name: bool(_OURS.match(name)))
 
 
 def _json_type_ok(value, types: tuple) -> bool:
@@ -191,9 +189,7 @@ def start_run_files(out: Path, resolved: dict, fresh: bool) -> None:
     (out / "metrics.jsonl").touch()
     if fresh:
         (out / "metrics.jsonl").write_text("")
-        for stale in ("best", "final", "summary.json", "tensorboard"):
-            path = out / stale
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        _owned(out).remove(["best", "final", "summary.json", "tensorboard"])
 
 
 class Metrics:

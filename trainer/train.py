@@ -33,9 +33,10 @@ from mft_cache.attention import packed_forward_kwargs
 from mft_cache.config import to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_active, fault_point
+from mft_cache.masks import real_tokens
 from mft_cache.models import DTYPES, load_model, load_tokenizer
 from mft_cache.storage.hub import check_online, push_folder
-from mft_cache.storage.manifest import write_json_atomic
+from mft_cache.files import write_json_atomic
 
 from .adapters import add_adapter
 from .card import write_model_card
@@ -92,7 +93,7 @@ def teacher_logits(teacher, batch: dict) -> torch.Tensor:
     """(B, T-1, V) the online teacher's logits at the positions that predict a label (documents packed whole:
     each seen alone, as the student sees it)."""
     t = batch["input_ids"].shape[1]
-    attention = {"attention_mask": (torch.arange(t, device=batch["length"].device)[None, :] < batch["length"][:, None]).long()}
+    attention = {"attention_mask": real_tokens(batch["length"], t).long()}
     if "segment_ids" in batch:
         attention = packed_forward_kwargs(teacher, batch["segment_ids"])
     return teacher(input_ids=batch["input_ids"], **attention, use_cache=False).logits[:, :-1]
@@ -112,7 +113,7 @@ def make_targets(cfg: TrainConfig, teacher) -> Callable[[dict], TeacherTargets]:
 
 def student_forward(module, mb: dict, targets: TeacherTargets):
     """(summed loss, trained tokens) of one micro-batch."""
-    return module(input_ids=mb["input_ids"], length=mb["length"], mask=mb["mask"], **targets.tensors(),
+    return module(input_ids=mb["input_ids"], length=mb["length"], label_mask=mb["label_mask"], **targets.tensors(),
                   drop_tail=targets.drop_tail, segment_ids=mb.get("segment_ids"))
 
 
@@ -157,7 +158,7 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | No
     options = {k: v for k, v in to_dict(cfg).items() if k != "push_to_hub"}
     resolved = {**options, "resolved_model": training.model_id, "seq_len": training.seq_len,
                 "num_processes": num_processes, "global_batch": global_batch,
-                "cache_manifest_sha256": m["manifest_sha256"] if m else None, "cache_top_k": m["top_k"] if m else None}
+                "cache_manifest_sha256": m.manifest_sha256 if m else None, "cache_top_k": m.top_k if m else None}
     ckpt = decide_on_main(accelerator, lambda: claim_run_folder(held, out, resolved, cfg))  # may empty --out
     accelerator.wait_for_everyone()
     if ckpt == FINISHED:
@@ -262,7 +263,7 @@ def train_step(run: Run, micro: list[dict], step: int, state: TrainState) -> tup
     accelerator, cfg, module = run.accelerator, run.cfg, run.module
     dev = accelerator.device
     micro = [{k: v.to(dev, non_blocking=True) for k, v in mb.items()} for mb in micro]
-    local = sum(mb["mask"].sum() for mb in micro)
+    local = sum(mb["label_mask"].sum() for mb in micro)
     n_step = accelerator.reduce(torch.as_tensor(local, device=dev, dtype=torch.float64), "sum")  # all processes
     scale = accelerator.num_processes / max(n_step.item(), 1.0)  # DDP averages gradients over processes
     loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
@@ -417,7 +418,7 @@ def check_finite_weights(run: Run, state: TrainState) -> None:
 
 
 def finish(run: Run, state: TrainState, metrics: Metrics, wall_time: Callable[[], float]) -> dict:
-    """final/, summary.json; the checkpoints are no longer needed."""
+    """final/, summary.json; the checkpoints are removed."""
     check_finite_weights(run, state)
     last = state.evals[-1] if state.evals and state.evals[-1]["step"] == state.step else {"step": state.step}
     save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "final", run.cfg.merge_adapter,

@@ -7,7 +7,7 @@ the teacher's pass (on one process or many) reads the rows it needs from disk an
     .ingest-lengths.bin     (R,) int32
     .ingest-documents.bin   (D + 1,) int64 document offsets in the stream (documents.npy's content)
     .ingest-segment_ids.bin (R, seq_len) int32, the "trained" layout only (chat and instruction data, documents
-                            packed whole: storage/rows.py)
+                            packed whole: rows/spec.py)
     .ingest-label_mask.bin  (R, seq_len - 1) uint8, the "trained" layout only
     .ingest.json            what was ingested, and from what: written with "complete": false before the first row
                             and rewritten, complete, after the last
@@ -37,9 +37,11 @@ import numpy as np
 from mft_cache.faults import fault_point
 
 from .documents import DocumentStream
-from .manifest import write_json_atomic
-from .packing import BOS_PER_ROW, CONCAT, bos_rule, label_mask
-from .rows import RowSpec, stream_batches
+from mft_cache.files import write_json_atomic
+from mft_cache.masks import BOS_PER_ROW, CONCAT, label_mask
+
+from .packing import bos_rule
+from .spec import RowSpec, stream_batches
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +153,8 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
 
     `key` holds what else decides the rows (e.g. the tokenizer's fingerprint); with the source's signature, the
     seq len, the id dtype, the shard size and max_sequences it must equal the recorded one for a reuse.
-    `progress(tokens)` is called as documents are tokenized. `spec` (storage.rows): how rows are made; None is
-    plain text concatenated, as always."""
+    `progress(tokens)` is called as documents are tokenized. `spec` (rows/spec.py): how rows are made; None is
+    plain text concatenated."""
     folder = Path(folder)
     spec = spec or RowSpec("text", "all", "concat", seq_len)
     signature = stream.signature()

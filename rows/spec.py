@@ -3,8 +3,8 @@ concatenation or as whole documents.
 
 `RowSpec` says how rows are made: the rows' format (documents.DocumentStream decides it), what is trained
 (chat.TRAIN_ON) and the packing:
-- "concat" of text (the dense layout, schema.py): packing.stream_rows, exactly as always (BOS per row where the
-  tokenizer adds one); the trained positions follow from the rows (packing.label_mask).
+- "concat" of text (the dense layout of the cache): packing.stream_rows (BOS per row where the tokenizer adds one);
+  the trained positions follow from the rows (mft_cache.masks.label_mask).
 - "document" (any format): every document rendered (chat.render; text with the tokenizer's special tokens and a
   final EOS, every label trained) and packed whole by doc_packing.iter_rows: it attends only to itself, its
   positions restart at 0, only its own trained labels are trained. A document longer than a row is refused,
@@ -20,10 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mft_cache.masks import real_tokens
+
 from .chat import TRAIN_ON, render
 from .doc_packing import DocumentTooLong, iter_rows
-from .documents import ChatRow, DocumentError, DocumentStream
-from .packing import ENCODE_BATCH, Packed, StreamPacker, encode_documents, pad_id_of, stream_rows
+from .documents import ChatRow, DocumentError, DocumentStream, first_row_format
+from .packing import (ENCODE_BATCH, Packed, StreamPacker, bos_rule, encode_documents, packing_description,
+                      pad_id_of, stream_rows)
 
 PACKINGS = ("auto", "document", "concat")
 ROW_BATCH = 64  # rows of whole documents gathered before they are handed on
@@ -62,8 +65,29 @@ def resolve_spec(fmt: str, train_on: str, packing: str, seq_len: int) -> RowSpec
     return RowSpec(fmt, train_on, packing, seq_len)
 
 
-def packing_of(spec: RowSpec) -> dict:
-    """The manifest's "packing" of rows of the "trained" layout (packing.packing_description: the dense layout)."""
+def format_of(source, data_format: str = "auto", *, text_field: str = "text", split: str = "train",
+              what: str = "--data", prompt_field: str = "prompt", completion_field: str = "completion") -> str:
+    """The format of `source`'s rows: `data_format` where it is forced, else read from the source's first row."""
+    if data_format != "auto":
+        return data_format
+    return first_row_format(source, text_field, split, what=what, prompt_field=prompt_field,
+                            completion_field=completion_field)
+
+
+def spec_for(source, seq_len: int, *, data_format: str = "auto", train_on: str = "auto", packing: str = "auto",
+             text_field: str = "text", split: str = "train", what: str = "--data", prompt_field: str = "prompt",
+             completion_field: str = "completion") -> RowSpec:
+    """How `source` becomes rows: its format (format_of), what is trained and the packing (resolve_spec)."""
+    fmt = format_of(source, data_format, text_field=text_field, split=split, what=what, prompt_field=prompt_field,
+                    completion_field=completion_field)
+    return resolve_spec(fmt, train_on, packing, seq_len)
+
+
+def packing_record(spec: RowSpec, bos_id: int | None) -> dict:
+    """The manifest's "packing": the rule that formed rows made as `spec` says, so a reader never has to guess (text
+    concatenated: its BOS rule, `bos_id` from packing.bos_rule)."""
+    if spec.layout == "dense":
+        return packing_description(bos_id)
     if spec.packing == "document":
         how = ("documents rendered whole (chat template; prompt + completion; text with the tokenizer's special "
                "tokens and a final EOS) and packed greedily, in order, into rows of seq_len tokens, the rest of a row "
@@ -76,8 +100,13 @@ def packing_of(spec: RowSpec) -> dict:
     return {"rule": spec.packing, "bos_token_id": None, "description": how}
 
 
-DOCUMENTS_NOTE = ("documents.npy: int64 position of each document's first token in the rows (row * seq_len + "
-                  "position in the row), then num_sequences * seq_len")
+def documents_note(spec: RowSpec) -> str:
+    """What the offsets of each document (documents.npy in a cache) count, for rows made as `spec` says."""
+    if spec.packing == "document":
+        return ("documents.npy: int64 position of each document's first token in the rows (row * seq_len + "
+                "position in the row), then num_sequences * seq_len")
+    return ("documents.npy: int64 start offset of each document in the packed token stream (see packing for "
+            "how rows are cut from it), then the total")
 
 
 @dataclass
@@ -164,7 +193,7 @@ def _concat_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
     ids_packer, flags_packer = StreamPacker(t, pad_id_of(tokenizer)), StreamPacker(t, 0)
 
     def batch(ids, lengths, flags, offsets) -> RowBatch:
-        real = np.arange(t)[None, :] < lengths[:, None]  # (n, T)
+        real = real_tokens(lengths, t)  # (n, T)
         mask = flags[:, 1:].astype(bool) & real[:, 1:]  # (n, T-1): the label at t+1 is trained, and real
         return RowBatch(ids, lengths, offsets, real.astype(np.int64), mask)
 
@@ -222,19 +251,15 @@ def build_rows(source, tokenizer, seq_len: int, *, text_field: str = "text", spl
     """Read, render and pack a source into memory, its format detected from its first row unless forced: text
     packed by concatenation gives exactly packing.build_sequences' Packed; anything else a DocPacked. `spec_of`
     (format -> RowSpec) overrides resolve_spec(format, train_on, packing, seq_len), e.g. to follow a cache."""
-    from .documents import detect_format
-
-    fmt = data_format if data_format != "auto" else detect_format(
-        source, text_field, split, what=what, prompt_field=prompt_field, completion_field=completion_field)
+    fmt = format_of(source, data_format, text_field=text_field, split=split, what=what, prompt_field=prompt_field,
+                    completion_field=completion_field)
     spec = spec_of(fmt) if spec_of is not None else resolve_spec(fmt, train_on, packing, seq_len)
-    stream = DocumentStream(source, text_field, split, what=what, data_format=fmt, prompt_field=prompt_field,
+    stream = DocumentStream(source, text_field, split, what=what, data_format=spec.format, prompt_field=prompt_field,
                             completion_field=completion_field)
     parts = list(stream_batches(stream, tokenizer, spec))
     ids = np.concatenate([p.rows for p in parts])
     lengths = np.concatenate([p.lengths for p in parts])
     if spec.layout == "dense":
-        from .packing import bos_rule
-
         return Packed(ids, lengths, np.concatenate([p.offsets for p in parts]), bos_rule(tokenizer)), stream
     return DocPacked(ids, lengths, np.concatenate([p.segment_ids for p in parts]),
                      np.concatenate([p.label_mask for p in parts]), spec), stream

@@ -17,7 +17,7 @@ are read line by line, and a line over LINE_FACTOR times the cap (room for JSON 
 without being held whole; CSV fields may be as long as the cap (csv's own limit is 128 KiB). A .json file is parsed
 whole.
 
-Chat and instruction rows (storage/chat.py's formats): with `data_format` "chat" or "prompt-completion" (or "auto",
+Chat and instruction rows (rows/chat.py's formats): with `data_format` "chat" or "prompt-completion" (or "auto",
 decided by the first row's fields and then required of every row) the stream yields `ChatRow`s, the fields a
 format reads (`messages`, or `prompt` and `completion` from --prompt-field / --completion-field) with the row's
 place for messages, from .jsonl, .json, .parquet, `datasets` sources (and prompt/completion strings from .csv);
@@ -204,7 +204,7 @@ def _json(text: str, where: str, whole_file: bool = False):
 
 
 class _Picker:
-    """What a row gives the stream: its text (format "text": `_field`, as always) or a ChatRow (the other formats).
+    """What a row gives the stream: its text (format "text": `_field`) or a ChatRow (the other formats).
     With "auto" the first row decides the format; every later row must then have its fields."""
 
     def __init__(self, fmt: str, text_field: str, prompt_field: str, completion_field: str, cap: int):
@@ -544,7 +544,7 @@ def data_fingerprint(source: str | Path, text_field: str = "text", split: str = 
     return stream.fingerprint
 
 
-def detect_format(source: str | Path, text_field: str = "text", split: str = "train", *, what: str = "--data",
+def first_row_format(source: str | Path, text_field: str = "text", split: str = "train", *, what: str = "--data",
                   prompt_field: str = "prompt", completion_field: str = "completion") -> str:
     """The format of a source's rows ("text", "chat" or "prompt-completion"), from its first row (a .txt file, or
     a source whose first row is empty, is text); reads nothing more."""

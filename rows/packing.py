@@ -24,11 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mft_cache.masks import BOS_PER_ROW, CONCAT, label_mask
+
 from .documents import DocumentStream
-
-CONCAT = "concat"  # rows are plain slices of the stream (tokenizers without BOS; caches made before the rule)
-BOS_PER_ROW = "bos-per-row"  # every row starts with BOS; positions whose label is BOS are not trained
-
 
 @dataclass
 class Packed:
@@ -59,21 +57,6 @@ class Packed:
         self.input_ids, self.lengths = self.input_ids[:n], self.lengths[:n]
 
 
-def label_mask(input_ids, lengths, bos_id: int | None):
-    """(R, T-1) bool: position t is trained (its label is input_ids[:, t+1]) iff t < length - 1 and, under the
-    BOS_PER_ROW rule, the label is not the BOS. Works on numpy arrays and on torch tensors alike."""
-    t = input_ids.shape[1] - 1
-    if isinstance(input_ids, np.ndarray):
-        mask = np.arange(t)[None, :] < (np.asarray(lengths)[:, None] - 1)
-    else:
-        import torch
-
-        mask = torch.arange(t, device=input_ids.device)[None, :] < (lengths[:, None] - 1)
-    if bos_id is not None:
-        mask = mask & (input_ids[:, 1:] != bos_id)
-    return mask
-
-
 def bos_rule(tokenizer) -> int | None:
     """The BOS id every row must start with, or None: the tokenizer's BOS if encoding a text with special tokens
     puts it first (and without them does not), and it is not also the EOS (whose predictions must stay trained)."""
@@ -98,12 +81,6 @@ def packing_description(bos_id: int | None) -> dict:
                "a row continuing a document is BOS + the next seq_len - 1 stream tokens; positions whose label "
                "is the BOS are not trained (their values are 0, like padding)")
     return {"rule": CONCAT if bos_id is None else BOS_PER_ROW, "bos_token_id": bos_id, "description": how}
-
-
-def rule_of(manifest: dict) -> int | None:
-    """The BOS id a cache's rows start with (BOS_PER_ROW), or None; caches made before the rule are CONCAT."""
-    packing = manifest.get("packing") or {}
-    return packing.get("bos_token_id") if packing.get("rule") == BOS_PER_ROW else None
 
 
 def encode_documents(texts: list[str], tokenizer, batch_size: int = 256) -> list[list[int]]:
@@ -264,7 +241,7 @@ def build_sequences(source, tokenizer, seq_len: int, text_field: str = "text", s
     """Read, tokenize and pack a data source into memory (the rows only: documents are streamed): the entry point
     for the small sets stage two packs (evaluation, the online teacher's data, replay documents). `what` is the flag
     that named the source, for error messages. Stage one writes the same rows to disk as they complete
-    (storage.ingest)."""
+    (rows/ingest.py)."""
     stream = DocumentStream(source, text_field, split, what=what)
     parts = list(stream_rows(stream, tokenizer, seq_len))
     packed = Packed(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
