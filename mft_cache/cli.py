@@ -1,4 +1,4 @@
-"""The `mft` console script: `mft cache`, `mft inspect`, `mft train`, `mft sweep`, `mft study`."""
+"""The `mft` console script: `mft cache`, `mft inspect`, `mft train`, `mft plan`, `mft sweep`, `mft study`."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,13 @@ from . import interrupts
 from .config import add_arguments, add_config_argument, config_defaults, from_namespace, set_command_line
 
 
+# what `mft plan` (and `mft train --plan`) prints
+PLAN_HELP = ("the estimated peak memory of this run (weights, gradients, optimiser, activations, loss, teacher), "
+             "whether it fits, and what would make it fit")
+# the section of a config file a command reads, where it is not the command's own: `mft plan` plans `mft train`'s run
+CONFIG_SECTION = {"plan": "train"}
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser, and the subcommands that take --config."""
     from mft_cache.pipeline.cache import CacheConfig
@@ -18,8 +25,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p = argparse.ArgumentParser(prog="mft", description="Minifinetuning from a cached teacher.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("cache", help="stage one: the teacher reads the data once and writes the cache",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c = sub.add_parser("cache", help="stage one: the teacher reads the data once and writes the cache")
     add_arguments(c, CacheConfig)
     with_config = {"cache": c}
 
@@ -34,23 +40,26 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         TrainConfig = None
     if TrainConfig is not None:
         t = sub.add_parser("train", help="stage two: minifinetune from the cache")
-        add_arguments(t, TrainConfig)
-        t.add_argument("--plan", action="store_true", help="train nothing: print the estimated peak memory of this "
-                       "run (weights, gradients, optimiser, activations, loss, teacher), whether it fits, and what "
-                       "would make it fit; writes nothing")
+        t.add_argument("--plan", action="store_true", help=f"train nothing: print {PLAN_HELP}; writes nothing "
+                       "(as `mft plan`)")
         t.add_argument("--plan-json", action="store_true", help="as --plan, printed as one JSON object")
+        add_arguments(t, TrainConfig)
+        pl = sub.add_parser("plan", help="the estimated peak memory of a `mft train` run, whether it fits, and "
+                            "what would make it fit (trains nothing)",
+                            description="Takes the options of `mft train`, trains nothing and writes nothing: "
+                            f"prints {PLAN_HELP}. `mft train ... --plan` prints the same.")
+        pl.add_argument("--json", "--plan-json", dest="plan_json", action="store_true",
+                        help="print it as one JSON object (what `mft train --plan-json` prints)")
+        add_arguments(pl, TrainConfig)
         s = sub.add_parser("sweep", help="a run per tau (and ft per learning rate), per seed, from one cache")
-        add_arguments(s, TrainConfig)
-        add_arguments(s, SweepConfig)
+        add_arguments(s, TrainConfig, SweepConfig)
         from mft_cache.study import StudyConfig
 
-        st = sub.add_parser("study", help="the paper's compositions and ablations on one cache (writes STUDIES.md)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        add_arguments(st, TrainConfig)
-        add_arguments(st, StudyConfig)
-        with_config.update(train=t, sweep=s, study=st)
-    for parser in with_config.values():
-        add_config_argument(parser)
+        st = sub.add_parser("study", help="the paper's compositions and ablations on one cache (writes STUDIES.md)")
+        add_arguments(st, TrainConfig, StudyConfig)
+        with_config.update(train=t, plan=pl, sweep=s, study=st)
+    for command, parser in with_config.items():
+        add_config_argument(parser, CONFIG_SECTION.get(command))
     return p, with_config
 
 
@@ -81,7 +90,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if getattr(args, "config", None):
         sub = with_config[args.command]
         try:
-            sub.set_defaults(**config_defaults(sub, args.config, args.command, _config_ignored(args.command)))
+            sub.set_defaults(**config_defaults(sub, args.config, args.command, _config_ignored(args.command),
+                                               section=CONFIG_SECTION.get(args.command)))
         except ValueError as e:
             sub.error(str(e))  # exits 2
         args = parser.parse_args(argv)
@@ -113,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
 
             stats = cache_stats(args.cache, verify=args.verify)
             print(stats_json(stats) if args.json else format_stats(stats))
-        elif args.command == "train" and (args.plan or args.plan_json):
+        elif args.command == "plan" or (args.command == "train" and (args.plan or args.plan_json)):
             from mft_cache.trainer.config import TrainConfig
             from mft_cache.trainer.plan import format_plan, plan, plan_json
 

@@ -1,7 +1,8 @@
 """One frozen dataclass per command; the command line is generated from it.
 
-Each field is declared with `opt(default, "help")`; the help doubles as `--help`. `__post_init__`
-of each config raises ValueError naming the flag for bad values.
+Each field is declared with `opt(default, "help", group="...")`; the help doubles as `--help`, and the group (one of
+GROUPS) is the section of `--help` that lists it. `__post_init__` of each config raises ValueError naming the flag
+for bad values.
 """
 from __future__ import annotations
 
@@ -25,9 +26,32 @@ def command_line() -> str:
     return shlex.join(["mft", *_COMMAND_LINE]) if _COMMAND_LINE is not None else shlex.join(sys.argv)
 
 
-def opt(default, help: str, choices=None):
-    """A config field: its default, its --help text, and its choices (a tuple, or a function returning one)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+# the sections of `--help`, in the order a command lists them, each with the line printed under its title; a command
+# lists those its options use (its own group, `sweep` or `study`, first: what it adds to the options of `mft train`)
+GROUPS = {
+    "sweep": "what `mft sweep` varies: one run per value, per seed",
+    "study": "what `mft study` runs and where it reports",
+    "data": "what is read and how rows are made of it",
+    "teacher": "the model whose predictions are cached, and where it runs",
+    "cache format": "what the cache keeps of each position, and how it is stored",
+    "model and adapters": "the student, and the adapter trained instead of all of its weights",
+    "objective": "where the targets come from and what the loss makes of them",
+    "optimisation": "steps, batches, learning rate, optimiser",
+    "evaluation": "the validation sets, and when they are read",
+    "output": "the folder written, and where else the results go",
+    "performance": "memory and speed",
+}
+MAX_LIST_ITEMS = 1024  # values in one list option (--taus, --seeds, ...): more is refused
+
+
+def opt(default, help: str, choices=None, *, group: str | None = None, items: type | None = None):
+    """A config field: its default, its --help text, its choices (a tuple, or a function returning one), its
+    `--help` group (a key of GROUPS) and, for a comma-separated list held as a string, the type of its items
+    (a config file may then give it as a list)."""
+    if group is not None and group not in GROUPS:
+        raise ValueError(f"option group {group!r} is not one of {list(GROUPS)}")
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "group": group,
+                                                        "items": items})
 
 
 def flag(name: str) -> str:
@@ -51,22 +75,38 @@ def _base_type(tp):
     return tp
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = _base_type(hints[f.name])
+def _help(help_: str, default) -> str:
+    """The help with its default; a help that states its default in words keeps that one alone."""
+    return help_ if "(default" in help_ else f"{help_} (default: {default})"
+
+
+def add_arguments(parser: argparse.ArgumentParser, *classes) -> dict[str, argparse._ArgumentGroup]:
+    """Every field of `classes` as a flag of `parser`, in one argument group per GROUPS name (in GROUPS' order;
+    a field without a group goes to a last group, "other options"). Returns the groups by name."""
+    fields = []
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        fields += [(f, _base_type(hints[f.name])) for f in dataclasses.fields(cls)]
+    order = [*GROUPS, None]
+    used = sorted({f.metadata.get("group") for f, _ in fields}, key=order.index)
+    groups = {g: parser.add_argument_group(g or "other options", GROUPS.get(g)) for g in used}
+    for f, tp in sorted(fields, key=lambda ft: order.index(ft[0].metadata.get("group"))):  # stable: field order
+        group = groups[f.metadata.get("group")]
         help_ = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
         if callable(choices):  # a registry, read when the parser is built
             choices = choices()
         default = f.default if f.default is not dataclasses.MISSING else None
         if tp is bool and f.name.startswith("no_"):  # BooleanOptionalAction would read --no-x as x = False
-            parser.add_argument(flag(f.name), action="store_true", default=default, help=help_)
+            action = group.add_argument(flag(f.name), action="store_true", default=default, help=help_)
         elif tp is bool:
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_)
+            action = group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
+                                        help=help_)
         else:
-            parser.add_argument(flag(f.name), type=tp, default=default, choices=choices,
-                                help=f"{help_} (default: {default})", metavar=f.name.upper() if not choices else None)
+            action = group.add_argument(flag(f.name), type=tp, default=default, choices=choices,
+                                        help=_help(help_, default), metavar=f.name.upper() if not choices else None)
+        action.items = f.metadata.get("items")  # read by config files: a list for a comma-separated option
+    return {g: groups[g] for g in used if g is not None}
 
 
 def from_namespace(cls, ns: argparse.Namespace):
@@ -78,14 +118,16 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# -- config files: `--config FILE` (YAML or JSON), its keys set as defaults, the flags given still win ---------
+# -- config files: `--config FILE` (YAML or JSON), its keys set as defaults, the flags given win --------------
 COMMANDS = ("cache", "train", "sweep", "study")  # a top-level key naming one of them, holding a mapping, is a section
 
 
-def add_config_argument(parser: argparse.ArgumentParser) -> None:
+def add_config_argument(parser: argparse.ArgumentParser, section: str | None = None) -> None:
+    """--config; `section`: the section of the file the command reads, where it is not the command's own."""
+    where = "a section named after the command" if section is None else f"a section `{section}:`"
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="YAML or JSON file of options: keys are the option names with underscores (as config.json "
-                        "writes them), flat or under a section named after the command; flags given here override it")
+                        f"writes them), flat or under {where}; flags given here override it")
 
 
 def read_config_file(path: str, command: str) -> dict:
@@ -101,8 +143,9 @@ def read_config_file(path: str, command: str) -> dict:
         raise ValueError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     try:
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({e})") from None
+    except (ValueError, RecursionError, yaml.YAMLError) as e:  # ValueError: also an integer of over 4,300 digits
+        raise ValueError(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} "
+                         f"({'nested too deeply' if isinstance(e, RecursionError) else e})") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: must hold a mapping of option names to values")
@@ -110,13 +153,69 @@ def read_config_file(path: str, command: str) -> dict:
     return {**{k: v for k, v in data.items() if k not in sections}, **sections.get(command, {})}
 
 
+def _shown(value) -> str:
+    """A value from a file for a message: its repr, bounded in length and depth (a file may hold a huge or deeply
+    nested value, or a YAML alias bomb, whose full repr would not end)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 6, 4, 60, 60
+    return r.repr(value)
+
+
+def _list_value(action: argparse.Action, key: str, value: list, path: str) -> str:
+    """A list from the file for a comma-separated option, as the comma-separated string the flag takes (which
+    then parses to the same values); an item of the wrong type, a repeated one or too many are refused."""
+    name, items = action.option_strings[0], action.items
+    if len(value) > MAX_LIST_ITEMS:
+        raise ValueError(f"--config {path}: {key}: a list of {len(value):,} values; {name} takes at most "
+                         f"{MAX_LIST_ITEMS}")
+    kind = {int: "an integer", float: "a finite number", str: "a non-empty name without commas"}[items]
+    out, seen = [], set()
+    for i, item in enumerate(value):
+        bad = ValueError(f"--config {path}: {key}: item {i}, {_shown(item)}, is not {kind} (a list for {name} "
+                         "holds only those)")
+        if isinstance(item, bool) or item is None or isinstance(item, (list, dict)):
+            raise bad
+        if items is str:
+            if not isinstance(item, str) or not item.strip() or "," in item:
+                raise bad
+            item = item.strip()
+        elif isinstance(item, str):  # YAML reads 2e-4 (no dot) as a string, as the flag would take it
+            try:
+                item = items(item.strip())
+            except ValueError:
+                raise bad from None
+        elif items is int and isinstance(item, float):
+            if not item.is_integer():  # also refuses inf and nan
+                raise bad
+            item = int(item)
+        elif items is float and isinstance(item, int):
+            try:
+                item = float(item)
+            except OverflowError:
+                raise bad from None
+        elif not isinstance(item, items):
+            raise bad
+        if items is float and not math.isfinite(item):
+            raise bad
+        if item in seen and items is not str:  # as the flag: a repeated number is refused, a repeated name not
+            raise ValueError(f"--config {path}: {key}: item {i}, {_shown(item)}, is given twice")
+        seen.add(item)
+        out.append(repr(item) if items is float else str(item))
+    return ",".join(out)
+
+
 def _coerce(action: argparse.Action, key: str, value, path: str):
-    """A value from the file as the flag would have parsed it; a wrong type or choice is refused naming the key."""
-    wrong = ValueError(f"--config {path}: {key}: {value!r} is not a valid value for {action.option_strings[0]}")
+    """A value from the file as the flag would have parsed it; a wrong type or choice is refused naming the key.
+    A comma-separated option (`items` set) also takes a list."""
+    wrong = ValueError(f"--config {path}: {key}: {_shown(value)} is not a valid value for {action.option_strings[0]}")
     if action.nargs == 0:  # --x/--no-x and store_true: a YAML/JSON boolean only
         if not isinstance(value, bool):
             raise wrong
         return value
+    if isinstance(value, list) and getattr(action, "items", None) is not None:
+        return _list_value(action, key, value, path)
     tp = action.type or str
     if isinstance(value, bool) or isinstance(value, (list, dict)) or value is None:
         raise wrong
@@ -126,23 +225,26 @@ def _coerce(action: argparse.Action, key: str, value, path: str):
         value = int(value)
     try:
         value = tp(value) if isinstance(value, str) or tp in (str, float) else value  # numbers: 5 for a float
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise wrong from None
     if action.choices is not None and value not in action.choices:
-        raise ValueError(f"--config {path}: {key}: {value!r} is not one of {list(action.choices)}")
+        raise ValueError(f"--config {path}: {key}: {_shown(value)} is not one of {list(action.choices)}")
     return value
 
 
-def config_defaults(parser: argparse.ArgumentParser, path: str, command: str, ignored=()) -> dict:
-    """The file's values for the options of `parser`, typed; a key that is no option (nor in `ignored`, the
-    bookkeeping keys a run's config.json holds) is refused naming the key and the file."""
+def config_defaults(parser: argparse.ArgumentParser, path: str, command: str, ignored=(),
+                    section: str | None = None) -> dict:
+    """The file's values for the options of `parser` (those of `mft command`; its keys are read from the file's
+    flat keys and its section `section`, by default the command's own), typed; a key that is no option (nor in
+    `ignored`, the bookkeeping keys a run's config.json holds) is refused naming the key and the file."""
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
     values = {}
-    for key, value in read_config_file(path, command).items():
+    for key, value in read_config_file(path, section or command).items():
         if key in ignored:
             continue
         if key not in actions:
-            hint = f" (did you mean {key.replace('-', '_')!r}?)" if key.replace("-", "_") in actions else ""
-            raise ValueError(f"--config {path}: unknown key {key!r}: not an option of mft {command}{hint}")
+            near = str(key).replace("-", "_")
+            hint = f" (did you mean {near!r}?)" if near in actions else ""
+            raise ValueError(f"--config {path}: unknown key {_shown(key)}: not an option of mft {command}{hint}")
         values[key] = _coerce(actions[key], key, value, path)
     return values

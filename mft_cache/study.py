@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mft_cache.config import check_finite, opt
-from mft_cache.storage import read_documents
-from mft_cache.storage.manifest import write_json_atomic
+from mft_cache.rows import read_documents
+from mft_cache.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,16 @@ ADAPTERS = ("lora", "dora", "ia3")
 
 @dataclass(frozen=True)
 class StudyConfig:
-    report: str = opt("STUDIES.md", "markdown report to write (tables and plots)")
-    parts: str = opt(PARTS, "which parts to run: any of a, b, c, d")
+    # -- study: what `mft study` runs and where it reports (the runs take the options of `mft train`)
+    report: str = opt("STUDIES.md", "markdown report to write (tables and plots)", group="study")
+    parts: str = opt(PARTS, "which parts to run: any of a, b, c, d", group="study")
     replay_source: str = opt("assets/data/bbc_val_full.jsonl", "general-domain documents to draw replay data from "
-                             "(those also in --eval-general are left out)")
-    replay_documents: int = opt(90, "how many replay documents to take")
-    adapter_lr: float = opt(2e-3, "learning rate of the adapter runs (--peft trains far fewer weights)")
-    cache_batch_size: int = opt(4, "teacher batch size of the study's caches")
-    report_only: bool = opt(False, "train nothing: write the report from the runs already finished in --out")
+                             "(those also in --eval-general are left out)", group="study")
+    replay_documents: int = opt(90, "how many replay documents to take", group="study")
+    adapter_lr: float = opt(2e-3, "learning rate of the adapter runs (--peft trains far fewer weights)", group="study")
+    cache_batch_size: int = opt(4, "teacher batch size of the study's caches", group="study")
+    report_only: bool = opt(False, "train nothing: write the report from the runs already finished in --out",
+                            group="study")
 
     def __post_init__(self):
         check_finite(self)
@@ -65,7 +67,7 @@ def _write_replay(cfg: StudyConfig, tcfg, path: Path) -> Path:
     return path
 
 
-def plan(cfg: StudyConfig, tcfg, caches: dict) -> list[tuple[str, str, dict]]:
+def study_runs(cfg: StudyConfig, tcfg, caches: dict) -> list[tuple[str, str, dict]]:
     """(part, run name, TrainConfig overrides) of every run, each run once (shared runs listed first)."""
     main = {"cache": str(caches["main"]), "top_k": 32}
     runs: list[tuple[str, str, dict]] = []
@@ -111,7 +113,7 @@ def study(cfg: StudyConfig, tcfg) -> dict:
     tcfg = replace(tcfg, model=model, data=data, seq_len=seq_len)
     caches = {"main": out / "caches" / "k256", "replay": out / "caches" / "replay", "q8": out / "caches" / "k32-q8"}
     if cfg.report_only:
-        return collect(cfg, tcfg, out, plan(cfg, tcfg, caches), train=None)
+        return collect(cfg, tcfg, out, study_runs(cfg, tcfg, caches), train=None)
     log.info("study: teacher pass for the k=256 cache (%s)", caches["main"])
     build_cache(CacheConfig(model=model, data=data, out=str(caches["main"]), seq_len=seq_len, top_k=max(K_VALUES),
                             batch_size=cfg.cache_batch_size))
@@ -122,7 +124,7 @@ def study(cfg: StudyConfig, tcfg) -> dict:
         replay_docs = _write_replay(cfg, tcfg, out / "data" / "replay.jsonl")
         build_cache(CacheConfig(model=model, data=str(replay_docs), out=str(caches["replay"]), seq_len=seq_len,
                                 top_k=32, batch_size=cfg.cache_batch_size))
-    return collect(cfg, tcfg, out, plan(cfg, tcfg, caches), train)
+    return collect(cfg, tcfg, out, study_runs(cfg, tcfg, caches), train)
 
 
 def collect(cfg: StudyConfig, tcfg, out: Path, todo: list, train) -> dict:

@@ -5,10 +5,10 @@ import math
 from dataclasses import dataclass
 
 from mft_cache.allocator import ALLOCATORS
-from mft_cache.config import check_finite, opt
-from mft_cache.storage.chat import TRAIN_ON
-from mft_cache.storage.documents import DATA_FORMATS
-from mft_cache.storage.rows import PACKINGS
+from mft_cache.config import MAX_LIST_ITEMS, check_finite, opt
+from mft_cache.rows.chat import TRAIN_ON
+from mft_cache.rows.documents import DATA_FORMATS
+from mft_cache.rows.spec import PACKINGS
 
 from .adapters import PEFT_METHODS
 from .loss import LOSS_IMPLS
@@ -25,89 +25,112 @@ RESOLVED_KEYS = ("resolved_model", "num_processes", "global_batch", "cache_manif
 
 @dataclass(frozen=True)
 class TrainConfig:
-    cache: str = opt("caches/demo", "cache folder written by `mft cache` (ignored with --teacher online)")
-    out: str = opt("runs/demo", "run folder: config.json, metrics.jsonl, summary.json, best/, final/, checkpoints/")
-    model: str = opt("", "student to start from (default: the teacher recorded in the cache's manifest)")
-    teacher: str = opt("cache", "where the teacher's targets come from: the cache, or an online teacher "
-                       "(the paper's Algorithm 1: teacher in memory, full distribution every step)", choices=("cache", "online"))
+    # Flat (config.json and the keyword API are flat); its fields in the order of their `--help` groups.
+    # -- data: the cache or the documents, how rows are made of them, replay
+    cache: str = opt("caches/demo", "cache folder written by `mft cache` (ignored with --teacher online)",
+                     group="data")
     data: str = opt("", "the finetuning documents: required with --teacher online; with a cache, optional and "
-                    "checked against the documents the cache was made from")
-    text_field: str = opt("text", "field holding the text in --data / --eval-* files")
+                    "checked against the documents the cache was made from", group="data")
+    text_field: str = opt("text", "field holding the text in --data / --eval-* files", group="data")
     data_format: str = opt("auto", "rows of --data with --teacher online: text, chat or prompt-completion (auto: from "
                            "the first row's fields; --eval-* and --replay files are always read so); with a cache, "
-                           "the cache's", choices=DATA_FORMATS)
-    prompt_field: str = opt("prompt", "field holding the prompt of prompt-completion rows")
-    completion_field: str = opt("completion", "field holding the completion of prompt-completion rows")
+                           "the cache's", choices=DATA_FORMATS, group="data")
+    prompt_field: str = opt("prompt", "field holding the prompt of prompt-completion rows", group="data")
+    completion_field: str = opt("completion", "field holding the completion of prompt-completion rows", group="data")
     train_on: str = opt("auto", "chat and prompt-completion rows: train and evaluate on the completions only, or on "
                         "every token; auto: the cache's choice (another is refused), else completion",
-                        choices=("auto", *TRAIN_ON))
+                        choices=("auto", *TRAIN_ON), group="data")
     packing: str = opt("auto", "rows made from raw data: document (whole documents, each attending only to itself) "
                        "or concat; auto: the cache's, else document for chat and prompt-completion rows",
-                       choices=PACKINGS)
-    seq_len: int = opt(0, "with --teacher online: tokens per packed sequence (default: 256)")
+                       choices=PACKINGS, group="data")
+    seq_len: int = opt(0, "tokens per packed sequence with --teacher online (0: 256); with a cache, 0 or the "
+                       "cache's own", group="data")
+    replay: str = opt("", "general-domain replay data mixed into every batch: documents (objective ft), or a cache "
+                      "of them made by `mft cache` with the same teacher (any objective)", group="data")
+    replay_fraction: float = opt(0.5, "fraction of every batch taken from --replay (the paper uses 0.5)", group="data")
+    # -- model and adapters: the student, and an adapter trained instead of all of its weights
+    model: str = opt("", "student to start from (default: the teacher recorded in the cache's manifest)",
+                     group="model and adapters")
+    allow_different_student: bool = opt(False, "train a --model whose weights differ from the cache's teacher "
+                                        "(same tokenizer and vocabulary required)", group="model and adapters")
+    trust_remote_code: bool = opt(False, "allow the model's own code from the hub to run", group="model and adapters")
+    peft: str = opt("none", "train an adapter instead of all weights (peft library); the base stays frozen",
+                    choices=PEFT_METHODS, group="model and adapters")
+    lora_rank: int = opt(8, "LoRA/DoRA rank", group="model and adapters")
+    lora_alpha: float = opt(16.0, "LoRA/DoRA scaling alpha", group="model and adapters")
+    lora_dropout: float = opt(0.0, "LoRA/DoRA dropout", group="model and adapters")
+    peft_targets: str = opt("", "comma-separated module names to adapt (default: every attention and MLP projection)",
+                            group="model and adapters", items=str)
+    merge_adapter: bool = opt(False, "with --peft: best/ and final/ hold the merged full model instead of the adapter",
+                              group="model and adapters")
+    base_dtype: str = opt("float32", "with --peft: the dtype the frozen base weights (and an online teacher) are loaded "
+                          "in; the adapter and its optimiser state stay float32", choices=BASE_DTYPES,
+                          group="model and adapters")
+    # -- objective: where the targets come from and what the loss makes of them
+    teacher: str = opt("cache", "where the teacher's targets come from: the cache, or an online teacher "
+                       "(the paper's Algorithm 1: teacher in memory, full distribution every step)",
+                       choices=("cache", "online"), group="objective")
     objective: str = opt("mft", "mft (corrected distillation), ft (plain cross-entropy), or the paper's ablations",
-                         choices=OBJECTIVES)
-    tau: float = opt(0.25, "MFT target margin in [0, 1]; 1 is plain finetuning")
-    top_k: int = opt(0, "use only the first K of the cache's top-k log-probs (0: all of them); the rest joins the tail")
+                         choices=OBJECTIVES, group="objective")
+    tau: float = opt(0.25, "MFT target margin in [0, 1]; 1 is plain finetuning", group="objective")
+    top_k: int = opt(0, "use only the first K of the cache's top-k log-probs (0: all of them); the rest joins the tail",
+                     group="objective")
     tail: str = opt("bucket", "teacher mass outside top-k and the label: one tail bucket (exact), renormalize the "
                     "kept log-probs to sum to 1, or drop it (the ablations other distillation tools make)",
-                    choices=TAIL_MODES)
-    allow_different_student: bool = opt(False, "train a --model whose weights differ from the cache's teacher "
-                                        "(same tokenizer and vocabulary required)")
-    replay: str = opt("", "general-domain replay data mixed into every batch: documents (objective ft), or a cache "
-                      "of them made by `mft cache` with the same teacher (any objective)")
-    replay_fraction: float = opt(0.5, "fraction of every batch taken from --replay (the paper uses 0.5)")
-    peft: str = opt("none", "train an adapter instead of all weights (peft library); the base stays frozen",
-                    choices=PEFT_METHODS)
-    lora_rank: int = opt(8, "LoRA/DoRA rank")
-    lora_alpha: float = opt(16.0, "LoRA/DoRA scaling alpha")
-    lora_dropout: float = opt(0.0, "LoRA/DoRA dropout")
-    peft_targets: str = opt("", "comma-separated module names to adapt (default: every attention and MLP projection)")
-    merge_adapter: bool = opt(False, "with --peft: best/ and final/ hold the merged full model instead of the adapter")
-    base_dtype: str = opt("float32", "with --peft: the dtype the frozen base weights (and an online teacher) are loaded "
-                          "in; the adapter and its optimiser state stay float32", choices=BASE_DTYPES)
-    skip_nonfinite: int = opt(0, "skip up to N steps whose loss is NaN/inf (counted in summary.json) instead of "
-                              "stopping at the first; the weights are never updated from such a step")
-    steps: int = opt(60, "optimiser steps")
-    batch_size: int = opt(4, "sequences per micro-batch (per process)")
-    grad_accum: int = opt(1, "micro-batches per optimiser step")
-    lr: float = opt(1e-4, "peak learning rate (with adafactor: the largest relative step; sgd wants a far larger one)")
-    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine decay)")
-    warmup_steps: int = opt(5, "linear warm-up steps")
-    weight_decay: float = opt(0.0, "weight decay (decoupled for adamw and adafactor, L2 for sgd)")
+                    choices=TAIL_MODES, group="objective")
+    # -- optimisation: steps, batches, learning rate, optimiser
+    steps: int = opt(60, "optimiser steps", group="optimisation")
+    batch_size: int = opt(4, "sequences per micro-batch (per process)", group="optimisation")
+    grad_accum: int = opt(1, "micro-batches per optimiser step", group="optimisation")
+    lr: float = opt(1e-4, "peak learning rate (with adafactor: the largest relative step; sgd wants a far larger one)",
+                    group="optimisation")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of --lr (cosine decay)", group="optimisation")
+    warmup_steps: int = opt(5, "linear warm-up steps", group="optimisation")
+    weight_decay: float = opt(0.0, "weight decay (decoupled for adamw and adafactor, L2 for sgd)", group="optimisation")
     optimizer: str = opt("adamw", "adamw, adafactor (factored second moment, no first: a far smaller state), sgd "
-                         "(momentum 0.9), or adamw8bit (bitsandbytes, the `8bit` extra, CUDA only)", choices=OPTIMIZERS)
-    max_grad_norm: float = opt(1.0, "gradient clipping (0: off)")
-    mixed_precision: str = opt("no", "autocast dtype", choices=("no", "bf16", "fp16"))
-    seed: int = opt(0, "seed for data order and initialisation of anything random")
-    eval_specialized: str = opt("", "specialized-domain validation documents (perplexity -> S)")
-    eval_general: str = opt("", "general-domain validation documents (perplexity -> DG)")
-    eval_every: int = opt(20, "evaluate every N steps (also at the start and the end)")
-    eval_batch_size: int = opt(8, "sequences per evaluation batch")
-    eval_max_sequences: int = opt(0, "evaluate on the first N sequences of each set (0: all)")
-    save_every: int = opt(20, "save the training state every N steps (0: never) for --resume")
-    resume: bool = opt(False, "continue from the last saved state in --out (starts fresh if there is none)")
-    overwrite: bool = opt(False, "replace an existing run in --out")
-    log_every: int = opt(10, "write a step line to the log every N steps (metrics.jsonl gets every step)")
-    chunk_size: int = opt(1024, "positions per chunk of the output layer in the loss")
+                         "(momentum 0.9), or adamw8bit (bitsandbytes, the `8bit` extra, CUDA only)", choices=OPTIMIZERS,
+                         group="optimisation")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0: off)", group="optimisation")
+    seed: int = opt(0, "seed for data order and initialisation of anything random", group="optimisation")
+    skip_nonfinite: int = opt(0, "skip up to N steps whose loss is NaN/inf (counted in summary.json) instead of "
+                              "stopping at the first; the weights are never updated from such a step",
+                              group="optimisation")
+    # -- evaluation: the validation sets, and when they are read
+    eval_specialized: str = opt("", "specialized-domain validation documents (perplexity -> S)", group="evaluation")
+    eval_general: str = opt("", "general-domain validation documents (perplexity -> DG)", group="evaluation")
+    eval_every: int = opt(20, "evaluate every N steps (also at the start and the end)", group="evaluation")
+    eval_batch_size: int = opt(8, "sequences per evaluation batch", group="evaluation")
+    eval_max_sequences: int = opt(0, "evaluate on the first N sequences of each set (0: all)", group="evaluation")
+    # -- output: the run folder, checkpoints and logs, trackers, the Hub
+    out: str = opt("runs/demo", "run folder: config.json, metrics.jsonl, summary.json, best/, final/, checkpoints/",
+                   group="output")
+    overwrite: bool = opt(False, "replace an existing run in --out", group="output")
+    resume: bool = opt(False, "continue from the last saved state in --out (starts fresh if there is none)",
+                       group="output")
+    save_every: int = opt(20, "save the training state every N steps (0: never) for --resume", group="output")
+    log_every: int = opt(10, "write a step line to the log every N steps (metrics.jsonl gets every step)",
+                         group="output")
+    report_to: str = opt("none", "also send the step and evaluation metrics to these trackers (through Accelerate; "
+                         "TensorBoard under --out/tensorboard; all: those installed)", choices=REPORT_TO,
+                         group="output")
+    run_name: str = opt("", "the run's name in the trackers (default: --out's folder name)", group="output")
+    push_to_hub: str = opt("", "then upload final/ (the model or adapter, with its model card) to this Hub model "
+                           "repository (OWNER/NAME); --cache also takes hf://OWNER/NAME[@REVISION], a cache on the Hub",
+                           group="output")
+    # -- performance: memory and speed
+    mixed_precision: str = opt("no", "autocast dtype", choices=("no", "bf16", "fp16"), group="performance")
+    chunk_size: int = opt(1024, "positions per chunk of the output layer in the loss", group="performance")
     loss_impl: str = opt("fused", "how the output layer and loss run: fused (logits and their gradients in one pass, "
                          "chunk by chunk), checkpointed (the head's own forward per chunk, recomputed in the backward), "
                          "or transformers (the model's own loss over full logits; --objective ft only)",
-                         choices=LOSS_IMPLS)
+                         choices=LOSS_IMPLS, group="performance")
     gradient_checkpointing: bool = opt(False, "keep only each decoder layer's input in the forward and recompute "
                                        "the layer in the backward: far less activation memory for a second forward "
-                                       "pass of compute (`mft train --plan` shows both)")
+                                       "pass of compute (`mft plan` shows both)", group="performance")
     cpu_allocator: str = opt("default", "on a CPU: lean makes glibc give every freed block above 1 MiB back to the "
-                             "system, so the process holds about what its tensors need (what `--plan` estimates) "
-                             "instead of up to 2x that, for more time per step (a fifth on short rows, up to 2x with "
-                             "checkpointing at 2,048 tokens); default keeps glibc's "
-                             "own policy. No effect on a GPU", choices=ALLOCATORS)
-    trust_remote_code: bool = opt(False, "allow the model's own code from the hub to run")
-    report_to: str = opt("none", "also send the step and evaluation metrics to these trackers (through Accelerate; "
-                         "TensorBoard under --out/tensorboard; all: those installed)", choices=REPORT_TO)
-    run_name: str = opt("", "the run's name in the trackers (default: --out's folder name)")
-    push_to_hub: str = opt("", "then upload final/ (the model or adapter, with its model card) to this Hub model "
-                           "repository (OWNER/NAME); --cache also takes hf://OWNER/NAME[@REVISION], a cache on the Hub")
+                             "system, so the process holds about what its tensors need (what `mft plan` estimates), "
+                             "for more time per step (docs/MEMORY.md); default keeps glibc's own policy. No effect "
+                             "on a GPU", choices=ALLOCATORS, group="performance")
 
     def __post_init__(self):
         if not 0.0 <= self.tau <= 1.0:  # also refuses NaN
@@ -145,34 +168,40 @@ class TrainConfig:
 
 
 def _parse_list(flag: str, text: str, kind) -> list:
-    """A comma-separated list of numbers, refused naming the flag (a bad, repeated or non-finite value)."""
-    values = []
-    for item in (x.strip() for x in text.split(",")):
-        if not item:
-            continue
+    """A comma-separated list of numbers, refused naming the flag (a bad, repeated or non-finite value, or more
+    than MAX_LIST_ITEMS of them)."""
+    items = [x for x in (x.strip() for x in text.split(",")) if x]
+    if len(items) > MAX_LIST_ITEMS:
+        raise ValueError(f"{flag}: {len(items):,} values; at most {MAX_LIST_ITEMS}")
+    values, seen = [], set()
+    for item in items:
         try:
             value = kind(item)
         except ValueError:
             raise ValueError(f"{flag}: {item!r} is not {'an integer' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(value):
             raise ValueError(f"{flag}: {item!r} is not a finite number")
-        if value in values:
+        if value in seen:
             raise ValueError(f"{flag}: {item!r} is given twice")
+        seen.add(value)
         values.append(value)
     return values
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """What `mft sweep` varies; every run takes the other options from TrainConfig."""
+    """What `mft sweep` varies; every run takes the other options from TrainConfig. A config file may give each
+    list as a YAML/JSON list instead of the comma-separated string."""
 
-    taus: str = opt("0.1,0.25,0.5,1.0", "comma-separated tau values: one MFT run each (at --lr)")
-    no_ft: bool = opt(False, "skip the plain finetuning runs")
+    taus: str = opt("0.1,0.25,0.5,1.0", "comma-separated tau values: one MFT run each (at --lr)", group="sweep",
+                    items=float)
+    no_ft: bool = opt(False, "skip the plain finetuning runs", group="sweep")
     seeds: str = opt("", "comma-separated seeds (they set the data order): every configuration runs once per seed, "
-                     "into <run>/seed<k>/ when there are several; empty: --seed alone, into <run>/")
+                     "into <run>/seed<k>/ when there are several; empty: --seed alone, into <run>/", group="sweep",
+                     items=int)
     lrs: str = opt("", "comma-separated learning rates of plain finetuning, one FT run each, so that FT's "
                    "trajectories at several rates can be compared with MFT's; MFT runs at --lr, which is added to "
-                   "them when missing; empty: --lr alone")
+                   "them when missing; empty: --lr alone", group="sweep", items=float)
 
     def __post_init__(self):
         taus, lrs = self.tau_values(), self.lr_values()

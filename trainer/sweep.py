@@ -14,7 +14,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from mft_cache.storage.manifest import write_json_atomic
+from mft_cache.files import write_json_atomic
 
 from .config import TrainConfig
 from .matched import match, spread
@@ -49,7 +49,8 @@ def run_name(objective: str, tau: float, lr: float | None = None) -> str:
     return name if lr is None else f"{name}-lr{lr_tag(lr)}"
 
 
-def plan(cfg: TrainConfig, taus: list[float], with_ft: bool, seeds: list[int], lrs: list[float]) -> list[dict]:
+def sweep_runs(cfg: TrainConfig, taus: list[float], with_ft: bool, seeds: list[int],
+               lrs: list[float]) -> list[dict]:
     """Every run of the sweep, seed by seed (a stopped sweep has whole seeds done first): MFT at each tau (at --lr),
     then FT at each learning rate. Each: name, seed, lr, path (under --out) and its TrainConfig."""
     several_lrs = len(lrs) > 1
@@ -86,7 +87,7 @@ def sweep(cfg: TrainConfig, taus: list[float], with_ft: bool = True, seeds: list
         log.info("--lrs: adding --lr %g, the rate of the MFT runs, so that they have FT at their own rate", cfg.lr)
         lrs.append(cfg.lr)
     out = Path(cfg.out)
-    runs = plan(cfg, taus, with_ft, seeds, lrs)
+    runs = sweep_runs(cfg, taus, with_ft, seeds, lrs)
     # the trackers: one project (the sweep's folder name, or --run-name), a run per configuration and seed, one
     # TensorBoard folder
     project = cfg.run_name or out.resolve().name
@@ -258,8 +259,8 @@ def matched_table(configs: list[dict]) -> str:
 
 
 def sweep_markdown(rows: list[dict], configs: list[dict], seeds: list[int], lrs: list[float]) -> str:
-    """sweep.md: with one seed and one learning rate, the table of runs alone (as before seeds existed); else
-    also the spread over seeds and DG at matched S against FT at every learning rate."""
+    """sweep.md: with one seed and one learning rate, the table of runs alone; else also the spread over seeds and
+    DG at matched S against FT at every learning rate."""
     runs = markdown_table(rows, with_seed=len(seeds) > 1)
     if len(seeds) == 1 and len(lrs) == 1:
         return runs + "\n"
