@@ -76,7 +76,7 @@ train: setup $(call assets_for,EVAL_SPECIALIZED EVAL_GENERAL)
 
 # One run per tau plus plain finetuning, all from the one cache; the teacher is never loaded. The demo's config runs
 # each configuration at seeds 0, 1 and 2 and plain finetuning at 2e-4 and 5e-4 (MFT at 5e-4): 15 runs, about 70 min
-# on 2 CPU cores; SEEDS=0 LRS=5e-4 is one seed at one rate (5 runs).
+# on 2 CPU cores; SEEDS=0 LRS=5e-4 is one seed at one rate (4 runs: MFT at the three taus, FT at 5e-4).
 sweep: setup $(call assets_for,EVAL_SPECIALIZED EVAL_GENERAL)
 	$(BIN)/mft sweep --config $(CONFIG) $(call arg,--out,$(SWEEP)) $(call arg,--taus,$(TAUS)) \
 		$(call arg,--seeds,$(SEEDS)) $(call arg,--lrs,$(LRS)) $(call arg,--cache,$(CACHE)) $(call arg,--steps,$(STEPS)) \
@@ -106,8 +106,9 @@ study: setup $(call assets_for,MODEL DATA)
 		$(call arg,--eval-general,$(EVAL_GENERAL)) $(call arg,--parts,$(STUDY_PARTS)) $(TRAIN_ARGS)
 
 # The reliability suite and its table: faults injected, inputs tried, outcomes checked.
-RELIABILITY_TESTS ?= tests/test_reliability.py tests/test_resume_cache.py tests/test_hostile.py tests/test_inputs.py tests/test_train.py \
-	tests/test_hostile_cache.py tests/test_hostile_runs.py tests/test_hostile_documents.py
+RELIABILITY_TESTS ?= tests/test_faults_cache.py tests/test_faults_train.py tests/test_attack_cache_files.py \
+	tests/test_attack_documents.py tests/test_attack_flags.py tests/test_attack_model_folders.py \
+	tests/test_attack_out_folders.py tests/test_attack_checkpoints.py tests/test_train.py
 reliability: setup
 	$(BIN)/pytest -q $(RELIABILITY_TESTS) --reliability-report RELIABILITY.md
 

@@ -93,7 +93,7 @@ def test_memory_rows_measured_in_parts_are_kept_with_their_commit(tmp_path):
     """--memory-keep: a run of some memory rows keeps the earlier rows it did not measure, each stamped with the run
     that measured it and the allocator it ran under."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from run import keep_memory_rows
+    from memory_step import keep_memory_rows
 
     def row(mode, variant, peak):
         return {"model": "m", "seq_len": 256, "mode": mode, "variant": variant, "peak_mb": peak}
@@ -124,22 +124,57 @@ def test_memory_rows_always_include_a_step_after_the_first(tmp_path, monkeypatch
     """A run's peak needs the optimiser's state, which exists only after the first step: the memory section runs at
     least one untimed step before its timed ones, whatever --warmup says."""
     sys.path.insert(0, str(ROOT / "bench"))
-    import run
+    import memory_step
 
     specs, caches = [], []
-    monkeypatch.setattr(run, "memory_models", lambda args, work, model: [("folder", "m")])
-    monkeypatch.setattr(run, "build_train_cache", lambda *a, **kw: caches.append(kw["sequences"]) or tmp_path)
-    monkeypatch.setattr(run.benchlib, "run_child", lambda script, spec, log: specs.append(spec) or {
+    monkeypatch.setattr(memory_step, "memory_models", lambda args, work, model: [("folder", "m")])
+    monkeypatch.setattr(memory_step, "build_train_cache", lambda *a, **kw: caches.append(kw["sequences"]) or tmp_path)
+    monkeypatch.setattr(memory_step.benchlib, "run_child", lambda script, spec, log: specs.append(spec) or {
         "memory": {"delta_mb": 100.0, "kind": "rss"}, "step_s": [1.0], "loss": [1.0], "params": 1, "trainable": 1})
-    monkeypatch.setattr(run, "plan_estimate", lambda spec, seq, device, profiles: {"total": 2**20 * 100.0,
-                                                                                    "peak_phase": "optimiser step"})
+    monkeypatch.setattr(memory_step, "plan_estimate", lambda spec, seq, device, profiles: {
+        "total": 2**20 * 100.0, "peak_phase": "optimiser step"})
     args = type("A", (), {"memory_seq_lens": [256], "memory_modes": ["ft-hf"], "memory_variants": ["full"],
                           "warmup": 0, "steps": 1, "top_k": 8, "memory_allocator": "lean"})
-    section = run.section_memory(args, tmp_path, "model", "data", "cpu")
+    inputs = memory_step.benchlib.Inputs(tmp_path, "model", "data", "cpu")
+    section = memory_step.section_memory(args, inputs)
     assert [s["warmup"] for s in specs] == [1] and section["warmup_steps"] == 1 and caches == [1 + 1 + 2]
     args.warmup = 3
     specs.clear()
-    assert run.section_memory(args, tmp_path, "model", "data", "cpu")["warmup_steps"] == 3 and specs[0]["warmup"] == 3
+    assert memory_step.section_memory(args, inputs)["warmup_steps"] == 3 and specs[0]["warmup"] == 3
+
+
+def test_sections_registry_holds_each_section_once_with_its_own_flags():
+    """bench/run.py runs what its registry holds, in order; each section's flags land in its own argument group and
+    the defaults it resolves are those of --quick or of a full run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run
+
+    assert list(run.SECTIONS) == ["train", "cache", "storage", "scaling", "memory", "ingest"]
+    assert run.DEFAULT_SECTIONS == ("train", "cache", "storage", "scaling")
+    assert sorted(run.VERDICT_ORDER) == sorted(run.SECTIONS)
+    for name, section in run.SECTIONS.items():
+        assert section.name == name and callable(section.run) and callable(section.table) and callable(section.verdicts)
+    args = run.parse_args([])
+    assert args.sections == list(run.DEFAULT_SECTIONS) and args.seq_lens == [128, 512, 1024]
+    assert args.memory_seq_lens == [256, 2048] and args.ingest_scales == [1, 10, 100] and not args.no_profile
+    quick = run.parse_args(["--quick", "--sections", "memory", "--memory-modes", "ft,mft-cache"])
+    assert quick.memory_modes == ["ft", "mft-cache"] and quick.ingest_tokens == 20_000 and quick.no_profile
+    with pytest.raises(SystemExit):
+        run.parse_args(["--sections", "train,nothing"])
+    with pytest.raises(SystemExit):
+        run.parse_args(["--memory-variants", "full,huge"])
+
+
+def test_render_of_the_results_file_is_the_committed_page(tmp_path, capsys):
+    """BENCHMARKS.md is generated: `bench/run.py --render bench/results.json` writes it again, byte for byte, from the
+    sections' tables and verdicts."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run
+
+    page = tmp_path / "BENCHMARKS.md"
+    run.main(["--render", str(ROOT / "bench" / "results.json"), "--markdown", str(page)])
+    assert page.read_text() == (ROOT / "BENCHMARKS.md").read_text()
+    assert "### Training step" in capsys.readouterr().out
 
 
 def test_memory_ab_alternates_the_values_and_takes_ratios_within_a_repeat(tmp_path, monkeypatch, capsys):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_texts, write_jsonl
+from helpers import as_flags, cache_args, snapshot, torchrun
 from mft_cache.pipeline.cache import CacheConfig, build_cache
 from mft_cache.storage import open_cache
 from mft_cache.trainer.config import TrainConfig
@@ -27,31 +26,7 @@ from mft_cache.trainer.train import train
 
 SEQ = 48
 CACHE_ARGS = dict(seq_len=SEQ, top_k=8, shard_mb=0.01, batch_size=2)  # ~22 shards of 5 rows
-TIMEOUT_S = 600
 SHARD = re.compile(r"^shard-\d{5}\.zarr$")
-
-
-def _env(**extra: str) -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               MFT_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
-    env.pop("MFT_FAULT", None)
-    env.update(extra)
-    return env
-
-
-def torchrun(args: list[str], logs: Path, **env: str) -> tuple[int, str]:
-    """`mft <args>` on 2 processes; returns (torchrun's exit code, the processes' stderr)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mft_cache.cli", *args]
-    err = logs.with_suffix(".stderr")
-    with open(logs.with_suffix(".stdout"), "wb") as so, open(err, "wb") as se:  # files: never an undrained pipe
-        rc = subprocess.run(cmd, stdout=so, stderr=se, env=_env(**env), timeout=TIMEOUT_S).returncode
-    return rc, err.read_text(errors="replace")
-
-
-def files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def train_config(cache: Path, out: Path, data: dict, batch_size: int) -> dict:
@@ -59,14 +34,6 @@ def train_config(cache: Path, out: Path, data: dict, batch_size: int) -> dict:
     return dict(cache=str(cache), out=str(out), steps=4, batch_size=batch_size, lr=3e-3, warmup_steps=1, save_every=2,
                 eval_every=2, log_every=100, eval_specialized=str(data["spec"]), eval_general=str(data["gen"]),
                 eval_max_sequences=5, eval_batch_size=2)
-
-
-def flags(cfg: dict) -> list[str]:
-    return [a for k, v in cfg.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-
-
-def cache_args(model: Path, data: Path, out: Path) -> list[str]:
-    return ["cache", *flags(dict(model=model, data=data, out=out, **CACHE_ARGS))]
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -92,11 +59,11 @@ def one_process_cache(llama, data, tmp_path_factory) -> Path:
 
 def test_two_process_cache_equals_the_one_process_cache(llama, data, one_process_cache, tmp_path):
     out = tmp_path / "cache"
-    rc, err = torchrun(cache_args(llama, data["train"], out), tmp_path / "run")
+    rc, err = torchrun(cache_args(llama, data["train"], out, **CACHE_ARGS), tmp_path / "run")
     assert rc == 0, err[-3000:]
     assert "2 processes:" in err and err.count("cache written to") == 1  # one log: the first process's
 
-    one, two = files(one_process_cache), files(out)
+    one, two = snapshot(one_process_cache), snapshot(out)
     assert sorted(one) == sorted(two)
     differing = [k for k in one if k != "manifest.json" and one[k] != two[k]]
     assert not differing, f"shard files differ between 1 and 2 processes: {differing[:5]}"
@@ -109,17 +76,17 @@ def test_two_process_cache_equals_the_one_process_cache(llama, data, one_process
 
 def test_two_process_cache_killed_then_resumed_equals_the_one_process_cache(llama, data, one_process_cache, tmp_path):
     out = tmp_path / "cache"
-    rc, err = torchrun(cache_args(llama, data["train"], out), tmp_path / "killed", MFT_FAULT="cache:shard-5")
+    rc, err = torchrun(cache_args(llama, data["train"], out, **CACHE_ARGS), tmp_path / "killed", MFT_FAULT="cache:shard-5")
     assert rc != 0  # the process that wrote shard 5 killed itself; torchrun stopped the other
     assert not (out / "manifest.json").exists()
     written = sorted(n for n in os.listdir(out) if SHARD.match(n))
     num_shards = len(json.loads((one_process_cache / "manifest.json").read_text())["shards"])
     assert "shard-00005.zarr" in written and len(written) < num_shards
 
-    rc, err = torchrun(cache_args(llama, data["train"], out), tmp_path / "resumed")
+    rc, err = torchrun(cache_args(llama, data["train"], out, **CACHE_ARGS), tmp_path / "resumed")
     assert rc == 0, err[-3000:]
     assert f"resuming: {len(written)} of {num_shards} shards already written" in err, err[-3000:]
-    one, two = files(one_process_cache), files(out)
+    one, two = snapshot(one_process_cache), snapshot(out)
     assert sorted(one) == sorted(two)  # nothing hidden or temporary left behind
     assert all(one[k] == two[k] for k in one if k != "manifest.json")
 
@@ -128,7 +95,7 @@ def test_two_process_cache_killed_then_resumed_equals_the_one_process_cache(llam
 def two_process_run(one_process_cache, data, tmp_path_factory) -> Path:
     """4 steps on 2 processes x batch 2 (global batch 4), a checkpoint every 2 steps, evaluation every 2."""
     out = tmp_path_factory.mktemp("run-2p") / "run"
-    rc, err = torchrun(["train", *flags(train_config(one_process_cache, out, data, 2))], out.parent / "run")
+    rc, err = torchrun(["train", *as_flags(train_config(one_process_cache, out, data, 2))], out.parent / "run")
     assert rc == 0, err[-3000:]
     return out
 
@@ -156,7 +123,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(one_process_cac
 
 def test_two_process_run_killed_then_resumed_equals_the_uninterrupted_one(one_process_cache, data, two_process_run, tmp_path):
     out = tmp_path / "run"
-    args = ["train", *flags(train_config(one_process_cache, out, data, 2))]
+    args = ["train", *as_flags(train_config(one_process_cache, out, data, 2))]
     rc, err = torchrun(args, tmp_path / "killed", MFT_FAULT="train:step-3")
     assert rc != 0 and not (out / "summary.json").exists()
     assert (out / "checkpoints" / "step-000002" / "trainer_state.json").exists()

@@ -1,16 +1,13 @@
 """Stage one's streaming ingestion: the rows, offsets and fingerprint it writes are those of the in-memory path
-(read every document, tokenize them all, `pack`), for every input format; memory does not grow with the corpus;
-a killed ingestion resumes to the same cache; a finished ingestion is reused without reading the source; hub
-datasets stream; and reading a cache in stage two holds a bounded amount whatever its size."""
+(read every document, tokenize them all, `pack`), for every input format; memory does not grow with the corpus; hub
+datasets stream; and reading a cache in stage two holds a bounded amount whatever its size. (A build killed while it
+ingests, or after, and run again: test_faults_cache.py.)"""
 from __future__ import annotations
 
 import csv
 import gc
 import json
-import os
 import random
-import subprocess
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -18,11 +15,12 @@ import numpy as np
 import pytest
 
 from conftest import make_texts, write_jsonl
+from helpers import snapshot
 from mft_cache.pipeline.cache import CacheConfig, build_cache
 from mft_cache.storage import open_cache
-from mft_cache.storage.documents import DocumentStream, read_documents
-from mft_cache.storage.ingest import FILES, Rows, ingest
-from mft_cache.storage.packing import StreamPacker, bos_rule, encode_documents, pack, pad_id_of
+from mft_cache.rows.documents import DocumentStream, read_documents
+from mft_cache.rows.ingest import FILES, Rows, ingest
+from mft_cache.rows.packing import StreamPacker, bos_rule, encode_documents, pack, pad_id_of
 
 SEQ = 48
 
@@ -126,14 +124,13 @@ def test_every_input_format_gives_the_same_cache_as_the_in_memory_rows(backend, 
         out = tmp_path / fmt
         m = build_cache(CacheConfig(model=str(llama), data=str(sources[fmt]), out=str(out), seq_len=SEQ, top_k=4,
                                     format=backend, shard_mb=0.1))
-        assert m["data"]["fingerprint"] == docs.fingerprint and m["num_tokens"] == ref.num_predictions
+        assert m.data.fingerprint == docs.fingerprint and m.num_tokens == ref.num_predictions
         cache = open_cache(out)
         got = cache.read_rows(0, len(cache))
         assert np.array_equal(got["input_ids"], ref.input_ids) and np.array_equal(got["length"], ref.lengths)
         assert np.array_equal(np.load(out / "documents.npy"), ref.doc_offsets)
         assert not any((out / n).exists() for n in FILES)  # the ingested rows are gone once the manifest is written
-        files[fmt] = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-                      if p.is_file() and p.name != "manifest.json"}
+        files[fmt] = snapshot(out, "manifest.json")
     assert len(files["jsonl"]) > 3 and all(f == files["jsonl"] for f in files.values())
 
 
@@ -154,72 +151,6 @@ def test_ingestion_memory_does_not_grow_with_the_corpus(llama, tmp_path):
         tracemalloc.stop()
         assert rows.num_sequences > n // 4
     assert peaks[6400] < 1.15 * peaks[800], peaks
-
-
-def _cli(model: Path, data: Path, out: Path, fault: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MFT_LOG_LEVEL": "INFO", "MFT_FAULT": fault}
-    cmd = [sys.executable, "-m", "mft_cache.cli", "cache", "--model", str(model), "--data", str(data), "--out",
-           str(out), "--seq-len", str(SEQ), "--top-k", "4", "--shard-mb", "0.01", "--batch-size", "2"]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def killable(tmp_path_factory, llama):
-    """A corpus whose ingestion writes several pieces of rows (so it can be killed in the middle), and the cache an
-    uninterrupted build makes of it."""
-    root = tmp_path_factory.mktemp("killed")
-    data = write_jsonl(root / "docs.jsonl", make_texts(600, seed=9, min_words=4, max_words=12))  # 3 batches of 256
-    r = _cli(llama, data, root / "reference")
-    assert r.returncode == 0, r.stderr[-2000:]
-    return data, _tree(root / "reference")
-
-
-def test_a_build_killed_while_ingesting_resumes_to_the_same_cache(killable, llama, tmp_path, reliability):
-    data, reference = killable
-    out = tmp_path / "cache"
-    r = _cli(llama, data, out, fault="cache:ingest")
-    assert r.returncode == -9, r.stderr[-2000:]
-    assert not (out / "manifest.json").exists()
-    assert json.loads((out / ".ingest.json").read_text())["complete"] is False
-    r = _cli(llama, data, out)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "reusing the ingested rows" not in r.stderr  # an unfinished ingestion starts again from the start
-    assert _tree(out) == reference
-    reliability("crash", "SIGKILL to `mft cache` while it ingests (reads, tokenizes, packs) the documents, then rerun",
-                "the rerun ingests again and writes the cache byte-identical to an uninterrupted build")
-
-
-def test_a_build_killed_in_the_teachers_pass_reuses_its_ingested_rows(killable, llama, tmp_path, reliability):
-    data, reference = killable
-    out = tmp_path / "cache"
-    r = _cli(llama, data, out, fault="cache:shard-1")
-    assert r.returncode == -9, r.stderr[-2000:]
-    assert json.loads((out / ".ingest.json").read_text())["complete"] is True
-    r = _cli(llama, data, out)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "reusing the ingested rows" in r.stderr and "resuming" in r.stderr
-    assert _tree(out) == reference
-    reliability("crash", "SIGKILL to `mft cache` in the teacher's pass, then rerun",
-                "the rerun reuses the ingested rows without reading the source again and finishes the identical cache")
-
-
-def test_a_source_changed_before_the_rerun_is_read_again_and_refused(llama, tmp_path, reliability):
-    data = write_jsonl(tmp_path / "docs.jsonl", make_texts(100, seed=10))
-    out = tmp_path / "cache"
-    r = _cli(llama, data, out, fault="cache:shard-1")
-    assert r.returncode == -9, r.stderr[-2000:]
-    with open(data, "a") as f:
-        f.write(json.dumps({"text": "One more document."}) + "\n")
-    r = _cli(llama, data, out)
-    assert r.returncode == 2 and "reusing the ingested rows" not in r.stderr
-    assert "unfinished cache built with another configuration" in r.stderr and "data_fingerprint" in r.stderr
-    assert not (out / "manifest.json").exists()
-    reliability("mismatch", "the documents edited between a killed `mft cache` and its rerun",
-                "read again (their size changed), the new fingerprint refused with exit 2 naming data_fingerprint")
 
 
 def test_a_hub_dataset_is_read_through_the_datasets_streaming_loader(sources, monkeypatch):

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_model, make_texts, write_jsonl
+from helpers import cli, subprocess_env, train_args
 from mft_cache.cli import main
 from mft_cache.pipeline.cache import CacheConfig, build_cache
 from mft_cache.trainer.config import TrainConfig
@@ -123,25 +122,26 @@ def test_bf16_mixed_precision_trains(full_cache, tmp_path):
     assert all(torch.isfinite(losses(lines)))
 
 
-def _train_cmd(cache: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mft_cache.cli", "train", "--cache", str(cache), "--out", str(out), "--steps", "8",
-            "--batch-size", "2", "--lr", "3e-3", "--save-every", "2", "--eval-every", "4", "--log-every", "100", *extra]
+EIGHT_STEPS = dict(steps=8, batch_size=2, lr=3e-3, save_every=2, eval_every=4, log_every=100)
 
 
 @pytest.mark.parametrize("fault", ["train:step-5", "train:checkpoint-4"])
 def test_resume_after_sigkill_matches_an_uninterrupted_run(fault, full_cache, data, tmp_path):
     evals = ["--eval-specialized", str(data["spec"]), "--eval-general", str(data["gen"])]
-    env = {**os.environ, "MFT_FAULT": fault}
-    killed = subprocess.run(_train_cmd(full_cache, tmp_path / "r", *evals), env=env, capture_output=True, text=True, timeout=600)
+    env = subprocess_env(MFT_FAULT=fault)
+    killed = subprocess.run(cli(train_args(full_cache, tmp_path / "r", *evals, **EIGHT_STEPS)), env=env,
+                            capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL, mid-run
     assert not (tmp_path / "r" / "summary.json").exists()
     saved = sorted(p.name for p in (tmp_path / "r" / "checkpoints").glob("step-??????/*"))
     assert "trainer_state.json" in saved and "model.safetensors" in saved
     assert not [n for n in saved if n.startswith("custom_checkpoint")]  # nothing restored with weights_only=False
-    resumed = subprocess.run(_train_cmd(full_cache, tmp_path / "r", *evals, "--resume"), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cli(train_args(full_cache, tmp_path / "r", *evals, "--resume", **EIGHT_STEPS)),
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
-    clean = subprocess.run(_train_cmd(full_cache, tmp_path / "u", *evals), capture_output=True, text=True, timeout=600)
+    clean = subprocess.run(cli(train_args(full_cache, tmp_path / "u", *evals, **EIGHT_STEPS)),
+                           capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-2000:]
 
     def metrics(name):

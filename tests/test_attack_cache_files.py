@@ -1,10 +1,13 @@
-"""A cache is untrusted input. A manifest carries its own sha256, so anyone can edit it and re-sign it; every case
-here re-signs what it edits (shards and manifest) so that only the reader's own checks stand between the edit and
-training: files outside the cache folder, hangs, floods of memory, tracebacks, and values that describe no
-distribution. A last, property-based test mutates manifests at random."""
+"""A cache folder someone hands you is untrusted input. A manifest carries its own sha256, so anyone can edit it and
+re-sign it; most cases here re-sign what they edit (shards and manifest, tests/helpers.py) so that only the reader's
+own checks stand between the edit and training: files outside the cache folder, hangs, floods of memory, tracebacks,
+and values that describe no distribution. A property-based test mutates manifests at random. Then the damage nobody
+re-signed (flipped, truncated, missing or swapped shards, a hand-edited manifest), found by `mft inspect --verify`
+and `mft train`; and no code path evaluates what it reads."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -21,12 +24,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import SMALL_CACHE, read_manifest, resign, rewrite_field, rewrite_shard
 from mft_cache.cli import main
 from mft_cache.pipeline.cache import CacheConfig, build_cache
 from mft_cache.storage import CorruptShardError, ManifestError, open_cache
 from mft_cache.storage.backends import BACKENDS, checksum, size_on_disk
 from mft_cache.storage.manifest import manifest_digest
-from mft_cache.storage.packing import label_mask, rule_of
 
 SEQ, K = 32, 8
 SECONDS = 20  # every check here takes well under a second: a hang fails the test instead of stalling the suite
@@ -116,35 +119,6 @@ def never_reported(message: str, path: Path) -> None:
     assert hashlib.sha256(data).hexdigest()[:8] not in message
 
 
-def load(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
-
-
-def resign(folder: Path, edit) -> None:
-    """Apply edit(manifest) and write it back with a recomputed manifest_sha256 (and shard_bytes), as anyone can."""
-    m = load(folder)
-    edit(m)
-    if isinstance(m.get("shards"), list) and all(isinstance(s, dict) and isinstance(s.get("bytes"), int) for s in m["shards"]):
-        m["shard_bytes"] = sum(s["bytes"] for s in m["shards"])
-    m["manifest_sha256"] = manifest_digest(m)
-    (folder / "manifest.json").write_text(json.dumps(m))
-
-
-def rewrite_shard(folder: Path, edit, index: int = 0) -> str:
-    """Rewrite shard `index` with edit(arrays, trained) applied to its stored fields (q8: the codes and top1_logprob;
-    trained: label_mask), then re-sign the shard and the manifest: only the values are wrong. Returns its name."""
-    cache = open_cache(folder, verify="none")
-    s = cache.shards[index]
-    arrays = {k: np.array(v) for k, v in cache.read_rows(s["first_row"], s["first_row"] + s["rows"], raw=True).items()}
-    edit(arrays, label_mask(arrays["input_ids"], arrays["length"], rule_of(cache.manifest)))
-    path = folder / s["name"]
-    if path.is_dir():
-        shutil.rmtree(path)
-    BACKENDS[cache.format].write(path, cache.schema, arrays)
-    resign(folder, lambda m: m["shards"][index].update(sha256=checksum(path), bytes=size_on_disk(path)))
-    return s["name"]
-
-
 def first_trained(arrays: dict, trained: np.ndarray, label_in_topk: bool) -> tuple[int, int]:
     """(row, position) of the first trained position whose label is (or is not) among its top-k ids."""
     hit = (arrays["topk_ids"] == arrays["input_ids"][:, 1:, None]).any(-1)
@@ -183,7 +157,7 @@ def test_a_shard_named_outside_the_folder_is_refused_before_anything_is_read(how
 @pytest.mark.parametrize("fmt", ["arrow", "zarr"])
 def test_a_symlink_in_a_shard_leading_outside_is_refused(fmt, built, tmp_path, reliability):
     folder = fresh(built, tmp_path, fmt=fmt)
-    shard = folder / load(folder)["shards"][0]["name"]
+    shard = folder / read_manifest(folder)["shards"][0]["name"]
     victim = shard if fmt == "arrow" else shard / "length" / "zarr.json"  # the whole shard, or a file inside one
     moved = tmp_path / "elsewhere"
     shutil.move(victim, moved)
@@ -198,7 +172,7 @@ def test_a_symlink_in_a_shard_leading_outside_is_refused(fmt, built, tmp_path, r
 @pytest.mark.parametrize("fmt", ["arrow", "zarr"])
 def test_a_fifo_in_a_shard_never_hangs(fmt, built, tmp_path, reliability):
     folder = fresh(built, tmp_path, fmt=fmt)
-    shard = folder / load(folder)["shards"][0]["name"]
+    shard = folder / read_manifest(folder)["shards"][0]["name"]
     victim = shard if fmt == "arrow" else shard / "length" / "zarr.json"
     victim.unlink()
     digest, size = (hashlib.sha256(b"").hexdigest(), 0) if fmt == "arrow" else (checksum(shard), size_on_disk(shard))
@@ -253,7 +227,8 @@ def test_num_sequences_beyond_the_shards_rows_is_refused(built, tmp_path, reliab
 def test_reading_past_the_last_shard_raises_instead_of_looping(built, tmp_path, reliability):
     folder = fresh(built, tmp_path)
     cache = open_cache(folder, verify="none")
-    cache.manifest["num_sequences"] += 5  # changed after the checks: the reader's own guard must hold
+    # changed after the checks: the reader's own guard must hold
+    cache.manifest = dataclasses.replace(cache.manifest, num_sequences=cache.manifest.num_sequences + 5)
     with deadline(3), pytest.raises(ManifestError, match="past the end of the last shard"):
         cache.read_rows(0, len(cache))
     reliability("hostile input", "a manifest whose row count exceeds its shards after it was checked (in memory)",
@@ -263,9 +238,9 @@ def test_reading_past_the_last_shard_raises_instead_of_looping(built, tmp_path, 
 def test_a_shard_holding_other_rows_than_the_manifest_says_is_refused(built, tmp_path, reliability):
     folder = fresh(built, tmp_path)
     cache = open_cache(folder, verify="none")
-    s, name = cache.shards[1], cache.shards[1]["name"]
-    rows = s["rows"]
-    arrays = {k: np.array(v)[:-1] for k, v in cache.read_rows(s["first_row"], s["first_row"] + rows, raw=True).items()}
+    s, name = cache.shards[1], cache.shards[1].name
+    rows = s.rows
+    arrays = {k: np.array(v)[:-1] for k, v in cache.read_rows(s.first_row, s.first_row + rows, raw=True).items()}
     path = folder / name
     BACKENDS["arrow"].write(path, cache.schema, arrays)  # its last row dropped, the manifest's rows kept
     resign(folder, lambda m: m["shards"][1].update(sha256=checksum(path), bytes=size_on_disk(path)))
@@ -344,7 +319,7 @@ def test_q8_parameters_out_of_range_are_refused(gap_max, built, tmp_path, reliab
                 "`ManifestError` naming `schema[4].encoding.gap_max` when the cache is opened")
 
 
-# -- values that describe no distribution ----------------------------------------------------------------------
+# -- values that describe no distribution, or that no teacher can produce --------------------------------------
 def _sum_to_eight(arrays, trained):
     r, t = first_trained(arrays, trained, label_in_topk=False)
     if "top1_logprob" in arrays:  # q8: every gap 0 below a top-1 of log 1
@@ -399,9 +374,30 @@ def test_values_that_describe_no_distribution_are_refused(kind, edit, field, mes
                 f"`CorruptShardError` naming `{name}`, `{field}`, the problem and the row, on first read and by `verify`")
 
 
+@pytest.mark.parametrize("field, edit, message", [
+    ("topk_logprobs", lambda a: a.__setitem__((1, 3, 0), np.nan), "NaN"),
+    ("label_logprob", lambda a: a.__setitem__((0, 5), np.inf), "+inf"),
+    ("topk_logprobs", lambda a: a.__setitem__((0, 0, 0), 2.5), "positive"),
+    ("topk_ids", lambda a: a.__setitem__((2, 1, 1), 299 + 1), "outside [0, 300)"),
+    ("input_ids", lambda a: a.__setitem__((0, 0), 65535), "outside [0, 300)"),
+    ("length", lambda a: a.__setitem__(0, 10_000), "outside [0, 48]"),
+])
+def test_impossible_values_in_a_cache_are_refused(field, edit, message, llama, docs_jsonl, tmp_path, reliability):
+    folder = tmp_path / "c"
+    build_cache(CacheConfig(model=str(llama), data=str(docs_jsonl), out=str(folder), seq_len=48, top_k=4, format="arrow"))
+    name = rewrite_field(folder, field, edit)
+    open_cache(folder, verify="none")[0]  # checksums and manifest are consistent: only the values are wrong
+    with pytest.raises(CorruptShardError, match=re.escape(name) + ".*" + re.escape(field) + ".*" + re.escape(message)):
+        open_cache(folder)[0]
+    with pytest.raises(CorruptShardError, match=name):
+        open_cache(folder, verify="full")
+    reliability("hostile input", f"a re-signed cache whose `{field}` holds {message} values",
+                f"refused on first read and by `verify`, naming `{name}`, the field and the row; never reaches a loss")
+
+
 def test_a_checksum_mismatch_does_not_report_the_files_hash(built, tmp_path, reliability):
     folder = fresh(built, tmp_path)
-    shard = folder / load(folder)["shards"][1]["name"]
+    shard = folder / read_manifest(folder)["shards"][1]["name"]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x40
     shard.write_bytes(bytes(data))
@@ -410,6 +406,81 @@ def test_a_checksum_mismatch_does_not_report_the_files_hash(built, tmp_path, rel
     assert hashlib.sha256(bytes(data)).hexdigest()[:8] not in str(e.value)
     reliability("security", "a shard whose sha256 does not match the manifest",
                 "refused naming the shard; the message says only that it does not match (no hash of what is there)")
+
+
+# -- damage nobody re-signed: flipped, truncated, missing, swapped shards; an edited manifest ---------------------
+def _shard_file(cache: Path, index: int) -> Path:
+    name = json.loads((cache / "manifest.json").read_text())["shards"][index]["name"]
+    p = cache / name
+    return max((f for f in p.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size) if p.is_dir() else p
+
+
+def _flip(cache: Path):
+    f = _shard_file(cache, 1)
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0x40
+    f.write_bytes(bytes(b))
+
+
+def _truncate(cache: Path):
+    f = _shard_file(cache, 1)
+    f.write_bytes(f.read_bytes()[:-7])
+
+
+def _remove(cache: Path):
+    shutil.rmtree(cache / json.loads((cache / "manifest.json").read_text())["shards"][1]["name"])
+
+
+def _edit_manifest(cache: Path):
+    m = json.loads((cache / "manifest.json").read_text())
+    m["top_k"] = 4
+    (cache / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("case, damage, names", [
+    ("a flipped byte in a shard", _flip, "shard-00001"),
+    ("a truncated shard", _truncate, "shard-00001"),
+    ("a missing shard", _remove, "shard-00001"),
+    ("a hand-edited manifest", _edit_manifest, "manifest.json"),
+])
+def test_corruption_is_detected_naming_the_file(case, damage, names, fault_cache, tmp_path, capsys, reliability):
+    cache = tmp_path / "cache"
+    shutil.copytree(fault_cache, cache)
+    damage(cache)
+    assert main(["inspect", str(cache), "--verify"]) == 3
+    assert names in capsys.readouterr().err
+    rows = json.loads((fault_cache / "manifest.json").read_text())["num_sequences"]
+    steps = str(rows // 4 + 1)  # one epoch: every shard is read, and checked when first read
+    assert main(["train", "--cache", str(cache), "--out", str(tmp_path / "run"), "--steps", steps, "--save-every", "0"]) == 3
+    assert names in capsys.readouterr().err and not (tmp_path / "run" / "summary.json").exists()
+    reliability("corruption", case, f"`mft inspect --verify` exits 3 naming `{names}`; `mft train` exits 3 naming it "
+                "when it opens the cache (missing, truncated, manifest) or first reads the shard (flipped bytes)")
+
+
+def test_shard_copied_from_another_cache_is_detected(llama, fault_docs, fault_cache, tmp_path, capsys, reliability):
+    other = tmp_path / "other"
+    build_cache(CacheConfig(model=str(llama), data=str(fault_docs["other"]), out=str(other), **SMALL_CACHE))
+    cache = tmp_path / "cache"
+    shutil.copytree(fault_cache, cache)
+    name = json.loads((cache / "manifest.json").read_text())["shards"][2]["name"]
+    shutil.rmtree(cache / name)
+    shutil.copytree(other / name, cache / name)  # same name, same schema, same size class: another cache's rows
+    assert main(["inspect", str(cache), "--verify"]) == 3
+    assert name in capsys.readouterr().err
+    reliability("corruption", "a shard copied in from another cache (same name and schema)",
+                f"`mft inspect --verify` exits 3 naming `{name}` (its sha256 is not the manifest's)")
+
+
+def test_inspect_verify_names_the_bad_shard(llama, docs_jsonl, tmp_path, capsys):
+    assert main(["cache", "--model", str(llama), "--data", str(docs_jsonl), "--out", str(tmp_path / "c"),
+                 "--format", "arrow", "--shard-mb", "0.02"]) == 0
+    shard = sorted((tmp_path / "c").glob("shard-*.arrow"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "c"), "--verify"]) == 3
+    assert shard.name in capsys.readouterr().err
 
 
 # -- mft inspect --json ----------------------------------------------------------------------------------------
@@ -441,7 +512,7 @@ def test_inspect_json_is_valid_json_with_non_finite_statistics(built, tmp_path, 
 @pytest.mark.parametrize("fmt", ["zarr", "arrow"])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "q8"])
 def test_caches_of_every_kind_pass_every_check(fmt, dtype, built):
-    m = load(built(fmt, dtype))
+    m = read_manifest(built(fmt, dtype))
     assert m["schema_version"] == (2 if dtype == "q8" else 1)
     rows = read_everything(built(fmt, dtype))
     assert len(rows["input_ids"]) == m["num_sequences"] and np.isfinite(rows["topk_logprobs"]).any()
@@ -487,7 +558,7 @@ def test_any_single_manifest_mutation_reads_the_same_rows_or_is_refused(kind, bu
     folder = fresh(built, tmp_path, fmt=fmt, dtype=dtype)
     outside, fifo = sentinel(tmp_path), tmp_path / "sentinel.fifo"
     os.mkfifo(fifo)  # anything that opens it to read would block: the deadline turns that into a failure
-    original = load(folder)
+    original = read_manifest(folder)
     expected = read_everything(folder)
     places = _places(original)
     outcomes: dict[str, int] = {"read": 0, "refused": 0}
@@ -541,3 +612,17 @@ def test_any_single_manifest_mutation_reads_the_same_rows_or_is_refused(kind, bu
                 "nesting), nudged (a number off by 1, 8 or 2**20), deleted or added, then re-signed (150 examples)", "`open_cache(verify='full')` and reading "
                 "every row give the original rows or raise `ManifestError`/`CorruptShardError`, within 20 s; no "
                 "message reports the outside file; the FIFO is never opened")
+
+
+# -- nothing read is code ---------------------------------------------------------------------------------------
+def test_nothing_read_is_evaluated_as_code(reliability):
+    root = Path(__file__).resolve().parents[1]
+    sources = [p for d in ("mft_cache", "pipeline", "storage", "trainer") for p in (root / d).rglob("*.py")]
+    assert len(sources) > 20
+    import re
+
+    banned = re.compile(r"(?<![.\w])(eval|exec)\(|pickle\.loads?\(|allow_pickle=True|weights_only=False|yaml\.load\(|marshal\.")
+    hits = [(p.name, m.group(0)) for p in sources for m in banned.finditer(p.read_text())]
+    assert not hits, hits
+    reliability("security", "code paths that could evaluate data (eval, exec, pickle, allow_pickle, weights_only=False)",
+                "none in the package: manifests are JSON, shards Zarr/Arrow, documents.npy loads with allow_pickle=False")
