@@ -1,8 +1,11 @@
-"""What the benchmark scripts share: machine description, memory probes, tiny models and data built
-from config (nothing downloads), synthetic cache rows, and the one-line JSON hand-off of a child."""
+"""What the benchmark scripts share: the interface of a section of bench/run.py, machine description, memory
+probes, tiny models and data built from config (nothing downloads), synthetic cache rows, and the one-line JSON
+hand-off of a child."""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -10,9 +13,66 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- a section of bench/run.py ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Inputs:
+    """What every section's run is given: the scratch folder, the model and documents of --model/--data (or
+    their defaults) and the resolved device."""
+    work: Path
+    model: str
+    data: str
+    device: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """One section of bench/run.py.
+
+    name: its --sections name and its key under "sections" in results.json.
+    flags(group): adds its own options to the parser (an argument group titled after it).
+    resolve(args, error): fills in the defaults of those options after parsing; error(message) is the parser's.
+    run(args, inputs) -> dict: measures; the dict is what results.json records of the section.
+    finish(section, args, stamp): amends that record once it carries the run that measured it (stamp).
+    table(section, results) -> lines of the page's tables (results: the whole file, for what sections share).
+    verdicts(section) -> rows {target, value, met (None: a comparison, not a target), detail}.
+    default: whether it runs without --sections naming it.
+    """
+    name: str
+    run: Callable[[argparse.Namespace, Inputs], dict]
+    table: Callable[[dict, dict], list[str]]
+    verdicts: Callable[[dict], list[dict]] = lambda section: []
+    flags: Callable[[argparse._ArgumentGroup], None] | None = None
+    resolve: Callable[[argparse.Namespace, Callable[[str], None]], None] | None = None
+    finish: Callable[[dict, argparse.Namespace, dict], None] | None = None
+    default: bool = True
+
+
+def verdict(target: str, value, ok, detail: str, info: bool = False) -> dict:
+    """A row of the verdicts: a target met or not, or (info) a comparison that is no target."""
+    return {"target": target, "value": value, "met": None if info else bool(ok), "detail": detail}
+
+
+def ints(text: str) -> list[int]:
+    """A comma-separated list of integers, as the section flags take them."""
+    return [int(x) for x in text.split(",")]
+
+
+def fmt(x, digits=3) -> str:
+    """A number in a table cell: thousands separated, n/a for a missing or non-finite value."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:,.{digits}f}"
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
 
 
 # -- numbers ----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Child process: throughput of stage one (`mft cache`) against a bare teacher forward pass.
 
 Three ways over the same packed sequences, interleaved (their order rotates every repeat):
-  build_cache  the real pipeline: plan_cache (model loading, tokenization, the folder: set-up, outside
+  build_cache  the real pipeline: open_job (model loading, tokenization, the folder: set-up, outside
                the window), then teach_shards + finish_cache timed (the head check, the teacher's pass,
                the shard writes with fsync and checksum, documents.npy and the manifest are inside)
   bare         model(input_ids, attention_mask).logits under no_grad: the teacher's own forward pass
@@ -9,6 +9,8 @@ Three ways over the same packed sequences, interleaved (their order rotates ever
                forward (backbone), head (output layer + log_softmax + top-k + label, teach_batch's
                masking), d2h (.cpu()), encode (dtype casts or q8), write (CacheWriter.write_shard:
                backend write with compression, fsync, sha256, rename)
+
+Below the child, the `cache` section of bench/run.py (SECTION): this child once, its table and verdict.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from benchlib import Memory, median, now  # noqa: E402
+from benchlib import Memory, fmt, median, now, say, verdict  # noqa: E402
 
 WAYS = ("build_cache", "bare", "split")
 SPLIT = ("forward", "head", "d2h", "encode", "write")
@@ -32,7 +34,8 @@ def run(spec: dict) -> dict:
     import mft_cache.pipeline.cache as stage
     from mft_cache.models import backbone_and_head, hidden_states, load_model, load_tokenizer, resolve_device, resolve_dtype
     from mft_cache.pipeline.teacher import auto_chunk_tokens, topk_logprobs
-    from mft_cache.storage import CacheWriter, build_sequences, cache_schema
+    from mft_cache.rows import build_sequences
+    from mft_cache.storage import CacheWriter, cache_schema
     from mft_cache.storage.schema import encode_logprobs
 
     work = Path(spec["work"])
@@ -60,13 +63,13 @@ def run(spec: dict) -> dict:
                for b in range(0, len(ids_all), cfg.batch_size)]
 
     def way_build_cache() -> dict:
-        plan = stage.plan_cache(cfg)  # set-up: --overwrite empties the folder, the teacher is loaded
+        job = stage.open_job(cfg)  # set-up: --overwrite empties the folder, the teacher is loaded
         t0 = now()
-        stage.teach_shards(plan)
-        manifest = stage.finish_cache(plan)
+        stage.teach_shards(job)
+        manifest = stage.finish_cache(job)
         dt = now() - t0
-        assert manifest["num_tokens"] == tokens, (manifest["num_tokens"], tokens)
-        return {"s": dt, "bytes_per_token": manifest["bytes_per_token"]}
+        assert manifest.num_tokens == tokens, (manifest.num_tokens, tokens)
+        return {"s": dt, "bytes_per_token": manifest.bytes_per_token}
 
     @torch.no_grad()
     def way_bare() -> dict:
@@ -147,6 +150,42 @@ def run(spec: dict) -> dict:
         "memory": mem.report(),
         "dtype": str(dtype).removeprefix("torch."),
     }
+
+
+# -- the cache section of bench/run.py --------------------------------------------------------------
+def section_cache(args, inputs: benchlib.Inputs) -> dict:
+    spec = {"work": str(inputs.work / "cache-stage"), "model": inputs.model, "data": inputs.data,
+            "seq_len": args.seq_len, "top_k": args.top_k, "batch": args.batch, "sequences": args.sequences,
+            "repeats": args.repeats or 3, "device": inputs.device}
+    r = benchlib.run_child("cache_stage.py", spec, inputs.work / "logs" / "cache-stage.log")
+    say(f"  cache stage: build_cache {r['tokens_per_s']['build_cache']:,.0f} tok/s, bare forward "
+        f"{r['tokens_per_s']['bare']:,.0f} tok/s, ratio {r['ratio_build_cache_to_bare']:.3f}")
+    return r | {"seq_len": args.seq_len, "top_k": args.top_k, "batch": args.batch, "repeats": spec["repeats"]}
+
+
+def table(c: dict, results: dict) -> list[str]:
+    out = [f"### Cache stage ({c['sequences']} sequences x {c['seq_len']}, {c['tokens']:,} tokens, k {c['top_k']}, "
+           f"batch {c['batch']}, teacher {c['dtype']}, {c['repeats']} repeats)\n",
+           "| path | tokens/s | x bare forward |",
+           "|---|---|---|"]
+    bare = c["tokens_per_s"]["bare"]
+    for w, name in (("bare", "bare teacher forward (model(...).logits)"), ("build_cache", "`build_cache` (real)"),
+                    ("split", "inner loop re-run phase by phase")):
+        out.append(f"| {name} | {fmt(c['tokens_per_s'][w], 0)} | {fmt(c['tokens_per_s'][w] / bare)} |")
+    out.append(f"\nRatio of the medians within each repeat, build_cache / bare: **{fmt(c['ratio_build_cache_to_bare'])}**"
+               f" (per repeat: {', '.join(fmt(x) for x in c['ratio_per_repeat'])}).\n")
+    total = sum(c["split_s"].values())
+    out += ["| phase | s | share |", "|---|---|---|"]
+    out += [f"| {p} | {fmt(v)} | {fmt(100 * v / total, 1)}% |" for p, v in c["split_s"].items()]
+    return out + [""]
+
+
+def verdicts(c: dict) -> list[dict]:
+    r = c["ratio_build_cache_to_bare"]
+    return [verdict("cache stage >= 0.9 x bare teacher forward", r, r >= 0.9, f"{r:.3f} x")]
+
+
+SECTION = benchlib.Section("cache", section_cache, table, verdicts)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ and 10x and 100x of it, each build a fresh process (one thread) whose peak RSS (
 beside it, the same builds by an earlier commit of the code (its own worktree), where it can hold the corpus.
 
 The corpus: `make_texts` documents written once as JSON Lines (1x); 10x and 100x are that file repeated (the
-documents repeat; the reader, the tokenizer and the teacher do the same work per token)."""
+documents repeat; the reader, the tokenizer and the teacher do the same work per token).
+
+SECTION: the section as bench/run.py runs it, with its flags, table and verdicts."""
 from __future__ import annotations
 
 import json
@@ -16,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-import benchlib
-from benchlib import ROOT
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+from benchlib import ROOT, fmt, ints, say, verdict  # noqa: E402
 
 PACKAGES = ("pipeline", "storage", "trainer")  # mapped into mft_cache by pyproject; a bare worktree needs links
 
@@ -87,7 +91,8 @@ def measure(code: Path, model: Path, data: Path, out: Path, args, log: Path) -> 
     return result
 
 
-def section_ingest(args, work: Path, say) -> dict:
+def section_ingest(args, inputs: benchlib.Inputs) -> dict:
+    work = inputs.work
     model = benchlib.make_tiny_model(work / "models" / "tiny-ingest", vocab_size=512, hidden=32, layers=2)
     scales = args.ingest_scales
     files = corpus(work, args.ingest_tokens, scales)
@@ -122,5 +127,76 @@ def section_ingest(args, work: Path, say) -> dict:
             r["rss_ratio_to_1x"] = r["peak_rss_mb"] / first[r["code"]]["peak_rss_mb"]
             r["tokens_per_s_ratio_to_1x"] = r["tokens_per_s"] / first[r["code"]]["tokens_per_s"]
     return {"model": "tiny Llama from config (vocab 512, hidden 32, 2 layers)", "seq_len": args.ingest_seq_len,
-            "top_k": args.ingest_top_k, "batch_size": args.ingest_batch_size, "shard_mb": args.ingest_shard_mb, "tokens_1x": args.ingest_tokens, "baseline": args.ingest_baseline,
-            "rows": rows}
+            "top_k": args.ingest_top_k, "batch_size": args.ingest_batch_size, "shard_mb": args.ingest_shard_mb,
+            "tokens_1x": args.ingest_tokens, "baseline": args.ingest_baseline, "rows": rows}
+
+
+def flags(group) -> None:
+    group.add_argument("--ingest-scales", default="", help="ingest: multiples of the corpus (default 1,10,100; quick 1,2)")
+    group.add_argument("--ingest-tokens", type=int, default=0, help="ingest: tokens of the 1x corpus (default 1,000,000)")
+    group.add_argument("--ingest-seq-len", type=int, default=64, help="ingest: --seq-len of the builds")
+    group.add_argument("--ingest-top-k", type=int, default=4, help="ingest: --top-k of the builds")
+    group.add_argument("--ingest-batch-size", type=int, default=256, help="ingest: --batch-size of the builds (large: the "
+                       "tiny teacher's forward would otherwise be all overhead)")
+    group.add_argument("--ingest-shard-mb", type=float, default=8.0, help="ingest: --shard-mb of the builds (8: even the "
+                       "1x corpus fills several shards, so what is compared is the corpus size, not a shard's)")
+    group.add_argument("--ingest-baseline", default="", help="ingest: a git revision whose code builds the same caches "
+                       "beside (e.g. the commit before streaming ingestion)")
+    group.add_argument("--ingest-baseline-max-scale", type=int, default=10, help="ingest: the largest scale the baseline "
+                       "runs at (it holds the corpus in memory)")
+
+
+def resolve(args, error) -> None:
+    args.ingest_scales = ints(args.ingest_scales or ("1,2" if args.quick else "1,10,100"))
+    args.ingest_tokens = args.ingest_tokens or (20_000 if args.quick else 1_000_000)
+
+
+def growth(rows: list[dict], code: str) -> str:
+    """What the measured scales of `code` say of its peak memory per corpus token (for a row not run)."""
+    run = sorted((r for r in rows if r["code"] == code and "wall_s" in r), key=lambda r: r["scale"])
+    if len(run) < 2:
+        return ""
+    a, b = run[0], run[-1]
+    per_token = (b["peak_rss_mb"] - a["peak_rss_mb"]) * 2**20 / (b["input_tokens"] - a["input_tokens"])
+    return (f"; from {a['scale']}x to {b['scale']}x its peak grew by {per_token:.0f} bytes per corpus token, "
+            f"{a['peak_rss_mb'] + per_token * (rows[-1]['scale'] - a['scale']) * a['input_tokens'] / 2**20:,.0f} MB at "
+            f"{rows[-1]['scale']}x if it went on so")
+
+
+def table(g: dict, results: dict) -> list[str]:
+    out = [f"### Ingestion (`mft cache` on a {g['model']}, --seq-len {g['seq_len']} --top-k {g['top_k']}; a "
+           f"--batch-size {g.get('batch_size')} --shard-mb {g.get('shard_mb')}; a synthetic corpus of {g['tokens_1x']:,} "
+           f"tokens at 1x; each build a fresh process, one thread (OMP_NUM_THREADS=1); streamed: this "
+           f"commit; previous: commit {str(g['baseline'])[:10]}, which read the whole corpus into memory)\n",
+           "| corpus | code | input tokens | wall s | tokens/s | x 1x | peak RSS MB | x 1x | same bytes as the "
+           "other code |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in g["rows"]:
+        if "skipped" in r:
+            out.append(f"| {r['scale']}x | {r['code']} | | | | | | | not run (only up to "
+                       f"--ingest-baseline-max-scale){growth(g['rows'], r['code'])} |")
+            continue
+        same = {True: "yes", False: "**no**", None: ""}[r.get("identical_to_other_code")]
+        out.append(f"| {r['scale']}x | {r['code']} | {r['input_tokens']:,} | {fmt(r['wall_s'], 1)} | "
+                   f"{fmt(r['tokens_per_s'], 0)} | {fmt(r.get('tokens_per_s_ratio_to_1x'))} | {fmt(r['peak_rss_mb'], 0)} | "
+                   f"{fmt(r.get('rss_ratio_to_1x'))} | {same} |")
+    return out + [""]
+
+
+def verdicts(g: dict) -> list[dict]:
+    rows = [r for r in g["rows"] if r["code"] == "streamed" and "wall_s" in r]
+    top = max(rows, key=lambda r: r["scale"])
+    v = [verdict(f"streamed ingestion: peak RSS at {top['scale']}x within 1.2 x of 1x", top["rss_ratio_to_1x"],
+                 top["rss_ratio_to_1x"] <= 1.2, f"{top['peak_rss_mb']:.0f} vs {rows[0]['peak_rss_mb']:.0f} MB "
+                 f"({top['rss_ratio_to_1x']:.3f} x)"),
+         verdict(f"streamed ingestion: tokens/s at {top['scale']}x do not drop (>= 0.95 x of 1x)",
+                 top["tokens_per_s_ratio_to_1x"], top["tokens_per_s_ratio_to_1x"] >= 0.95,
+                 f"{top['tokens_per_s']:,.0f} vs {rows[0]['tokens_per_s']:,.0f} tokens/s")]
+    same = [r.get("identical_to_other_code") for r in g["rows"] if "identical_to_other_code" in r]
+    if same:
+        v.append(verdict("streamed and previous code write the same bytes", all(same), all(same),
+                         f"{sum(same)} of {len(same)} builds identical (every shard and documents.npy)"))
+    return v
+
+
+SECTION = benchlib.Section("ingest", section_ingest, table, verdicts, flags=flags, resolve=resolve, default=False)

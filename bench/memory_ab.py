@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
 from benchlib import ROOT  # noqa: E402
-from run import MEMORY_VARIANTS, MODE_NAMES, TRAIN_MODES, build_train_cache, memory_spec, plan_estimate  # noqa: E402
+from memory_step import MODES, VARIANTS, memory_spec, plan_estimate  # noqa: E402
+from train_step import MODE_NAMES, build_train_cache  # noqa: E402
 
 VARIES = {"cpu_allocator": str, "chunk_size": int}
 
@@ -57,9 +58,9 @@ def parse_args(argv=None):
     args.row_list = []
     for row in args.rows.split(","):
         mode, _, variant = row.partition(":")
-        if mode not in TRAIN_MODES or variant not in MEMORY_VARIANTS:
-            p.error(f"--rows: {row!r} is not MODE:VARIANT (modes {', '.join(TRAIN_MODES)}; "
-                    f"variants {', '.join(MEMORY_VARIANTS)})")
+        if mode not in MODES or variant not in VARIANTS:
+            p.error(f"--rows: {row!r} is not MODE:VARIANT (modes {', '.join(MODES)}; "
+                    f"variants {', '.join(VARIANTS)})")
         args.row_list.append((mode, variant))
     args.warmup = max(args.warmup, 1)
     return args

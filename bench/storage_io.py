@@ -7,6 +7,8 @@ sha256, rename) + finish (manifest); read = open_cache + read_rows of every row,
 CacheRows reads them (one row at a time, in a shuffled order), first with verify="lazy" (the default:
 the shard's sha256 and values are checked on first read) and then, on a second open, verify="none".
 Configurations are interleaved and repeated; MB/s are of the uncompressed row bytes.
+
+Below the child, the `storage` section of bench/run.py (SECTION): this child once, its table and verdicts.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from benchlib import median, now  # noqa: E402
+from benchlib import fmt, median, now, say, verdict  # noqa: E402
+
+KS = [8, 16, 32, 64, 128]  # the --top-k values the storage section writes and reads
 
 
 def teacher_outputs(spec: dict) -> dict:
@@ -26,8 +30,8 @@ def teacher_outputs(spec: dict) -> dict:
 
     from mft_cache.models import backbone_and_head, load_model, load_tokenizer, resolve_device, resolve_dtype
     from mft_cache.pipeline.teacher import auto_chunk_tokens, teach_batch
-    from mft_cache.storage import build_sequences
-    from mft_cache.storage.packing import packing_description
+    from mft_cache.rows import build_sequences
+    from mft_cache.rows.packing import packing_description
 
     device = resolve_device(spec.get("device", "auto"))
     tokenizer = load_tokenizer(spec["model"])
@@ -94,7 +98,7 @@ def run(spec: dict) -> dict:
                 cache.read_rows(r, r + 1)
             reads[verify] = now() - t0
         return {"write_s": write_s, "read_lazy_s": reads["lazy"], "read_s": reads["none"],
-                "bytes": manifest["shard_bytes"], "bytes_per_token": manifest["shard_bytes"] / tokens,
+                "bytes": manifest.shard_bytes, "bytes_per_token": manifest.shard_bytes / tokens,
                 "raw_bytes": row_bytes(schema) * rows}
 
     runs: dict = {c: [] for c in configs}
@@ -102,10 +106,10 @@ def run(spec: dict) -> dict:
         for c in (configs if rep % 2 == 0 else configs[::-1]):
             runs[c].append(one(*c, rep))
     table = []
-    for (fmt, dt, k), rs in runs.items():
+    for (backend, dt, k), rs in runs.items():
         raw = rs[0]["raw_bytes"]
         table.append({
-            "format": fmt, "logprob_dtype": dt, "k": k,
+            "format": backend, "logprob_dtype": dt, "k": k,
             "bytes_per_token": rs[0]["bytes_per_token"],
             "raw_bytes_per_token": raw / tokens,
             "write_s": median(r["write_s"] for r in rs),
@@ -118,6 +122,41 @@ def run(spec: dict) -> dict:
         })
     return {"tokens": tokens, "sequences": rows, "vocab_size": vocab, "seq_len": seq_len,
             "logprob_dtypes": list(LOGPROB_DTYPES), "formats": list(FORMATS), "rows": table}
+
+
+# -- the storage section of bench/run.py ------------------------------------------------------------
+def section_storage(args, inputs: benchlib.Inputs) -> dict:
+    spec = {"work": str(inputs.work / "storage"), "model": inputs.model, "data": inputs.data, "seq_len": args.seq_len,
+            "batch": args.batch, "sequences": args.sequences, "ks": KS, "repeats": args.repeats or 3,
+            "device": inputs.device}
+    r = benchlib.run_child("storage_io.py", spec, inputs.work / "logs" / "storage.log")
+    say(f"  storage: {len(r['rows'])} configurations over {r['tokens']:,} tokens")
+    return r | {"ks": KS, "repeats": spec["repeats"]}
+
+
+def table(st: dict, results: dict) -> list[str]:
+    out = [f"### Storage ({st['sequences']} sequences x {st['seq_len']}, {st['tokens']:,} tokens, "
+           f"vocab {st['vocab_size']:,}; MB/s of uncompressed row bytes; reads row by row in shuffled order "
+           f"as CacheRows does)\n",
+           "| format | log-probs | k | bytes/token | uncompressed | write MB/s | write tok/s | read MB/s | "
+           "read tok/s | first read (verify lazy) tok/s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in st["rows"]:
+        out.append(f"| {r['format']} | {r['logprob_dtype']} | {r['k']} | {fmt(r['bytes_per_token'], 1)} | "
+                   f"{fmt(r['raw_bytes_per_token'], 1)} | {fmt(r['write_MB_s'], 1)} | {fmt(r['write_tokens_s'], 0)} | "
+                   f"{fmt(r['read_MB_s'], 1)} | {fmt(r['read_tokens_s'], 0)} | {fmt(r['read_verified_tokens_s'], 0)} |")
+    return out + [""]
+
+
+def verdicts(st: dict) -> list[dict]:
+    """The bytes/token target at k=32, for zarr with float16 log-probs; the other formats and dtypes beside it."""
+    return [verdict(f"<= 100 bytes/token at k=32 ({r['format']}, {r['logprob_dtype']})", r["bytes_per_token"],
+                    r["bytes_per_token"] <= 100, f"{r['bytes_per_token']:.1f} bytes/token",
+                    info=(r["format"], r["logprob_dtype"]) != ("zarr", "float16"))
+            for r in st["rows"] if r["k"] == 32]
+
+
+SECTION = benchlib.Section("storage", section_storage, table, verdicts)
 
 
 if __name__ == "__main__":

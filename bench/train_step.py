@@ -12,19 +12,28 @@ Every step follows trainer.train.train_step for one process and one micro-batch:
 the device, targets, forward + loss (sum / trained tokens), backward, clip to 1.0, AdamW step, zero_grad.
 Phases: wait (for the Prefetcher's next batch), h2d, targets (from the cache / the online teacher's
 forward), forward (+ loss), backward, optimizer. On CUDA every phase ends with a synchronize.
+
+Below the child, the `train` section of bench/run.py (SECTION): each mode in its own process, interleaved, over a
+cache built by `mft cache`; its table and verdicts. The memory section reads the same cache (build_train_cache)
+and the scaling section the same summary of modes (summarize_modes).
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
-from benchlib import Memory, now  # noqa: E402
+from benchlib import ROOT, Memory, fmt, median, now, say, verdict  # noqa: E402
 
 MODES = ("ft-hf", "ft", "mft-cache", "mft-online", "ft+ckpt", "mft-cache+ckpt")
 PHASES = ("wait", "h2d", "targets", "forward", "backward", "optimizer")
+TRAIN_MODES = ("ft-hf", "ft", "mft-cache", "mft-online")  # what the train section runs (+ mft-cache+ckpt: --unfused)
+MODE_NAMES = {"ft-hf": "FT, transformers loss (a)", "ft": "FT, our loss (b)",
+              "mft-cache": "MFT from the cache (c)", "mft-online": "MFT, online teacher (d)",
+              "ft+ckpt": "FT, our loss, checkpointed chunks (b')", "mft-cache+ckpt": "MFT from the cache, checkpointed chunks (c')"}
 
 
 class ArrayRows:
@@ -34,12 +43,12 @@ class ArrayRows:
         import numpy as np
         import torch
 
-        from mft_cache.storage.packing import label_mask
+        from mft_cache.masks import label_mask
 
         self.n = len(arrays["length"])
         self.t = {k: torch.from_numpy(np.ascontiguousarray(v.astype(np.int64) if v.dtype.kind in "ui" else v))
                   for k, v in arrays.items() if with_targets or k in ("input_ids", "length")}
-        self.t["mask"] = torch.from_numpy(label_mask(arrays["input_ids"], arrays["length"], bos_id))
+        self.t["label_mask"] = torch.from_numpy(label_mask(arrays["input_ids"], arrays["length"], bos_id))
 
     def __len__(self):
         return self.n
@@ -53,13 +62,12 @@ def load_rows(spec: dict, mode: str):
     the same sequences' tokens for ft-hf and mft-online (what the online baseline reads)."""
     if spec.get("cache"):
         from mft_cache.storage import open_cache
-        from mft_cache.storage.packing import rule_of
         from mft_cache.trainer.data import CacheRows
 
         cache = open_cache(spec["cache"])
         if mode in ("ft", "mft-cache"):
             return CacheRows(cache)
-        return ArrayRows(cache.read_rows(0, len(cache)), with_targets=False, bos_id=rule_of(cache.manifest))
+        return ArrayRows(cache.read_rows(0, len(cache)), with_targets=False, bos_id=cache.manifest.bos_id)
     arrays = benchlib.synthetic_rows(spec["rows"], spec["seq_len"], spec["vocab_size"], spec["top_k"], seed=1)
     return ArrayRows(arrays, with_targets=mode in ("ft", "mft-cache"))
 
@@ -120,7 +128,7 @@ def run(spec: dict) -> dict:
             t = t2
 
         mb = {k: v.to(device, non_blocking=True) for k, v in micro[0].items()}
-        scale = 1.0 / max(mb["mask"].sum().item(), 1.0)
+        scale = 1.0 / max(mb["label_mask"].sum().item(), 1.0)
         lap("h2d")
         t_mb = targets(mb)
         lap("targets")
@@ -157,7 +165,7 @@ def run(spec: dict) -> dict:
             step(micro)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         Path(spec["profile"]).write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
-    tokens = int(micro[0]["mask"].sum())
+    tokens = int(micro[0]["label_mask"].sum())
     return {
         "mode": spec["mode"],
         "step_s": [r["step"] for r in records],
@@ -167,6 +175,134 @@ def run(spec: dict) -> dict:
         "memory": {**memory, **mark},
         "params": sum(p.numel() for p in model.parameters()),
     }
+
+
+# -- the train section of bench/run.py --------------------------------------------------------------
+def build_train_cache(args, work: Path, model: str, data: str, device: str, out: Path | None = None,
+                      seq_len: int = 0, sequences: int = 0) -> Path:
+    """The cache the train (and memory) section reads, built by `mft cache` itself (once: a finished cache is kept)."""
+    out = out or work / "train-cache"
+    n = sequences or max(args.sequences, args.batch * (args.warmup + args.steps + 2))
+    cmd = [sys.executable, "-m", "mft_cache.cli", "cache", "--model", model, "--data", data, "--out", str(out),
+           "--seq-len", str(seq_len or args.seq_len), "--top-k", str(args.top_k), "--batch-size", str(min(args.batch, n)),
+           "--max-sequences", str(n), "--device", device]
+    log = work / "logs" / f"{out.name}.log"
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        cmd.append("--overwrite")  # another configuration or an old format in the folder: rebuild
+        with open(log, "a") as f:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"mft cache failed; see {log}")
+    return out
+
+
+def summarize_modes(runs: dict, modes) -> dict:
+    """Medians per mode and ratios to ft-hf taken within each repeat (then their median)."""
+    base = runs["ft-hf"]
+    out = {}
+    for m in modes:
+        rs = runs[m]
+        step_ratio = [median(r["step_s"]) / median(b["step_s"]) for r, b in zip(rs, base)]
+        peak_ratio = [r["memory"]["peak_mb"] / b["memory"]["peak_mb"] for r, b in zip(rs, base)]
+        delta_ratio = [r["memory"]["delta_mb"] / max(b["memory"]["delta_mb"], 1e-9) for r, b in zip(rs, base)]
+        out[m] = {
+            "step_s": median(s for r in rs for s in r["step_s"]),
+            "step_ratio": median(step_ratio),
+            "step_ratio_per_repeat": step_ratio,
+            "tokens_per_step": rs[0]["tokens_per_step"],
+            "tokens_per_s": rs[0]["tokens_per_step"] / median(s for r in rs for s in r["step_s"]),
+            "peak_mb": median(r["memory"]["peak_mb"] for r in rs),
+            "baseline_mb": median(r["memory"]["baseline_mb"] for r in rs),
+            "delta_mb": median(r["memory"]["delta_mb"] for r in rs),
+            "peak_ratio": median(peak_ratio),
+            "delta_ratio": median(delta_ratio),
+            "memory_kind": rs[0]["memory"]["kind"],
+            "phases_s": {p: median(x for r in rs for x in r["phases_s"][p]) for p in rs[0]["phases_s"]},
+            "wait_max_s": max(x for r in rs for x in r["phases_s"]["wait"]),
+            "loss": [r["loss"] for r in rs],
+            "params": rs[0]["params"],
+            "raw": [{k: r[k] for k in ("step_s", "phases_s", "memory")} for r in rs],
+        }
+    return {"modes": out}
+
+
+def section_train(args, inputs: benchlib.Inputs) -> dict:
+    work, device = inputs.work, inputs.device
+    cache = build_train_cache(args, work, inputs.model, inputs.data, device)
+    repeats = args.repeats or 2
+    modes = TRAIN_MODES + (("mft-cache+ckpt",) if args.unfused else ())
+    runs = {m: [] for m in modes}
+    for rep in range(repeats):
+        order = modes[rep % len(modes):] + modes[:rep % len(modes)]  # each mode takes each position in turn
+        for mode in order:
+            spec = {"mode": mode, "model": inputs.model, "cache": str(cache), "batch": args.batch,
+                    "warmup": args.warmup, "steps": args.steps, "device": device, "tau": 0.25,
+                    "profile": str(work / f"profile-train-{mode}.txt")
+                    if rep == 0 and mode in ("ft-hf", "mft-cache") and not args.no_profile else None}
+            r = benchlib.run_child("train_step.py", spec, work / "logs" / f"train-{mode}-{rep}.log")
+            runs[mode].append(r)
+            say(f"  train rep {rep} {mode:<14} step {median(r['step_s']):7.3f} s  peak {r['memory']['peak_mb']:8.0f} MB")
+    return summarize_modes(runs, modes) | {"cache": str(cache), "batch": args.batch, "seq_len": args.seq_len,
+                                           "warmup_steps": args.warmup, "timed_steps": args.steps,
+                                           "repeats": repeats, "tau": 0.25, "top_k": args.top_k}
+
+
+def flags(group) -> None:
+    group.add_argument("--unfused", action="store_true",
+                       help="train: also (c) through StudentLoss's checkpointed-chunks fallback instead of the fused loss")
+    group.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables of the train section")
+
+
+def resolve(args, error) -> None:
+    args.no_profile = args.no_profile or args.quick
+
+
+def table(t: dict, results: dict) -> list[str]:
+    unit = "peak RSS MB" if t["modes"]["ft-hf"]["memory_kind"] == "rss" else "peak CUDA MB"
+    out = [f"### Training step ({results['inputs']['model_what']}; batch {t['batch']} x {t['seq_len']}, "
+           f"{t['repeats']} repeats x {t['timed_steps']} timed steps after {t['warmup_steps']} warm-up)\n",
+           f"| mode | step s | x (a) | tok/s | {unit} | x (a) | above model-loaded MB | x (a) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for m, r in t["modes"].items():
+        out.append(f"| {MODE_NAMES[m]} | {fmt(r['step_s'])} | {fmt(r['step_ratio'])} | {fmt(r['tokens_per_s'], 0)} | "
+                   f"{fmt(r['peak_mb'], 0)} | {fmt(r['peak_ratio'])} | {fmt(r['delta_mb'], 0)} | {fmt(r['delta_ratio'])} |")
+    out.append("\nStep phases (median ms; wait = blocked on the Prefetcher for the next batch, outside the step):\n")
+    phases = list(t["modes"]["ft-hf"]["phases_s"])
+    out.append("| mode | " + " | ".join(phases) + " | max wait |")
+    out.append("|---|" + "---|" * (len(phases) + 1))
+    for m, r in t["modes"].items():
+        out.append(f"| {MODE_NAMES[m]} | " + " | ".join(fmt(r["phases_s"][p] * 1000, 1) for p in phases)
+                   + f" | {fmt(r['wait_max_s'] * 1000, 1)} |")
+    return out + [""]
+
+
+def verdicts(t: dict) -> list[dict]:
+    m = t["modes"]
+    a, c, o = m["ft-hf"], m["mft-cache"], m["mft-online"]
+    w = c["wait_max_s"]
+    v = [verdict("cached MFT step time <= 1.05 x plain FT (transformers loss)", c["step_ratio"], c["step_ratio"] <= 1.05,
+                 f"{c['step_ratio']:.3f} x ({c['step_s']:.2f} vs {a['step_s']:.2f} s)"),
+         verdict("cached MFT peak memory <= plain FT (transformers loss)", c["peak_ratio"], c["peak_ratio"] <= 1.0,
+                 f"{c['peak_ratio']:.3f} x peak ({c['peak_mb']:.0f} vs {a['peak_mb']:.0f} MB); above the loaded "
+                 f"model {c['delta_mb']:.0f} vs {a['delta_mb']:.0f} MB ({c['delta_ratio']:.3f} x)"),
+         verdict("online MFT vs plain FT", o["step_ratio"], None,
+                 f"{o['step_ratio']:.3f} x step time, {100 * (o['peak_ratio'] - 1):+.1f}% peak memory", info=True),
+         verdict("cached MFT vs online MFT", c["step_s"] / o["step_s"], None,
+                 f"{c['step_ratio'] / o['step_ratio']:.3f} x step time, {c['peak_mb'] / o['peak_mb']:.3f} x peak memory",
+                 info=True),
+         verdict("reading the cache never stalls a step (cached MFT, longest wait for the Prefetcher)", w,
+                 w < 0.01 * c["step_s"], f"max wait {w * 1000:.1f} ms vs a {c['step_s'] * 1000:.0f} ms step")]
+    if "mft-cache+ckpt" in m:
+        u = m["mft-cache+ckpt"]
+        v.append(verdict("what the fused linear+loss changed (cached MFT, fused vs checkpointed chunks)", u["step_ratio"],
+                         None, f"fused {c['step_ratio']:.3f} x vs checkpointed {u['step_ratio']:.3f} x FT step time; "
+                         f"peak {c['peak_mb']:.0f} vs {u['peak_mb']:.0f} MB", info=True))
+    return v
+
+
+SECTION = benchlib.Section("train", section_train, table, verdicts, flags=flags, resolve=resolve)
 
 
 if __name__ == "__main__":
