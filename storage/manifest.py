@@ -146,7 +146,8 @@ class Manifest:
     @classmethod
     def from_json(cls, obj, path: Path) -> Manifest:
         """The typed manifest of a parsed manifest.json (format_name and schema_version already known good); raises
-        ManifestError naming `path` and the key of the first problem (validate.validate_manifest)."""
+        ManifestError naming `path` and the key of the first problem (validate.validate_manifest). Keeps `obj` as
+        its JSON (to_json gives copies): the caller hands it over, and a manifest can be tens of MB."""
         validate_manifest(obj, path)
         data = dict(obj["data"])
         docs = data.pop("documents_file", None)
@@ -163,7 +164,7 @@ class Manifest:
             packing=_build(Packing, obj["packing"]) if obj.get("packing") else None,
             num_input_tokens=obj.get("num_input_tokens"), rows_per_shard=obj.get("rows_per_shard"),
             shard_bytes=obj.get("shard_bytes"), num_processes=obj.get("num_processes", 1),
-            created_by=copy.deepcopy(obj.get("created_by")), _json=copy.deepcopy(obj))
+            created_by=copy.deepcopy(obj.get("created_by")), _json=obj)
 
 
 def _build(cls, obj: dict, **extra):
