@@ -49,7 +49,7 @@ def run(spec: dict) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     packed, _ = build_sequences(cfg.data, tokenizer, cfg.seq_len, cfg.text_field, cfg.split)
     packed.truncate(cfg.max_sequences)
-    ids_all, lengths_all, trained_all = packed.input_ids, packed.lengths, packed.label_mask()
+    ids_all, lengths_all, trained_all = packed.input_ids, packed.lengths, packed.label_mask
     tokens = int(trained_all.sum())
     model = load_model(cfg.model, dtype, device).eval()
     backbone, head = backbone_and_head(model)

@@ -37,7 +37,7 @@ def teacher_outputs(spec: dict) -> dict:
     tokenizer = load_tokenizer(spec["model"])
     packed, _ = build_sequences(spec["data"], tokenizer, spec["seq_len"])
     packed.truncate(spec["sequences"])
-    ids, lengths, trained = packed.input_ids, packed.lengths, packed.label_mask()
+    ids, lengths, trained = packed.input_ids, packed.lengths, packed.label_mask
     model = load_model(spec["model"], resolve_dtype("auto", device), device).eval()
     backbone, head = backbone_and_head(model)
     vocab = model.get_output_embeddings().weight.shape[0]

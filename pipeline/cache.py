@@ -38,7 +38,7 @@ from mft_cache.masks import BOS_PER_ROW, CONCAT, label_mask
 from mft_cache.rows import DATA_FORMATS, PACKINGS, DocumentStream, RowSpec, bos_rule, data_fingerprint, spec_for
 from mft_cache.rows.chat import TRAIN_ON, template_fingerprint
 from mft_cache.rows.ingest import FILES as INGEST_FILES
-from mft_cache.rows.ingest import Rows, ingest
+from mft_cache.rows.ingest import IngestedRows, ingest
 from mft_cache.rows.ingest import read_info as read_ingest
 from mft_cache.rows.spec import documents_note, packing_record
 from mft_cache.storage import CacheMetadata, CacheWriter, Manifest, cache_schema, load_manifest
@@ -151,7 +151,7 @@ class CacheJob:
     device: torch.device
     dtype: torch.dtype
     tokenizer: object
-    rows: Rows | None  # the ingested rows on disk (None when the cache is already complete)
+    rows: IngestedRows | None  # the ingested rows on disk (None when the cache is already complete)
     model: object  # the teacher, or None when the cache is already complete
     schema: tuple[Field, ...]
     identity: dict  # what determines the cache's bytes (the manifest's "config")
@@ -187,7 +187,7 @@ def model_vocab(cfg: CacheConfig) -> int:
     return vocab
 
 
-def check_rows(cfg: CacheConfig, rows: Rows, vocab: int) -> None:
+def check_rows(cfg: CacheConfig, rows: IngestedRows, vocab: int) -> None:
     """The ingested rows, refused where the teacher could not read them."""
     log.info("data: %d documents -> %d sequences of %d tokens (%d label positions)",
              rows.info["num_documents"], rows.num_sequences, cfg.seq_len, rows.num_predictions)
@@ -231,7 +231,7 @@ def open_job(cfg: CacheConfig) -> CacheJob:
     identity.update(rows_identity(cfg, spec, tokenizer))  # nothing for plain text concatenated
     rows_per_shard = max(1, int(cfg.shard_mb * 2**20) // row_bytes(schema))
     writer, state, done, lock = _open_writer(cfg, spec, schema, identity, tokenizer, vocab, rows_per_shard, dist)
-    rows = None if state == "complete" else Rows(Path(cfg.out), read_ingest(cfg.out))
+    rows = None if state == "complete" else IngestedRows(Path(cfg.out), read_ingest(cfg.out))
     model = None if state == "complete" else load_teacher(cfg, vocab, dtype, device)  # a finished cache needs none
     if model is not None and spec.packing == "document":
         check_packed_attention(model)  # refused before the pass if its documents would see each other

@@ -6,10 +6,10 @@ a source becomes rows, `stream_batches(stream, tokenizer, spec)` gives them as t
 """
 from .documents import DATA_FORMATS, DocumentError, Documents, DocumentStream, data_fingerprint, read_documents
 from .packing import Packed, bos_rule, build_sequences, encode_documents, pack
-from .spec import PACKINGS, DocPacked, RowSpec, build_rows, resolve_spec, spec_for, stream_batches
+from .spec import PACKINGS, RowSpec, build_rows, resolve_spec, spec_for, stream_batches
 
 __all__ = [
-    "DATA_FORMATS", "PACKINGS", "DocPacked", "DocumentError", "DocumentStream", "Documents", "Packed", "RowSpec",
+    "DATA_FORMATS", "PACKINGS", "DocumentError", "DocumentStream", "Documents", "Packed", "RowSpec",
     "bos_rule", "build_rows", "build_sequences", "data_fingerprint", "encode_documents", "pack", "read_documents",
     "resolve_spec", "spec_for", "stream_batches",
 ]

@@ -53,7 +53,7 @@ _COPY = 1 << 20  # int64s copied at a time into documents.npy
 
 
 @dataclass
-class Rows:
+class IngestedRows:
     """The ingested rows of a cache folder, read from disk a range at a time."""
 
     folder: Path
@@ -148,7 +148,8 @@ def read_info(folder: Path) -> dict:
 
 
 def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_dtype: str, rows_per_shard: int,
-           max_sequences: int = 0, key: dict | None = None, progress=None, spec: RowSpec | None = None) -> Rows:
+           max_sequences: int = 0, key: dict | None = None, progress=None,
+           spec: RowSpec | None = None) -> IngestedRows:
     """Ingest `stream` into `folder` (or reuse a complete ingestion of the same key there); see the module docstring.
 
     `key` holds what else decides the rows (e.g. the tokenizer's fingerprint); with the source's signature, the
@@ -165,7 +166,7 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
     old = read_info(folder)
     if signature is not None and old.get("complete") and old.get("key") == full_key:
         log.info("reusing the ingested rows in %s (the source is unchanged: same files, sizes and times)", folder)
-        return Rows(folder, old)
+        return IngestedRows(folder, old)
     write_json_atomic(folder / INGEST, {"complete": False, "key": full_key})
     dtype = np.dtype(id_dtype)
     num_rows = predictions = input_tokens = max_id = 0
@@ -219,4 +220,4 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
     if trained_layout:
         info.update(layout="trained", format=spec.format, train_on=spec.train_on, packing=spec.packing)
     write_json_atomic(folder / INGEST, info)
-    return Rows(folder, info)
+    return IngestedRows(folder, info)

@@ -30,31 +30,37 @@ from .documents import DocumentStream
 
 @dataclass
 class Packed:
+    """Rows held in memory, of any format: token ids with padding after each row's length, which positions are
+    trained and, for documents packed whole, which document each token belongs to."""
+
     input_ids: np.ndarray  # (R, T) int64, padding after `lengths`
     lengths: np.ndarray  # (R,) int32
-    doc_offsets: np.ndarray  # (D + 1,) int64: start of each document in the stream, then the total
-    bos_id: int | None = None  # the BOS every row starts with (rule BOS_PER_ROW), or None (CONCAT)
+    doc_offsets: np.ndarray | None = None  # concatenated text: (D + 1,) int64 start of each document in the stream, then the total
+    bos_id: int | None = None  # concatenated text: the BOS every row starts with (rule BOS_PER_ROW), or None (CONCAT)
+    trained: np.ndarray | None = None  # (R, T-1) bool where rows carry their mask (chat, prompt-completion, documents packed whole)
+    segment_ids: np.ndarray | None = None  # (R, T) int64 for documents packed whole: 1, 2, ... per document, 0 padding
 
     @property
     def num_sequences(self) -> int:
         return int(self.input_ids.shape[0])
 
     @property
-    def rule(self) -> str:
-        return CONCAT if self.bos_id is None else BOS_PER_ROW
-
     def label_mask(self) -> np.ndarray:
-        """(R, T-1) bool: the positions that are trained and evaluated."""
-        return label_mask(self.input_ids, self.lengths, self.bos_id)
+        """(R, T-1) bool: the positions that are trained and evaluated (concatenated text: from the BOS rule)."""
+        return self.trained if self.trained is not None else label_mask(self.input_ids, self.lengths, self.bos_id)
 
     @property
     def num_predictions(self) -> int:
         """Positions with a trained next-token label."""
-        return int(self.label_mask().sum())
+        return int(self.label_mask.sum())
 
     def truncate(self, n: int) -> None:
         """Keep the first n rows."""
         self.input_ids, self.lengths = self.input_ids[:n], self.lengths[:n]
+        if self.trained is not None:
+            self.trained = self.trained[:n]
+        if self.segment_ids is not None:
+            self.segment_ids = self.segment_ids[:n]
 
 
 def bos_rule(tokenizer) -> int | None:

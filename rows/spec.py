@@ -216,41 +216,14 @@ def _concat_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
     yield batch(ids, lengths, flags, np.array([ids_packer.total], dtype=np.int64))
 
 
-@dataclass
-class DocPacked:
-    """Rows of the "trained" layout held in memory (stage two's evaluation sets, the online teacher's data, raw
-    replay documents): as Packed, plus segment_ids (R, T) and the label mask (R, T-1)."""
-
-    input_ids: np.ndarray
-    lengths: np.ndarray
-    segment_ids: np.ndarray
-    mask: np.ndarray
-    spec: RowSpec
-    bos_id: int | None = None
-
-    @property
-    def num_sequences(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def label_mask(self) -> np.ndarray:
-        return self.mask
-
-    @property
-    def num_predictions(self) -> int:
-        return int(self.mask.sum())
-
-    def truncate(self, n: int) -> None:
-        self.input_ids, self.lengths = self.input_ids[:n], self.lengths[:n]
-        self.segment_ids, self.mask = self.segment_ids[:n], self.mask[:n]
-
-
 def build_rows(source, tokenizer, seq_len: int, *, text_field: str = "text", split: str = "train",
                what: str = "--data", data_format: str = "auto", prompt_field: str = "prompt",
                completion_field: str = "completion", train_on: str = "auto", packing: str = "auto",
-               spec_of=None) -> tuple[Packed | DocPacked, DocumentStream]:
+               spec_of=None) -> tuple[Packed, DocumentStream]:
     """Read, render and pack a source into memory, its format detected from its first row unless forced: text
-    packed by concatenation gives exactly packing.build_sequences' Packed; anything else a DocPacked. `spec_of`
-    (format -> RowSpec) overrides resolve_spec(format, train_on, packing, seq_len), e.g. to follow a cache."""
+    packed by concatenation gives exactly packing.build_sequences' rows; anything else carries its label mask, and
+    documents packed whole their segment ids. `spec_of` (format -> RowSpec) overrides resolve_spec(format,
+    train_on, packing, seq_len), e.g. to follow a cache."""
     fmt = format_of(source, data_format, text_field=text_field, split=split, what=what, prompt_field=prompt_field,
                     completion_field=completion_field)
     spec = spec_of(fmt) if spec_of is not None else resolve_spec(fmt, train_on, packing, seq_len)
@@ -261,5 +234,5 @@ def build_rows(source, tokenizer, seq_len: int, *, text_field: str = "text", spl
     lengths = np.concatenate([p.lengths for p in parts])
     if spec.layout == "dense":
         return Packed(ids, lengths, np.concatenate([p.offsets for p in parts]), bos_rule(tokenizer)), stream
-    return DocPacked(ids, lengths, np.concatenate([p.segment_ids for p in parts]),
-                     np.concatenate([p.label_mask for p in parts]), spec), stream
+    segments = np.concatenate([p.segment_ids for p in parts]) if spec.packing == "document" else None
+    return Packed(ids, lengths, trained=np.concatenate([p.label_mask for p in parts]), segment_ids=segments), stream

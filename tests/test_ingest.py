@@ -19,7 +19,7 @@ from helpers import snapshot
 from mft_cache.pipeline.cache import CacheConfig, build_cache
 from mft_cache.storage import open_cache
 from mft_cache.rows.documents import DocumentStream, read_documents
-from mft_cache.rows.ingest import FILES, Rows, ingest
+from mft_cache.rows.ingest import FILES, IngestedRows, ingest
 from mft_cache.rows.packing import StreamPacker, bos_rule, encode_documents, pack, pad_id_of
 
 SEQ = 48
@@ -102,7 +102,7 @@ def test_ingested_rows_equal_the_in_memory_packing(fmt, kind, sources, request, 
     assert np.array_equal(np.fromfile(tmp_path / ".ingest-documents.bin", dtype="<i8"), ref.doc_offsets)
     assert rows.info["fingerprint"] == docs.fingerprint and rows.num_predictions == ref.num_predictions
     assert rows.info["num_empty"] == 2 and rows.info["num_documents"] == len(docs.texts)
-    per_shard = [int(ref.label_mask()[i: i + 5].sum()) for i in range(0, ref.num_sequences, 5)]
+    per_shard = [int(ref.label_mask[i: i + 5].sum()) for i in range(0, ref.num_sequences, 5)]
     assert rows.info["shard_tokens"] == per_shard
     # documents.npy, copied from disk a piece at a time, is the file np.save writes
     info = rows.write_documents(tmp_path / "documents.npy")
@@ -229,7 +229,7 @@ def test_rows_reads_any_range(sources, llama, tmp_path):
     ref, _ = _in_memory(sources["jsonl"], tokenizer)
     rows = ingest(tmp_path, DocumentStream(sources["jsonl"]), tokenizer, seq_len=SEQ, id_dtype="uint16",
                   rows_per_shard=5, max_sequences=11)
-    assert rows.num_sequences == 11 and isinstance(rows, Rows)
+    assert rows.num_sequences == 11 and isinstance(rows, IngestedRows)
     ids, lengths = rows.read(3, 9)
     assert np.array_equal(ids, ref.input_ids[3:9]) and np.array_equal(lengths, ref.lengths[3:9])
     # the offsets still cover every document: --max-sequences truncates the rows, not the data

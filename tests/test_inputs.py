@@ -75,7 +75,7 @@ def test_bos_rows_lose_and_duplicate_no_token_and_never_predict_bos():
         p = pack(docs, seq_len, pad_id=0, bos_id=9)
         assert (p.input_ids[:, 0] == 9).all(), seq_len
         np.testing.assert_array_equal(unpack_stream(p), np.concatenate(docs))
-        mask = p.label_mask()
+        mask = p.label_mask
         labels = p.input_ids[:, 1:]
         assert not (mask & (labels == 9)).any()  # no position is trained to predict BOS
         real = np.arange(seq_len - 1)[None, :] < (p.lengths[:, None] - 1)

@@ -15,7 +15,6 @@ import torch
 from mft_cache.rows import Packed
 from mft_cache.storage import Cache
 from mft_cache.masks import label_mask, real_tokens
-from mft_cache.rows.spec import DocPacked
 
 
 def _long(a: np.ndarray) -> torch.Tensor:
@@ -53,24 +52,21 @@ class CacheRows:
 
 class PackedRows:
     """Rows packed from raw data (the online-teacher baseline, evaluation sets, raw replay documents): tokens, the
-    trained positions, and the segments of documents packed whole (mft_cache.rows.DocPacked)."""
+    trained positions, and the segments of documents packed whole (mft_cache.rows.Packed)."""
 
-    def __init__(self, packed: Packed | DocPacked):
+    def __init__(self, packed: Packed):
         self.packed = packed
-        self.document = isinstance(packed, DocPacked) and packed.spec.packing == "document"
 
     def __len__(self) -> int:
         return self.packed.num_sequences
 
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        ids, lengths = self.packed.input_ids[rows], self.packed.lengths[rows]
-        if isinstance(self.packed, DocPacked):
-            mask = self.packed.mask[rows]
-        else:
-            mask = label_mask(ids, lengths, self.packed.bos_id)
+        p = self.packed
+        ids, lengths = p.input_ids[rows], p.lengths[rows]
+        mask = p.trained[rows] if p.trained is not None else label_mask(ids, lengths, p.bos_id)
         out = {"input_ids": _long(ids), "length": _long(lengths), "label_mask": torch.from_numpy(mask)}
-        if self.document:
-            out["segment_ids"] = _long(self.packed.segment_ids[rows])
+        if p.segment_ids is not None:
+            out["segment_ids"] = _long(p.segment_ids[rows])
         return out
 
 
