@@ -6,7 +6,7 @@ changes (--allow-dirty measures anyway and marks every page it writes as such); 
 only. Run it with nothing else on the machine: the load average is recorded, and a busy start is flagged
 on the page. `--render results.json` rewrites the page from a results file without measuring.
 
-Sections (--sections, comma-separated; default all):
+Sections (--sections, comma-separated; default train, cache, storage and scaling):
   train    step time and peak memory of plain FT with transformers' loss, FT through our chunked loss,
            cached MFT and online MFT (each mode a fresh process), and the step's phases
   cache    stage one's throughput (the real build_cache) against a bare teacher forward, phase by phase
@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke test in about a minute")
     p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
-                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but memory)")
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)}; the others "
+                   "run only when named)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--model", default="", help="model for train/cache/storage (default: assets/model, else a tiny Llama)")
     p.add_argument("--data", default="", help="documents (default: assets/data/licenses_train.jsonl, else synthetic)")
