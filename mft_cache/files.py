@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .folder_lock import LOCK_FILE
+from .folder_lock import LOCK_FILE, FolderLock
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -52,3 +52,57 @@ class OwnedFolder:
         assert not self.foreign(names), f"remove() of foreign names {self.foreign(names)[:3]} in {self.path}"
         for n in names:
             remove_member(self.path / n)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file under a temporary name, fsync, then rename: readers never see half of it, and a link at
+    `path` is replaced, never written through."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def claim_folder(path: Path, kind: str, ours: Callable[[str], bool], proof: Callable[[Path], bool],
+                 flag: str = "--out") -> FolderLock:
+    """Lock `path` (created if missing) for one command of `kind` ("sweep", ...) and check that the folder is that
+    command's to write: empty, or marked by it (`.mft-<kind>.json`), or holding what `proof(path)` shows an older
+    version of it wrote; and holding nothing but names `ours` allows. The marker is written once the folder is
+    shown to be ours. Refused otherwise, naming what was found, with nothing written or removed."""
+    lock = FolderLock.acquire(path, flag)
+    try:
+        folder = OwnedFolder(path, lambda n: n == marker_name(kind) or ours(n))
+        names = folder.names()
+        foreign = folder.foreign(names)
+        if foreign:
+            raise ValueError(f"{flag} {path} holds files mft {kind} does not write (e.g. {foreign[:3]}); nothing was "
+                             "written or removed; choose an empty or new folder")
+        if names and marker_name(kind) not in names and not proof(path):
+            raise ValueError(f"{flag} {path} holds files named like an mft {kind}'s ({names[:3]}) but no "
+                             f"{marker_name(kind)} and nothing that shows it wrote them, so nothing was written; "
+                             "remove them by hand or choose another folder")
+        marker = path / marker_name(kind)
+        if not names or marker_name(kind) not in names:
+            write_json_atomic(marker, {"tool": "mft-cache", "kind": kind})
+        elif not _is_marker(marker, kind):
+            raise ValueError(f"{flag} {path}: {marker.name} is not the marker mft {kind} writes; nothing was written")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def marker_name(kind: str) -> str:
+    return f".mft-{kind}.json"
+
+
+def _is_marker(path: Path, kind: str) -> bool:
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > 4096:
+        return False
+    try:
+        marker = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(marker, dict) and marker.get("tool") == "mft-cache" and marker.get("kind") == kind

@@ -168,3 +168,71 @@ def test_read_only_folder_fails_clearly(llama, fault_docs, fault_cache, tmp_path
         if os.geteuid() == 0:
             subprocess.run(["umount", str(ro)], check=False)
     reliability("disk", "`--out` in a read-only folder (cache and train)", "exit 2 naming the path; nothing written")
+
+
+# -- mft sweep's --out -------------------------------------------------------------------------------------------
+def _sweep(cache, out) -> list[str]:
+    return ["sweep", "--cache", str(cache), "--out", str(out), "--taus", "0.25", "--steps", "1", "--batch-size", "2"]
+
+
+@pytest.mark.parametrize("files", [{"notes.txt": "mine"}, {"sweep.md": "my own table", "sweep.csv": "a,b\n"}],
+                         ids=["foreign-files", "files-named-like-a-sweeps"])
+def test_sweep_refuses_a_folder_it_did_not_write(run_cache, tmp_path, capsys, files, reliability):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    before = snapshot(out)
+    assert main(_sweep(run_cache, out)) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "nothing was written" in err and "Traceback" not in err
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == sorted(files)  # no run, no marker
+    reliability("hostile input", f"`mft sweep --out` on a folder holding {', '.join(files)} it did not write",
+                "refused (exit 2) before any run; the files untouched, nothing added")
+
+
+def test_sweep_in_the_working_folder_is_refused(run_cache, tmp_path, monkeypatch, capsys, reliability):
+    work = tmp_path / "work"
+    (work / "src").mkdir(parents=True)
+    (work / "src" / "main.py").write_text("print('mine')\n")
+    before = snapshot(work)
+    monkeypatch.chdir(work)
+    assert main(_sweep(run_cache, ".")) == 2
+    assert "src" in capsys.readouterr().err and snapshot(work) == before
+    reliability("hostile input", "`mft sweep --out .` in a project folder", "refused (exit 2); nothing written")
+
+
+def test_sweep_refuses_a_folder_another_process_holds(run_cache, tmp_path, capsys, reliability):
+    out = tmp_path / "sweep"
+    holder = hold_lock(out)
+    try:
+        assert main(_sweep(run_cache, out)) == 2
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+    finally:
+        stop(holder)
+    reliability("concurrency", "a second `mft sweep` on a folder another process holds",
+                "refused (exit 2) naming the holder's pid; nothing written")
+
+
+def test_a_sweeps_own_folder_is_claimed_again_and_an_older_sweep_is_marked(tmp_path):
+    from mft_cache.files import claim_folder, marker_name
+    from mft_cache.trainer.sweep import is_sweep_name, written_by_a_sweep
+
+    old = tmp_path / "old"  # a sweep written before sweeps were marked: its sweep.json and a run folder
+    (old / "mft-tau0.25" / "seed0").mkdir(parents=True)
+    (old / "sweep.json").write_text(json.dumps({"runs": [], "configs": []}))
+    claim_folder(old, "sweep", is_sweep_name, written_by_a_sweep).release()
+    assert (old / marker_name("sweep")).is_file()
+    claim_folder(old, "sweep", is_sweep_name, written_by_a_sweep).release()  # marked: claimed again
+    (old / marker_name("sweep")).write_text('{"tool": "mft-cache", "kind": "train-run"}')
+    with pytest.raises(ValueError, match="not the marker mft sweep writes"):
+        claim_folder(old, "sweep", is_sweep_name, written_by_a_sweep)
+    forged = tmp_path / "forged"  # a sweep.json that is no sweep's
+    forged.mkdir()
+    (forged / "sweep.json").write_text('"not a sweep"')
+    with pytest.raises(ValueError, match="nothing that shows it wrote them"):
+        claim_folder(forged, "sweep", is_sweep_name, written_by_a_sweep)
+    assert sorted(p.name for p in forged.iterdir()) == ["sweep.json"] and not (tmp_path / "new").exists()
+    claim_folder(tmp_path / "new", "sweep", is_sweep_name, written_by_a_sweep).release()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [marker_name("sweep")]

@@ -9,12 +9,15 @@ same S (trainer/matched.py).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
-from mft_cache.files import write_json_atomic
+from mft_cache.files import claim_folder, write_json_atomic, write_text_atomic
 
 from .config import TrainConfig
 from .matched import match, spread
@@ -35,6 +38,32 @@ SUMMARY_EXTRA = ("best_ppl_specialized_se", "best_ppl_general_se", "final_S", "f
 # the keys of an evaluation record kept as a trajectory point
 POINT_KEYS = ("step", "tokens", "S", "DG", "ratio", "ppl_specialized", "ppl_specialized_se", "ppl_general",
               "ppl_general_se")
+
+
+# what `mft sweep` writes into --out besides its marker and lock: its tables and plot, the runs' TensorBoard folder,
+# one folder per configuration (run_name), and files under a temporary name (.NAME.tmp-PID)
+SWEEP_FILES = ("sweep.md", "sweep.csv", "sweep.json", "dg_vs_s.png", "tensorboard")
+_RUN_FOLDER = re.compile(r"^(ft|[a-z][a-z-]*-tau[0-9.e+-]+)(-lr[0-9.e+-]+)?$")
+_TMP = re.compile(r"^\.[^/]+\.tmp-\d+$")
+
+
+def is_sweep_name(name: str) -> bool:
+    """Whether `name` in a sweep's folder is one `mft sweep` writes (its marker and lock aside)."""
+    return name in SWEEP_FILES or bool(_RUN_FOLDER.match(name) or _TMP.match(name))
+
+
+def written_by_a_sweep(out: Path) -> bool:
+    """Whether a folder without the sweep's marker holds what a sweep wrote: a sweep.json with its runs and
+    configurations, or only run folders (a sweep stopped before its tables)."""
+    path = out / "sweep.json"
+    if path.is_file() and not path.is_symlink():
+        try:
+            data = json.loads(path.read_text()) if path.stat().st_size < 2**26 else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        return isinstance(data, dict) and isinstance(data.get("runs"), list) and isinstance(data.get("configs"), list)
+    names = [n for n in os.listdir(out) if n != ".mft-lock"]
+    return all(_RUN_FOLDER.match(n) and (out / n).is_dir() and not (out / n).is_symlink() for n in names)
 
 
 def lr_tag(lr: float) -> str:
@@ -88,6 +117,14 @@ def sweep(cfg: TrainConfig, taus: list[float], with_ft: bool = True, seeds: list
         lrs.append(cfg.lr)
     out = Path(cfg.out)
     runs = sweep_runs(cfg, taus, with_ft, seeds, lrs)
+    lock = claim_folder(out, "sweep", is_sweep_name, written_by_a_sweep)  # before any run: refused with nothing written
+    try:
+        return _run_sweep(cfg, runs, out, seeds, lrs)
+    finally:
+        lock.release()
+
+
+def _run_sweep(cfg: TrainConfig, runs: list[dict], out: Path, seeds: list[int], lrs: list[float]) -> list[dict]:
     # the trackers: one project (the sweep's folder name, or --run-name), a run per configuration and seed, one
     # TensorBoard folder
     project = cfg.run_name or out.resolve().name
@@ -285,9 +322,9 @@ def sweep_markdown(rows: list[dict], configs: list[dict], seeds: list[int], lrs:
 
 def write_tables(rows: list[dict], configs: list[dict], out: Path, seeds: list[int], lrs: list[float]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.md").write_text(sweep_markdown(rows, configs, seeds, lrs))
+    write_text_atomic(out / "sweep.md", sweep_markdown(rows, configs, seeds, lrs))
     columns = (*COLUMNS, *EXTRA_COLUMNS)
-    with open(out / "sweep.csv", "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(columns))
         w.writeheader()
         for r in rows:
@@ -296,6 +333,7 @@ def write_tables(rows: list[dict], configs: list[dict], out: Path, seeds: list[i
                        "dg_ft_at_S": m.get("dg_ft"), "dg_ft_minus_dg": m.get("difference"),
                        "dg_ft_over_dg": m.get("ratio"), "dg_ft_lowest": m.get("dg_ft_lowest")}
             w.writerow({**{k: r.get(k) for k in columns}, **matched})
+        write_text_atomic(out / "sweep.csv", f.getvalue())
 
 
 # -- the plot -----------------------------------------------------------------------------------------------
