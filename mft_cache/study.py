@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mft_cache.config import check_finite, opt
+from mft_cache.files import claim_folder, write_json_atomic
 from mft_cache.rows import read_documents
-from mft_cache.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +98,45 @@ def study_runs(cfg: StudyConfig, tcfg, caches: dict) -> list[tuple[str, str, dic
 
 def study(cfg: StudyConfig, tcfg) -> dict:
     """Run the study; `tcfg` (a TrainConfig) holds the shared training settings, the teacher (--model), the
-    finetuning documents (--data) and the study folder (--out)."""
-    from mft_cache.pipeline.cache import DEFAULT_DATA, DEFAULT_MODEL, CacheConfig, build_cache
-    from mft_cache.trainer.train import train
-
+    finetuning documents (--data) and the study folder (--out), which the study claims as its own first."""
     if tcfg.push_to_hub:
         raise ValueError("--push-to-hub uploads one run; a study makes ~25: push the one you choose with `hf upload`")
     bad = set(cfg.parts) - set(PARTS)
     if bad or not cfg.parts:
         raise ValueError(f"--parts must be letters of {PARTS!r}; got {cfg.parts!r}")
     out = Path(tcfg.out)
+    lock = claim_folder(out, "study", is_study_name, written_by_a_study)  # before any work: refused, nothing written
+    try:
+        return _run_study(cfg, tcfg, out)
+    finally:
+        lock.release()
+
+
+# what `mft study` writes into --out besides its marker and lock, and files under a temporary name (.NAME.tmp-PID)
+STUDY_FILES = ("caches", "data", "runs", "study.json")
+
+
+def is_study_name(name: str) -> bool:
+    """Whether `name` in a study's folder is one `mft study` writes (its marker and lock aside)."""
+    return name in STUDY_FILES or (name.startswith(".") and ".tmp-" in name and name.rsplit("-", 1)[-1].isdigit())
+
+
+def written_by_a_study(out: Path) -> bool:
+    """Whether a folder without the study's marker holds what a study wrote: its study.json (runs and parts)."""
+    path = out / "study.json"
+    if not path.is_file() or path.is_symlink() or path.stat().st_size > 2**26:
+        return False
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("runs"), dict) and isinstance(record.get("parts"), dict)
+
+
+def _run_study(cfg: StudyConfig, tcfg, out: Path) -> dict:
+    from mft_cache.pipeline.cache import DEFAULT_DATA, DEFAULT_MODEL, CacheConfig, build_cache
+    from mft_cache.trainer.train import train
+
     model, data, seq_len = tcfg.model or DEFAULT_MODEL, tcfg.data or DEFAULT_DATA, tcfg.seq_len or 256
     # every run names the teacher, the data and the seq len: cached runs check them against the cache
     tcfg = replace(tcfg, model=model, data=data, seq_len=seq_len)

@@ -236,3 +236,26 @@ def test_a_sweeps_own_folder_is_claimed_again_and_an_older_sweep_is_marked(tmp_p
     assert sorted(p.name for p in forged.iterdir()) == ["sweep.json"] and not (tmp_path / "new").exists()
     claim_folder(tmp_path / "new", "sweep", is_sweep_name, written_by_a_sweep).release()
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [marker_name("sweep")]
+
+
+def test_study_refuses_a_folder_it_did_not_write(tmp_path, capsys, reliability):
+    out = tmp_path / "study"
+    (out / "runs").mkdir(parents=True)
+    (out / "results.xlsx").write_bytes(b"mine")
+    before = snapshot(out)
+    assert main(["study", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data.jsonl"),
+                 "--out", str(out), "--steps", "1"]) == 2  # refused before the teacher or the data are touched
+    err = capsys.readouterr().err
+    assert "results.xlsx" in err and "nothing was written" in err and "Traceback" not in err
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["results.xlsx", "runs"]
+    from mft_cache.files import claim_folder, marker_name
+    from mft_cache.study import is_study_name, written_by_a_study
+
+    (out / "results.xlsx").unlink()  # only a study's names now, but nothing shows a study wrote them
+    with pytest.raises(ValueError, match="nothing that shows it wrote them"):
+        claim_folder(out, "study", is_study_name, written_by_a_study)
+    (out / "study.json").write_text(json.dumps({"runs": {}, "parts": {}}))  # what an older version's study leaves
+    claim_folder(out, "study", is_study_name, written_by_a_study).release()
+    assert (out / marker_name("study")).is_file()
+    reliability("hostile input", "`mft study --out` on a folder holding a file it did not write",
+                "refused (exit 2) before the teacher pass; nothing written")
