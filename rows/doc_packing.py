@@ -46,28 +46,6 @@ class PackedRow:
     truncated: int  # how many of its documents were cut to seq_len
 
 
-@dataclass
-class DocRows:
-    """Rows of whole documents (pack_documents); R rows of T tokens, D documents."""
-    input_ids: np.ndarray  # (R, T) int64
-    lengths: np.ndarray  # (R,) int32
-    segment_ids: np.ndarray  # (R, T) int32
-    position_ids: np.ndarray  # (R, T) int64
-    label_mask: np.ndarray  # (R, T-1) bool
-    doc_row: np.ndarray  # (D,) int64: the row of each document
-    doc_start: np.ndarray  # (D,) int32: its first position in that row
-    doc_length: np.ndarray  # (D,) int32: its tokens in the row (after truncation)
-    num_truncated: int
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def num_predictions(self) -> int:
-        return int(self.label_mask.sum())
-
-
 def _row(seq_len: int, pad_id: int, docs: list[tuple[int, np.ndarray, np.ndarray]], truncated: int) -> PackedRow:
     ids = np.full(seq_len, pad_id, dtype=np.int64)
     seg = np.zeros(seq_len, dtype=np.int32)
@@ -118,27 +96,3 @@ def iter_rows(docs: Iterable[tuple[Sequence[int], Sequence[bool]]], seq_len: int
         truncated += cut
     if row:
         yield _row(seq_len, pad_id, row, truncated)
-
-
-def pack_documents(docs: Iterable[tuple[Sequence[int], Sequence[bool]]], seq_len: int, pad_id: int = 0,
-                   too_long: str = "error") -> DocRows:
-    """All rows of iter_rows stacked, with where each document went."""
-    rows = list(iter_rows(docs, seq_len, pad_id, too_long))
-    t = seq_len
-    if not rows:
-        empty = np.zeros((0, t), dtype=np.int64)
-        return DocRows(empty, np.zeros(0, np.int32), empty.astype(np.int32), empty, np.zeros((0, t - 1), bool),
-                       np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32), 0)
-    doc_row = np.array([r for r, row in enumerate(rows) for _ in row.docs], dtype=np.int64)
-    doc_start = np.array([s for row in rows for s in row.starts], dtype=np.int32)
-    ends = [list(row.starts[1:]) + [row.length] for row in rows]
-    doc_length = np.array([e - s for row, es in zip(rows, ends) for s, e in zip(row.starts, es)], dtype=np.int32)
-    return DocRows(
-        input_ids=np.stack([r.input_ids for r in rows]),
-        lengths=np.array([r.length for r in rows], dtype=np.int32),
-        segment_ids=np.stack([r.segment_ids for r in rows]),
-        position_ids=np.stack([r.position_ids for r in rows]),
-        label_mask=np.stack([r.label_mask for r in rows]),
-        doc_row=doc_row, doc_start=doc_start, doc_length=doc_length,
-        num_truncated=sum(r.truncated for r in rows),
-    )

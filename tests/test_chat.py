@@ -6,9 +6,9 @@ import hashlib
 
 import pytest
 
+from helpers import pack_documents
 from mft_cache.rows import chat
 from mft_cache.rows.chat import detect_format, render, template_fingerprint, validate_row
-from mft_cache.rows.doc_packing import pack_documents
 from mft_cache.rows.documents import DocumentError
 from mft_cache.rows.packing import encode_documents
 from mft_cache.testing import CHAT_TEMPLATES, make_chat_tokenizer, make_tokenizer

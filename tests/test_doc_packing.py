@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_utils import AttentionInterface
 
 from mft_cache import attention as A
-from mft_cache.rows.doc_packing import DocumentTooLong, iter_rows, pack_documents
+from helpers import pack_documents
+from mft_cache.rows.doc_packing import DocumentTooLong, iter_rows
 from mft_cache.rows.documents import DocumentError
 from mft_cache.testing import model_config
 from mft_cache.trainer.loss import fused_linear_mft_loss
