@@ -1,33 +1,10 @@
 """Chat and instruction rows: their format, their checks, and their token ids with the mask of trained labels.
 
-Formats follow TRL's dataset conventions; `detect_format` decides from a row's fields (or a forced format):
-- "chat": `messages`, a list of {"role", "content"} (roles: ROLES; content a string), rendered with the
-  tokenizer's own chat template, exactly as `tokenizer.apply_chat_template(messages, tokenize=True)` gives it.
-- "prompt-completion": `prompt` and `completion`, both strings (standard) or both lists of messages
-  (conversational: the prompt is a conversation, the completion the turns that answer it).
-- "text": a text field, encoded like a plain document (the tokenizer's special tokens, a final EOS).
-
-What is trained (`train_on="completion"`, the default; `trained[t]` says whether token t is a trained LABEL, i.e.
-predicted from position t-1, so `trained[0]` is always False):
-- chat: every assistant turn. With a template that marks them with `{% generation %}`, exactly the tokens it
-  marks (`return_assistant_tokens_mask`). Otherwise the conversation is rendered turn by turn: the render of
-  messages[:i+1] must extend the render of messages[:i] token for token, and an assistant turn's trained tokens
-  are those after the generation prompt (the render of messages[:i] with add_generation_prompt=True, e.g.
-  "<|im_start|>assistant\\n", never trained) up to and including the turn's last special token (its end token,
-  e.g. <|im_end|>, <|eot_id|>, <end_of_turn>: trained, so the model learns to stop); what the template writes
-  after it (a newline) is not. A template whose renders do not extend each other (one that drops earlier
-  reasoning, or writes something that depends on the last message) is refused: its tokens would not be the
-  ones the model sees in a real conversation.
-- conversational prompt-completion: the conversation prompt + completion, rendered as above; only the
-  completion's assistant turns are trained. The render of the prompt with add_generation_prompt=True must be a
-  prefix of the whole (TRL's rule).
-- standard prompt-completion (TRL's SFTTrainer): the tokenizer's EOS token is appended to the completion unless
-  it already ends with it; ids = tokenizer(prompt + completion) with the tokenizer's special tokens (one
-  tokenization, as TRL does); the trained labels are the tokens after the longest common prefix of those ids
-  and tokenizer(prompt): all completion tokens and the EOS. Where a token straddles the boundary (a BPE
-  merge across it, where TRL warns), that token is trained too, as it holds completion text.
-- text: every label (as in plain finetuning).
-`train_on="all"`: every label of every format, prompts and user turns included.
+Formats follow TRL's dataset conventions: "chat" (`messages`), "prompt-completion" (`prompt` and `completion`,
+standard or conversational) and "text"; `detect_format` decides from a row's fields. `render` gives a row's ids
+and `trained[t]` (whether token t is a trained label; `trained[0]` is always False): with train_on="completion",
+the assistant turns (found by `{% generation %}` markers, else by rendering the conversation prefix by prefix) or
+the completion and its EOS; with "all", every label. docs/CHAT.md states every rule, and what is refused.
 """
 from __future__ import annotations
 
