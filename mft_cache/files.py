@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -11,15 +12,39 @@ from typing import Callable
 from .folder_lock import LOCK_FILE, FolderLock
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON under a temporary name, fsync, then rename: readers never see half a file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file under a temporary name (`.NAME.tmp-PID`), fsync, then rename: readers never see half of it,
+    and a link at `path` is replaced, never written through."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON (sorted keys, indented) as write_text_atomic does."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+_TEMPORARY = re.compile(r"^\.[^/]+\.tmp-\d+$")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether `name` is the temporary name write_text_atomic (or a writer like it) gives a file: `.NAME.tmp-PID`."""
+    return bool(_TEMPORARY.match(name))
+
+
+def read_json_object(path: Path, max_bytes: int) -> dict | None:
+    """The JSON object in `path` if it is a regular file (not a link) of at most `max_bytes`; else None."""
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > max_bytes:
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def remove_member(path: Path) -> None:
@@ -52,17 +77,6 @@ class OwnedFolder:
         assert not self.foreign(names), f"remove() of foreign names {self.foreign(names)[:3]} in {self.path}"
         for n in names:
             remove_member(self.path / n)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file under a temporary name, fsync, then rename: readers never see half of it, and a link at
-    `path` is replaced, never written through."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def claim_folder(path: Path, kind: str, ours: Callable[[str], bool], proof: Callable[[Path], bool],
@@ -99,10 +113,5 @@ def marker_name(kind: str) -> str:
 
 
 def _is_marker(path: Path, kind: str) -> bool:
-    if path.is_symlink() or not path.is_file() or path.stat().st_size > 4096:
-        return False
-    try:
-        marker = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(marker, dict) and marker.get("tool") == "mft-cache" and marker.get("kind") == kind
+    marker = read_json_object(path, 4096)
+    return marker is not None and marker.get("tool") == "mft-cache" and marker.get("kind") == kind

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mft_cache.config import check_finite, opt
-from mft_cache.files import claim_folder, write_json_atomic
+from mft_cache.files import claim_folder, is_temporary, read_json_object, write_json_atomic
 from mft_cache.rows import read_documents
 
 log = logging.getLogger(__name__)
@@ -118,19 +118,13 @@ STUDY_FILES = ("caches", "data", "runs", "study.json")
 
 def is_study_name(name: str) -> bool:
     """Whether `name` in a study's folder is one `mft study` writes (its marker and lock aside)."""
-    return name in STUDY_FILES or (name.startswith(".") and ".tmp-" in name and name.rsplit("-", 1)[-1].isdigit())
+    return name in STUDY_FILES or is_temporary(name)
 
 
 def written_by_a_study(out: Path) -> bool:
     """Whether a folder without the study's marker holds what a study wrote: its study.json (runs and parts)."""
-    path = out / "study.json"
-    if not path.is_file() or path.is_symlink() or path.stat().st_size > 2**26:
-        return False
-    try:
-        record = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(record, dict) and isinstance(record.get("runs"), dict) and isinstance(record.get("parts"), dict)
+    record = read_json_object(out / "study.json", 2**26) or {}
+    return isinstance(record.get("runs"), dict) and isinstance(record.get("parts"), dict)
 
 
 def _run_study(cfg: StudyConfig, tcfg, out: Path) -> dict:

@@ -17,7 +17,8 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from mft_cache.files import claim_folder, write_json_atomic, write_text_atomic
+from mft_cache.files import claim_folder, is_temporary, read_json_object, write_json_atomic, write_text_atomic
+from mft_cache.folder_lock import LOCK_FILE
 
 from .config import TrainConfig
 from .matched import match, spread
@@ -44,12 +45,11 @@ POINT_KEYS = ("step", "tokens", "S", "DG", "ratio", "ppl_specialized", "ppl_spec
 # one folder per configuration (run_name), and files under a temporary name (.NAME.tmp-PID)
 SWEEP_FILES = ("sweep.md", "sweep.csv", "sweep.json", "dg_vs_s.png", "tensorboard")
 _RUN_FOLDER = re.compile(r"^(ft|[a-z][a-z-]*-tau[0-9.e+-]+)(-lr[0-9.e+-]+)?$")
-_TMP = re.compile(r"^\.[^/]+\.tmp-\d+$")
 
 
 def is_sweep_name(name: str) -> bool:
     """Whether `name` in a sweep's folder is one `mft sweep` writes (its marker and lock aside)."""
-    return name in SWEEP_FILES or bool(_RUN_FOLDER.match(name) or _TMP.match(name))
+    return name in SWEEP_FILES or bool(_RUN_FOLDER.match(name)) or is_temporary(name)
 
 
 def written_by_a_sweep(out: Path) -> bool:
@@ -57,12 +57,9 @@ def written_by_a_sweep(out: Path) -> bool:
     configurations, or only run folders (a sweep stopped before its tables)."""
     path = out / "sweep.json"
     if path.is_file() and not path.is_symlink():
-        try:
-            data = json.loads(path.read_text()) if path.stat().st_size < 2**26 else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            data = None
-        return isinstance(data, dict) and isinstance(data.get("runs"), list) and isinstance(data.get("configs"), list)
-    names = [n for n in os.listdir(out) if n != ".mft-lock"]
+        data = read_json_object(path, 2**26 - 1) or {}
+        return isinstance(data.get("runs"), list) and isinstance(data.get("configs"), list)
+    names = [n for n in os.listdir(out) if n != LOCK_FILE]
     return all(_RUN_FOLDER.match(n) and (out / n).is_dir() and not (out / n).is_symlink() for n in names)
 
 
