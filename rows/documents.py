@@ -459,6 +459,11 @@ class DocumentStream:
         self.num_documents = self.num_empty = 0
         self._hash, self.complete = hashlib.sha256(), False
 
+    def reopen(self) -> DocumentStream:
+        """A new, unread stream of the same source with the same options."""
+        return DocumentStream(self.source, self.text_field, self.split, what=self.what, data_format=self.pick.format,
+                              prompt_field=self.pick.prompt_field, completion_field=self.pick.completion_field)
+
     def signature(self) -> dict | None:
         """What identifies the source's content without reading it: each file's path, size and modification time
         (a saved dataset's files included), or None for a hub dataset, which only reading can tell."""
