@@ -5,7 +5,9 @@ Shared by both stages (like faults.py), so storage, pipeline and trainer can all
 by the kernel when its holder dies, so a lock file left by a killed run is simply taken over. The holder writes
 its pid into the file, so a refused second process can say who holds the folder. The file is removed on release
 (a folder ends as it would without the lock); a waiter that opened the removed file notices (its inode is not
-the path's any more) and tries again, so two processes never both believe they hold it.
+the path's any more) and tries again, so two processes never both believe they hold it. The lock file is opened
+through files.open_owned_fd: a link, a FIFO or a device planted at `.mft-lock` is removed (the name itself, never
+what a link points at) and a regular file made in its place; nothing is ever written through it.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ import logging
 import os
 from pathlib import Path
 
+from .files import LOCK_FILE, NotARegularFile, open_owned_fd
+
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".mft-lock"
 # file systems without flock (some FUSE and old NFS mounts): the run goes ahead unlocked, with a warning
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_TRIES = 100  # a lock file replaced between our open and flock, again and again: given up on
 
 
 class FolderBusy(ValueError):
@@ -37,7 +41,7 @@ def _holder(fd: int) -> str:
 
 def _same_file(fd: int, path: Path) -> bool:
     try:
-        a, b = os.fstat(fd), os.stat(path)
+        a, b = os.fstat(fd), os.lstat(path)
     except FileNotFoundError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
@@ -59,8 +63,17 @@ class FolderLock:
         created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / LOCK_FILE
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        for _ in range(_TRIES):
+            try:
+                fd = open_owned_fd(folder, LOCK_FILE, os.O_RDWR | os.O_CREAT)
+            except NotARegularFile as e:
+                if e.kind == "a folder":
+                    raise ValueError(f"{flag} {folder}: {LOCK_FILE} is a folder, where mft keeps its lock file; "
+                                     "remove it, or choose another folder") from None
+                log.warning("%s %s: %s was %s; removed (never followed), a lock file made in its place", flag,
+                            folder, LOCK_FILE, e.kind)
+                path.unlink(missing_ok=True)
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -78,6 +91,9 @@ class FolderLock:
             if _same_file(fd, path):  # else its previous holder removed it between our open and flock: again
                 break
             os.close(fd)
+        else:
+            raise ValueError(f"{flag} {folder}: {LOCK_FILE} changed under every one of {_TRIES} tries to lock it; "
+                             "another program keeps replacing it")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(folder, fd, created)

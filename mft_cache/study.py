@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mft_cache.config import check_finite, opt
-from mft_cache.files import claim_folder, is_temporary, read_json_object, write_json_atomic
+from mft_cache.files import (claim_folder, is_temporary, open_owned, read_json_object, write_json_atomic,
+                             write_text_atomic)
 from mft_cache.rows import read_documents
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,7 @@ def _write_replay(cfg: StudyConfig, tcfg, path: Path) -> Path:
         raise ValueError(f"--replay-source {cfg.replay_source}: {len(docs)} documents outside --eval-general, "
                          f"fewer than --replay-documents {cfg.replay_documents}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs[: cfg.replay_documents]))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps({"text": t}) + "\n" for t in docs[: cfg.replay_documents]))
     return path
 
 
@@ -164,10 +163,12 @@ def collect(cfg: StudyConfig, tcfg, out: Path, todo: list, train) -> dict:
                 log.info("study run %d/%d: %s (part %s)", i, len(todo), name, part)
                 summary = train(replace(tcfg, out=str(run_dir), resume=True, **overrides))
             elif (run_dir / "summary.json").exists():
-                summary = json.loads((run_dir / "summary.json").read_text())
+                with open_owned(run_dir, "summary.json") as f:
+                    summary = json.load(f)
             else:
                 continue
-            lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            with open_owned(run_dir, "metrics.jsonl") as f:
+                lines = [json.loads(x) for x in f]
             tail = [x["loss"] for x in lines if x["type"] == "train"][-5:]
             results[name] = {**summary, "final_loss": sum(tail) / len(tail) if tail else None}
         parts[part].append(name)
@@ -235,5 +236,5 @@ def write_report(record: dict, path: Path, out: Path) -> None:
         png = plots / f"study_{part}.png"
         if plot_dg_vs_s([{**runs[n], "run": n} for n in names], png):
             doc += [f"![DG vs S, part {part}](docs/{png.name})", ""]
-    path.write_text("\n".join(doc) + "\n")
+    write_text_atomic(path, "\n".join(doc) + "\n")
     log.info("study report written to %s", path)

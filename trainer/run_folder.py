@@ -4,7 +4,9 @@
 A run marks its folder as one when it starts (`.mft-run.json`), and locks it while it runs (`.mft-lock`, see
 mft_cache/folder_lock.py). `--overwrite` removes only the files a run writes, and only from a folder the marker
 proves is a run: anything else in it, or a folder without the marker, is refused with nothing removed. The folder
-itself is never removed: `--out .` or `--out ~` must not cost anyone their files."""
+itself is never removed: `--out .` or `--out ~` must not cost anyone their files. Every file of the folder is opened
+through mft_cache.files (never through a link; regular files only), and a run refuses to start on a folder where a
+name it writes holds a link, a FIFO or a device."""
 from __future__ import annotations
 
 import json
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from mft_cache import __version__
 from mft_cache.folder_lock import FolderLock
-from mft_cache.files import OwnedFolder, write_json_atomic
+from mft_cache.files import OwnedFolder, open_owned, owned_stat, read_owned, write_json_atomic
 
 from .checkpoint import STATE_FILE, read_state, usable_checkpoint
 from .config import RESOLVED_KEYS, TrainConfig
@@ -36,6 +38,7 @@ _IGNORED_ON_RESUME = ("out", "resume", "overwrite", "log_every", "report_to", "r
 _RESOLVED_TYPES = {"resolved_model": (str,), "num_processes": (int,), "global_batch": (int,),
                    "cache_manifest_sha256": (str, type(None)), "cache_top_k": (int, type(None))}
 assert set(_RESOLVED_TYPES) == set(RESOLVED_KEYS)
+_JSON_BYTES = 1 << 20  # the most a run's config.json or marker holds to be read (a run writes a few KiB)
 
 
 def resolve_out(out: str) -> Path:
@@ -52,9 +55,11 @@ def prepare_run_folder(out: Path, resolved: dict, cfg: TrainConfig) -> Path | st
     """Check --out (locked by this process); return the checkpoint to resume from, None (a fresh start), or FINISHED."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
-    names = _owned(out).names()
+    folder = _owned(out)
+    names = folder.names()
     if not names:
         return None
+    folder.check_kinds([n for n in names if folder.ours(n)])  # a link or a FIFO at a name a run writes: refused
     marker = marker_state(out)
     has_config = "config.json" in names
     if marker == "missing" and not (has_config and _is_run_config(out / "config.json")):
@@ -87,12 +92,11 @@ def prepare_run_folder(out: Path, resolved: dict, cfg: TrainConfig) -> Path | st
 
 def marker_state(out: Path) -> str:
     """"valid" (this tool's marker), "missing", or "invalid" (a file of that name this tool did not write)."""
-    path = out / MARKER
-    if not path.exists():
-        return "missing"
     try:
-        marker = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        marker = json.loads(read_owned(out, MARKER, _JSON_BYTES))
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError, RecursionError):  # not a regular file, too big, not UTF-8 or not JSON
         return "invalid"
     ok = isinstance(marker, dict) and all(marker.get(k) == v for k, v in _MARKER_ID.items())
     return "valid" if ok else "invalid"
@@ -147,8 +151,8 @@ def _json_type_ok(value, types: tuple) -> bool:
 def read_run_config(path: Path) -> dict:
     """The run's config.json, refused clearly unless it is an object of known keys with values of their types."""
     try:
-        old = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        old = json.loads(read_owned(path.parent, path.name, _JSON_BYTES))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"--resume: {path} is not valid JSON ({e}); restore it, or pass --overwrite to start "
                          "the run again") from None
     if not isinstance(old, dict):
@@ -172,7 +176,8 @@ def check_metrics_length(out: Path, ckpt: Path) -> None:
     and a shorter file (truncated, or removed) would be padded with NUL bytes or silently lose records."""
     state, _ = read_state(ckpt / STATE_FILE)
     path = out / "metrics.jsonl"
-    size = path.stat().st_size if path.is_file() else None
+    st = owned_stat(out, path.name)  # a link or a FIFO there is refused: the run would truncate what it points at
+    size = None if st is None else st.st_size
     if size is None or size < state.metrics_bytes:
         what = "is missing" if size is None else f"holds {size} bytes"
         raise ValueError(f"--resume: {path} {what}, but the checkpoint {ckpt.name} was saved when it held "
@@ -186,9 +191,9 @@ def start_run_files(out: Path, resolved: dict, fresh: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     mark_run_folder(out)  # first: the folder is a run from here on
     write_json_atomic(out / "config.json", resolved)
-    (out / "metrics.jsonl").touch()
+    with open_owned(out, "metrics.jsonl", "w" if fresh else "a"):  # created, and emptied on a fresh start
+        pass
     if fresh:
-        (out / "metrics.jsonl").write_text("")
         _owned(out).remove(["best", "final", "summary.json", "tensorboard"])
 
 
@@ -196,7 +201,7 @@ class Metrics:
     """metrics.jsonl, appended a line per record and flushed; only the first process writes."""
 
     def __init__(self, path: Path, enabled: bool):
-        self.file = open(path, "a") if enabled else None
+        self.file = open_owned(path.parent, path.name, "a") if enabled else None
 
     def emit(self, record: dict) -> None:
         if self.file:

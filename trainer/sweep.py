@@ -17,7 +17,8 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from mft_cache.files import claim_folder, is_temporary, read_json_object, write_json_atomic, write_text_atomic
+from mft_cache.files import (claim_folder, is_temporary, open_owned, read_json_object, write_bytes_atomic,
+                             write_json_atomic, write_text_atomic)
 from mft_cache.folder_lock import LOCK_FILE
 
 from .config import TrainConfig
@@ -142,20 +143,23 @@ def _run_sweep(cfg: TrainConfig, runs: list[dict], out: Path, seeds: list[int], 
     log.info("sweep done: %d runs from one cache; the teacher was loaded %d times", len(rows), loads)
     add_matches(rows)
     configs = aggregate(rows)
-    write_tables(rows, configs, out, seeds, lrs)
+    table = write_tables(rows, configs, out, seeds, lrs)
     write_json_atomic(out / "sweep.json", {"cache": cfg.cache, "seeds": seeds, "lrs": lrs, "mft_lr": cfg.lr,
                                            "runs": rows, "configs": configs, "teacher_loads": loads})
     plot_dg_vs_s(rows, out / "dg_vs_s.png")
-    print((out / "sweep.md").read_text(), end="")
+    print(table, end="")
     return rows
 
 
 def read_trajectory(folder: Path) -> list[dict]:
     """The run's evaluation records from its metrics.jsonl, in step order (POINT_KEYS of each)."""
-    path = folder / "metrics.jsonl"
     points: dict[int, dict] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
+    try:
+        f = open_owned(folder, "metrics.jsonl")
+    except FileNotFoundError:
+        return []
+    with f:
+        for line in f:
             record = json.loads(line)
             if record.get("type") == "eval":
                 points[record["step"]] = {k: record.get(k) for k in POINT_KEYS}  # a repeated step: the last wins
@@ -317,9 +321,11 @@ def sweep_markdown(rows: list[dict], configs: list[dict], seeds: list[int], lrs:
     return "\n".join(parts) + "\n"
 
 
-def write_tables(rows: list[dict], configs: list[dict], out: Path, seeds: list[int], lrs: list[float]) -> None:
+def write_tables(rows: list[dict], configs: list[dict], out: Path, seeds: list[int], lrs: list[float]) -> str:
+    """sweep.md and sweep.csv into `out`; returns sweep.md's text."""
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "sweep.md", sweep_markdown(rows, configs, seeds, lrs))
+    table = sweep_markdown(rows, configs, seeds, lrs)
+    write_text_atomic(out / "sweep.md", table)
     columns = (*COLUMNS, *EXTRA_COLUMNS)
     with io.StringIO(newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(columns))
@@ -331,6 +337,7 @@ def write_tables(rows: list[dict], configs: list[dict], out: Path, seeds: list[i
                        "dg_ft_over_dg": m.get("ratio"), "dg_ft_lowest": m.get("dg_ft_lowest")}
             w.writerow({**{k: r.get(k) for k in columns}, **matched})
         write_text_atomic(out / "sweep.csv", f.getvalue())
+    return table
 
 
 # -- the plot -----------------------------------------------------------------------------------------------
@@ -382,6 +389,8 @@ def plot_dg_vs_s(rows: list[dict], path: Path) -> bool:
     if labelled:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    write_bytes_atomic(path, png.getvalue())
     return True
