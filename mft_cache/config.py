@@ -130,27 +130,104 @@ def add_config_argument(parser: argparse.ArgumentParser, section: str | None = N
                         f"writes them), flat or under {where}; flags given here override it")
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file holds a few KiB; more is refused before it is read
+MAX_CONFIG_DEPTH = 32  # levels of values in values (a section's list's item is at level 4); deeper is refused
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _read_config_text(path: str) -> str:
+    """The text of --config `path`: a regular file (a link to one is the user's to make) of at most MAX_CONFIG_BYTES,
+    checked before anything is read: a FIFO or a device (`/dev/zero`) is refused, never read or waited on."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"--config {path}: not a regular file (a folder, a FIFO or a device); give a YAML or "
+                             "JSON file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"--config {path}: {st.st_size:,} bytes; a config file holds at most "
+                             f"{MAX_CONFIG_BYTES:,}")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # swapped for a FIFO since: no wait
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError(f"--config {path}: not a regular file; give a YAML or JSON file")
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"--config {path}: more than {MAX_CONFIG_BYTES:,} bytes; a config file holds at most that")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config {path}: cannot read it (not UTF-8 text: {e.reason} at byte {e.start})") from None
+
+
+def _depth(value) -> int:
+    """The nesting depth of a parsed JSON value, counted as the YAML loader counts it (every value a level: `1` is
+    1, `{"taus": [0.5]}` is 3), without recursion; stops counting past MAX_CONFIG_DEPTH."""
+    deepest, todo = 0, [(value, 1)]
+    while todo and deepest <= MAX_CONFIG_DEPTH:
+        value, level = todo.pop()
+        deepest = max(deepest, level)
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        todo.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _yaml_loader():
+    """yaml.SafeLoader that refuses nesting deeper than MAX_CONFIG_DEPTH as it composes (before Python's recursion
+    limit, and before an alias is ever expanded: aliases are composed as references to one node)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            try:
+                if self.depth > MAX_CONFIG_DEPTH:
+                    raise _TooDeep
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return Loader
+
+
 def read_config_file(path: str, command: str) -> dict:
-    """The file's keys for `command`: its flat keys, then those of its section `command:` (which win)."""
+    """The file's keys for `command`: its flat keys, then those of its section `command:` (which win). The file is
+    untrusted: its size, its nesting and the values shown in messages are bounded (see _read_config_text, _shown)."""
     import json
-    from pathlib import Path
 
     import yaml
 
+    text = _read_config_text(path)
+    kind = "JSON" if path.endswith(".json") else "YAML"
+    deep = ValueError(f"--config {path}: not valid {kind} (nested too deeply: more than {MAX_CONFIG_DEPTH} levels)")
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--config {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (ValueError, RecursionError, yaml.YAMLError) as e:  # ValueError: also an integer of over 4,300 digits
-        raise ValueError(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'} "
-                         f"({'nested too deeply' if isinstance(e, RecursionError) else e})") from None
+        data = json.loads(text) if kind == "JSON" else yaml.load(text, Loader=_yaml_loader())
+    except (_TooDeep, RecursionError):
+        raise deep from None
+    except (ValueError, yaml.YAMLError) as e:  # ValueError: also an integer of over 4,300 digits
+        raise ValueError(f"--config {path}: not valid {kind} ({_bounded(e)})") from None
+    if kind == "JSON" and _depth(data) > MAX_CONFIG_DEPTH:
+        raise deep
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: must hold a mapping of option names to values")
     sections = {k: v for k, v in data.items() if k in COMMANDS and isinstance(v, dict)}
     return {**{k: v for k, v in data.items() if k not in sections}, **sections.get(command, {})}
+
+
+def _bounded(e: Exception, limit: int = 500) -> str:
+    """A parser's error message, for ours: bounded in length (it may quote the input)."""
+    text = str(e)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _shown(value) -> str:

@@ -1,5 +1,7 @@
 """Config files (docs/HF.md, "Config files"): `--config FILE`, YAML or JSON, its keys as defaults that the flags
-given override; a run's config.json reproduces the run; a bad file exits 2 naming the key and the file."""
+given override; a run's config.json reproduces the run; a bad file exits 2 naming the key and the file. The file is
+untrusted: not a regular file (a FIFO, /dev/zero), too big or nested too deeply, it is refused before or while it
+is parsed, and no message shows more than a bounded part of a value."""
 from __future__ import annotations
 
 import json
@@ -133,7 +135,7 @@ def bomb(levels: int = 9) -> str:
     ("train", "peft_targets: [q_proj, '']\n", ["peft_targets", "item 1, '',"]),
     ("study", "parts: [a, b]\n", ["parts", "not a valid value for --parts"]),
     ("sweep", bomb(), ["taus", "item 0", "not a finite number"]),  # 10^9 numbers by reference
-    ("sweep", "taus: " + "[" * 5000 + "]" * 5000 + "\n", ["not valid YAML (nested too deeply)"]),
+    ("sweep", "taus: " + "[" * 5000 + "]" * 5000 + "\n", ["not valid YAML (nested too deeply"]),
     ("sweep", "taus: [0.5, 1" + "0" * 400 + "]\n", ["taus", "item 1, 1000", "not a finite number"]),  # no float
     ("train", "lr: 1" + "0" * 400 + "\n", ["lr", "not a valid value for --lr"]),
     ("train", "steps: " + "9" * 5000 + "\n", ["not valid YAML", "4300 digits"]),
@@ -144,7 +146,7 @@ def test_a_bad_list_exits_2_naming_the_key_and_the_file(command, text, words, tm
         main([command, "--config", str(tmp_path / "c.yaml")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and str(tmp_path / "c.yaml") in err and all(w in err for w in words), err
-    assert len(err) < 3000  # a huge or deep value is shown shortened
+    assert len(err.partition(" error: ")[2]) < 1000  # a huge or deep value is shown shortened (after the usage)
 
 
 def test_a_deeply_nested_json_list_exits_2(tmp_path, capsys):
@@ -152,7 +154,7 @@ def test_a_deeply_nested_json_list_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["sweep", "--config", str(tmp_path / "c.json")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"--config {tmp_path / 'c.json'}: not valid JSON (nested too deeply)" in err, err
+    assert e.value.code == 2 and f"--config {tmp_path / 'c.json'}: not valid JSON (nested too deeply" in err, err
 
 
 @pytest.mark.parametrize("name", ["c.json", "c.yaml"])
@@ -161,16 +163,16 @@ def test_a_huge_list_is_refused_at_once(name, tmp_path, capsys):
 
     from mft_cache.config import MAX_LIST_ITEMS
 
-    n = 200_000 if name == "c.json" else 5_000  # PyYAML reads ~10^4 numbers a second
+    n = 100_000 if name == "c.json" else 5_000  # PyYAML reads ~10^4 numbers a second
     values = [i / n for i in range(n)]
-    (tmp_path / name).write_text(json.dumps({"taus": values}) if name == "c.json" else
+    (tmp_path / name).write_text(json.dumps({"taus": [0.5] * n}) if name == "c.json" else  # under MAX_CONFIG_BYTES
                                  "taus: [" + ", ".join(map(repr, values)) + "]\n")
     start = time.monotonic()
     with pytest.raises(SystemExit) as e:
         main(["sweep", "--config", str(tmp_path / name)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"taus: a list of {n:,} values; --taus takes at most {MAX_LIST_ITEMS}" in err, err
-    assert str(tmp_path / name) in err and len(err) < 3000
+    assert str(tmp_path / name) in err and len(err.partition(" error: ")[2]) < 1000
     assert time.monotonic() - start < 30
     (tmp_path / name).write_text(json.dumps({"taus": values[:MAX_LIST_ITEMS]}))
     assert len(sweep_values(tmp_path / name)[0]) == MAX_LIST_ITEMS
@@ -180,3 +182,85 @@ def test_a_listed_value_out_of_range_is_refused_as_the_flag_refuses_it(tmp_path,
     (tmp_path / "c.yaml").write_text("taus: [0.5, 2]\nout: " + str(tmp_path / "s") + "\n")
     assert main(["sweep", "--config", str(tmp_path / "c.yaml")]) == 2
     assert "--taus: 2.0 is outside [0, 1]" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+# -- what the file is: a FIFO, a device, a folder, too big, nested too deeply ---------------------------------------
+def _refused(argv: list[str], capsys) -> str:
+    from test_attack_links import no_hang
+
+    with no_hang(), pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and len(err.partition(" error: ")[2]) < 1000, err
+    return err
+
+
+@pytest.mark.parametrize("what", ["fifo", "/dev/zero", "folder"])
+def test_a_config_that_is_not_a_regular_file_is_refused_before_it_is_read(what, tmp_path, capsys, reliability):
+    import os
+
+    path = {"fifo": str(tmp_path / "c.yaml"), "/dev/zero": "/dev/zero", "folder": str(tmp_path)}[what]
+    if what == "fifo":
+        os.mkfifo(path)  # nothing ever writes it: a reader would wait forever
+    err = _refused(["train", "--config", path], capsys)
+    assert f"--config {path}: not a regular file" in err, err
+    reliability("hostile input", f"`mft train --config` naming {'a FIFO' if what == 'fifo' else what}",
+                "exit 2 at once naming the file (\"not a regular file\"); nothing read, no wait")
+
+
+def test_a_config_over_the_size_cap_is_refused_before_it_is_read(tmp_path, capsys, reliability):
+    from mft_cache.config import MAX_CONFIG_BYTES
+
+    path = tmp_path / "c.yaml"
+    with open(path, "wb") as f:  # a sparse file: its size says it all, nothing of it need be read
+        f.truncate(MAX_CONFIG_BYTES + 1)
+    err = _refused(["train", "--config", str(path)], capsys)
+    assert f"--config {path}: {MAX_CONFIG_BYTES + 1:,} bytes; a config file holds at most {MAX_CONFIG_BYTES:,}" in err
+    path.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 - 1) + "steps: 7\n")  # just under the cap: read
+    assert parse(["train", "--config", str(path)]).steps == 7
+    reliability("hostile input", "`--config` of more than 1 MiB (a sparse file of any size)",
+                "exit 2 before reading it, naming the file, its size and the cap")
+
+
+def _nested(kind: str, levels: int) -> str:
+    """A config whose taus value has `levels` levels in all (the mapping and its key's value counted), as JSON, as
+    flow YAML and as block YAML (indentation)."""
+    inner = levels - 2  # the top mapping and the innermost 0.5 are two of them
+    if kind == "json":
+        return '{"taus": ' + "[" * inner + "0.5" + "]" * inner + "}"
+    if kind == "flow":
+        return "taus: " + "[" * inner + "0.5" + "]" * inner + "\n"
+    return "taus:\n" + "".join("  " * i + "- \n" for i in range(1, inner)) + "  " * inner + "- 0.5\n"
+
+
+@pytest.mark.parametrize("kind", ["json", "flow", "block"])
+def test_nesting_is_bounded_while_the_file_is_parsed(kind, tmp_path, capsys, reliability):
+    from mft_cache.config import MAX_CONFIG_DEPTH
+
+    path = tmp_path / ("c.json" if kind == "json" else "c.yaml")
+    path.write_text(_nested(kind, MAX_CONFIG_DEPTH + 1))
+    err = _refused(["sweep", "--config", str(path)], capsys)
+    assert f"nested too deeply: more than {MAX_CONFIG_DEPTH} levels" in err, err
+    path.write_text(_nested(kind, MAX_CONFIG_DEPTH))  # as deep as allowed: parsed, then refused as a value
+    err = _refused(["sweep", "--config", str(path)], capsys)
+    assert "nested too deeply" not in err and "taus: item 0" in err and "not a finite number" in err, err
+    reliability("hostile input", f"`--config` nested {MAX_CONFIG_DEPTH + 1} levels deep ({kind} "
+                f"{'JSON' if kind == 'json' else 'YAML'})", "exit 2 naming the file: \"nested too deeply\", refused "
+                "as it is parsed (no RecursionError); one level less is parsed")
+
+
+@pytest.mark.parametrize("tail, words", [
+    ("train:\n  lr: *a8\n", ["lr", "not a valid value for --lr"]),
+    ("train:\n  peft_targets: *a8\n", ["peft_targets", "item 0"]),
+    ("train:\n  stepz: *a8\n", ["unknown key 'stepz'"]),
+    ("*a8 : 1\n", ["not valid YAML"]),  # a list as a key
+])
+def test_an_alias_bomb_is_never_expanded_into_a_message(tail, words, tmp_path, capsys, reliability):
+    anchors = bomb().partition("sweep:")[0]  # the study section's anchors a0 ... a8
+    (tmp_path / "c.yaml").write_text(anchors + tail)
+    err = _refused(["train", "--config", str(tmp_path / "c.yaml")], capsys)
+    assert str(tmp_path / "c.yaml") in err and all(w in err for w in words), err
+    if "stepz" in tail:
+        reliability("hostile input", "`--config` with a YAML alias bomb (10^9 numbers from a few hundred bytes) "
+                    "under an option, an unknown key or as a key", "exit 2 naming the file and the key; a message "
+                    "of under 1,000 characters, nothing expanded")
