@@ -5,6 +5,8 @@ standard or conversational) and "text"; `detect_format` decides from a row's fie
 and `trained[t]` (whether token t is a trained label; `trained[0]` is always False): with train_on="completion",
 the assistant turns (found by `{% generation %}` markers, else by rendering the conversation prefix by prefix) or
 the completion and its EOS; with "all", every label. docs/CHAT.md states every rule, and what is refused.
+Prefix renders cost time quadratic in a conversation's length: a conversation holds at most MAX_MESSAGES messages,
+and with `max_tokens` (a row's length) one is refused as soon as a prefix outgrows it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ ROW_FORMATS = ("text", "chat", "prompt-completion")
 TRAIN_ON = ("completion", "all")
 ROLES = ("system", "user", "assistant", "tool")  # tool results are context, never trained
 METHODS = ("auto", "markers", "turns")
+MAX_MESSAGES = 1024  # messages in one conversation (a prompt and its completion together); more is refused
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -54,6 +57,7 @@ def _check_messages(messages, where: str, what: str) -> None:
         raise DocumentError(f"{where}: `{what}` holds {type(messages).__name__}, expected a list of messages")
     if not messages:
         raise DocumentError(f"{where}: `{what}` is an empty conversation")
+    _check_count(len(messages), where, f"`{what}` holds")
     for i, m in enumerate(messages):
         at = f"{where}: {what}[{i}]"
         if not isinstance(m, dict):
@@ -66,6 +70,12 @@ def _check_messages(messages, where: str, what: str) -> None:
         if not isinstance(m["content"], str):
             raise DocumentError(f"{at}: `content` holds {type(m['content']).__name__}, expected text (lists of "
                                 "content parts, images and tool calls are not read)")
+
+
+def _check_count(n: int, where: str, holds: str) -> None:
+    if n > MAX_MESSAGES:
+        raise DocumentError(f"{where}: {holds} {n:,} messages; a conversation holds at most {MAX_MESSAGES:,} (split "
+                            "it into shorter ones)")
 
 
 def _has_assistant(messages) -> bool:
@@ -103,6 +113,7 @@ def validate_row(row: dict, fmt: str, where: str = "row", train_on: str = "compl
             raise DocumentError(f"{where}: `completion` is empty (only whitespace)")
         return
     if isinstance(prompt, list) and isinstance(completion, list):
+        _check_count(len(prompt) + len(completion), where, "`prompt` and `completion` hold")
         _check_messages(prompt, where, "prompt")
         _check_messages(completion, where, "completion")
         if train_on == "completion" and not _has_assistant(completion):
@@ -162,14 +173,27 @@ def _not_extending(where: str, i: int, detail: str) -> DocumentError:
         "this; use a template with {% generation %} markers, or train on every token (--train-on all)")
 
 
-def _turn_mask(tokenizer, messages, first: int, where: str) -> tuple[list[int], list[bool]]:
+def _too_long(where: str, what: str, n: int, max_tokens: int, prefix: int | None = None) -> DocumentError:
+    length = f"{n:,} tokens"
+    if prefix is not None:
+        first = "message" if prefix == 1 else f"{prefix:,} messages"
+        length = f"more than {max_tokens:,} tokens (its first {first} alone to {n:,})"
+    return DocumentError(f"{where}: the {what} renders to {length}, more than a row holds (--seq-len {max_tokens}); "
+                         "it is refused, not cut: shorten or drop it, or raise --seq-len")
+
+
+def _turn_mask(tokenizer, messages, first: int, where: str,
+               max_tokens: int | None = None) -> tuple[list[int], list[bool]]:
     """Ids of the whole conversation and the trained labels of its assistant turns from index `first` on,
-    from renders of its prefixes (see the module docstring)."""
+    from renders of its prefixes (see the module docstring); refused as soon as a prefix has more than
+    `max_tokens` tokens."""
     special = _special_ids(tokenizer)
     prev: list[int] = []
     spans = []
     for i, message in enumerate(messages):
         cur = _chat_ids(tokenizer, messages[: i + 1], where)
+        if max_tokens is not None and len(cur) > max_tokens and i + 1 < len(messages):
+            raise _too_long(where, "conversation", len(cur), max_tokens, prefix=i + 1)
         if cur[: len(prev)] != prev:
             raise _not_extending(where, i, f"{len(prev)} tokens before it, of which the first "
                                  f"{_common(prev, cur)} are kept")
@@ -209,7 +233,8 @@ def _marker_mask(tokenizer, messages, first: int, where: str) -> tuple[list[int]
     return ids, trained
 
 
-def _render_chat(tokenizer, messages, first: int, train_on: str, where: str, method: str):
+def _render_chat(tokenizer, messages, first: int, train_on: str, where: str, method: str,
+                 max_tokens: int | None = None):
     if not _template(tokenizer):
         raise DocumentError(f"{where}: the tokenizer has no chat template, which rows with messages need; "
                             "use a chat model's tokenizer or set tokenizer.chat_template")
@@ -222,7 +247,7 @@ def _render_chat(tokenizer, messages, first: int, train_on: str, where: str, met
         if not has_generation_markers(tokenizer):
             raise DocumentError("method='markers' needs a chat template with {% generation %} markers")
         return _marker_mask(tokenizer, messages, first, where)
-    return _turn_mask(tokenizer, messages, first, where)
+    return _turn_mask(tokenizer, messages, first, where, max_tokens)
 
 
 def _render_prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[bool]]:
@@ -236,7 +261,8 @@ def _render_prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[
 
 
 def render(row: dict, tokenizer, fmt: str, train_on: str = "completion", *, where: str = "row",
-           text_field: str = "text", method: str = "auto") -> tuple[list[int], list[bool]]:
+           text_field: str = "text", method: str = "auto",
+           max_tokens: int | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of a row and which of them are trained labels (see the module docstring).
 
     Args:
@@ -248,12 +274,15 @@ def render(row: dict, tokenizer, fmt: str, train_on: str = "completion", *, wher
         text_field: the field of text rows.
         method: how assistant turns are found: "auto" ("markers" where the template has {% generation %}
             markers and the tokenizer is fast, else "turns"), "markers", or "turns".
+        max_tokens: the most tokens a row holds (--seq-len, where documents are packed whole), or None: a row that
+            renders to more is refused, a conversation as soon as a prefix of it does.
     Returns:
         (ids, trained), two lists of the same length; trained[0] is False; with train_on="completion" at least
         one label is trained.
     Raises:
         DocumentError naming `where`: a bad row (validate_row), a template that refuses the conversation or
-        whose prefix renders do not extend each other, a row with no trained label.
+        whose prefix renders do not extend each other, a row of more than `max_tokens` tokens, a row with no trained
+        label.
     """
     if method not in METHODS:
         raise DocumentError(f"method must be one of {METHODS}; got {method!r}")
@@ -265,14 +294,17 @@ def render(row: dict, tokenizer, fmt: str, train_on: str = "completion", *, wher
             ids.append(int(eos))
         trained = [True] * len(ids)
     elif fmt == "chat":
-        ids, trained = _render_chat(tokenizer, row["messages"], 0, train_on, where, method)
+        ids, trained = _render_chat(tokenizer, row["messages"], 0, train_on, where, method, max_tokens)
     elif isinstance(row["prompt"], str):
         ids, trained = _render_prompt_completion(tokenizer, row["prompt"], row["completion"])
         if train_on == "all":
             trained = [True] * len(ids)
     else:
         messages = row["prompt"] + row["completion"]
-        ids, trained = _render_chat(tokenizer, messages, len(row["prompt"]), train_on, where, method)
+        ids, trained = _render_chat(tokenizer, messages, len(row["prompt"]), train_on, where, method, max_tokens)
+    if max_tokens is not None and len(ids) > max_tokens:
+        what = "conversation" if fmt == "chat" else "row" if fmt != "text" else "document"
+        raise _too_long(where, what, len(ids), max_tokens)
     if trained:
         trained[0] = False  # nothing predicts the first token
     if train_on == "completion" and not any(trained):

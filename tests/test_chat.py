@@ -259,3 +259,54 @@ def test_rendered_rows_packed_train_exactly_the_assistant_tokens(tokenizers):
         labels += [int(packed.input_ids[r, t + 1]) for t in range(seq_len - 1) if packed.label_mask[r, t]]
     want = [t for ids, trained in rendered for t, x in zip(ids, trained) if x]
     assert labels == want
+
+
+# -- long conversations: bounded before the quadratic prefix renders --------------------------------------------------
+def _conversation(n: int) -> list[dict]:
+    return [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(n)]
+
+
+@pytest.mark.parametrize("fmt", ["chat", "prompt-completion"])
+def test_a_conversation_of_thousands_of_messages_is_refused_before_it_is_rendered(tokenizers, fmt):
+    messages = _conversation(6000)
+    row = {"messages": messages} if fmt == "chat" else {"prompt": messages[:3000], "completion": messages[3000:]}
+    with pytest.raises(DocumentError, match=f"^{WHERE}: .* 6,000 messages; a conversation holds at most "
+                                            f"{chat.MAX_MESSAGES:,}"):
+        render(row, tokenizers["smollm2"], fmt, where=WHERE, method="turns")
+    messages = _conversation(chat.MAX_MESSAGES)
+    validate_row({"messages": messages}, "chat", WHERE)  # as many as allowed: not refused for its length
+
+
+@pytest.mark.parametrize("method", ["turns", "markers"])
+@pytest.mark.parametrize("train_on", ["completion", "all"])
+def test_a_conversation_longer_than_a_row_is_refused_as_soon_as_a_prefix_is(tokenizers, method, train_on):
+    tok = tokenizers["smollm2-generation"]
+    messages = _conversation(chat.MAX_MESSAGES)
+    fits = render({"messages": messages[:3]}, tok, "chat", train_on, where=WHERE, method=method)
+    row = len(fits[0])  # the first three messages fit, the first four do not
+    calls = []
+    real = tok.apply_chat_template
+    tok.apply_chat_template = lambda m, **kw: calls.append(len(m)) or real(m, **kw)
+    try:
+        with pytest.raises(DocumentError, match=f"^{WHERE}: the conversation renders to (more than {row} tokens "
+                                                rf"\(its first 4 messages alone to [\d,]+\)|[\d,]+ tokens), more "
+                                                rf"than a row holds \(--seq-len {row}\)"):
+            render({"messages": messages}, tok, "chat", train_on, where=WHERE, method=method, max_tokens=row)
+    finally:
+        del tok.apply_chat_template
+    prefixes = method == "turns" and train_on == "completion"
+    assert max(calls) == 4 if prefixes else calls == [chat.MAX_MESSAGES], calls  # no prefix of 5 rendered
+    assert render({"messages": messages[:3]}, tok, "chat", train_on, where=WHERE, method=method,
+                  max_tokens=row) == fits  # a conversation that fits: as without the bound
+
+
+@pytest.mark.parametrize("row, fmt", [({"text": "word " * 200}, "text"),
+                                      ({"prompt": "word " * 100, "completion": " more " * 100}, "prompt-completion")])
+def test_a_text_or_prompt_completion_row_longer_than_max_tokens_is_refused(row, fmt):
+    tok = make_tokenizer(None, bos=False)
+    ids, _ = render(row, tok, fmt, "all")
+    what = "document" if fmt == "text" else "row"
+    with pytest.raises(DocumentError, match=f"^{WHERE}: the {what} renders to {len(ids):,} tokens, more than a row "
+                                            r"holds \(--seq-len 64\)"):
+        render(row, tok, fmt, "all", where=WHERE, max_tokens=64)
+    assert render(row, tok, fmt, "all", max_tokens=len(ids)) == render(row, tok, fmt, "all")
