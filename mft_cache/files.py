@@ -26,9 +26,9 @@ class NotARegularFile(ValueError):
 
     def __init__(self, path: Path, kind: str):
         self.path, self.kind = path, kind
-        super().__init__(f"{path} is {kind}, where mft keeps only regular files and folders of its own; it never "
-                         "reads or writes through one, and nothing was written to it. Remove it, or choose another "
-                         "folder")
+        what = ("a folder, where mft keeps a file" if kind == "a folder" else
+                f"{kind}, not a file or folder mft wrote: mft never reads or writes through one")
+        super().__init__(f"{path} is {what}; nothing was written to it. Remove it, or choose another folder")
 
 
 def check_name(name: str) -> str:
