@@ -292,7 +292,8 @@ def _read_csv(path: Path, pick: _Picker, where: str, cap: int):
                     raise DocumentError(f"{where}: a CSV file cannot hold a list of messages; write chat rows as "
                                         ".jsonl, .json or .parquet")
             if pick.format != "text":
-                cols = pick.columns(header or [], where)
+                cols = pick.columns(header or [], where)  # may decide "text" (then read below, as text)
+            if pick.format != "text":
                 idx = [len(header) - 1 - header[::-1].index(c) for c in cols]
             elif header is None or field not in header:
                 raise DocumentError(f"{where}: no column {field!r} (columns: {header}); choose one with --text-field")
