@@ -219,7 +219,8 @@ def claim_folder(path: Path, kind: str, ours: Callable[[str], bool], proof: Call
     """Lock `path` (created if missing) for one command of `kind` ("sweep", ...) and check that the folder is that
     command's to write: empty, or marked by it (`.mft-<kind>.json`), or holding what `proof(path)` shows an older
     version of it wrote; and holding nothing but names `ours` allows, each a regular file or a folder (never a link,
-    a FIFO or a device). The marker is written once the folder is shown to be ours. Refused otherwise, naming what was found, with nothing written or removed."""
+    a FIFO or a device). The marker is written once the folder is shown to be ours. Refused otherwise, naming what
+    was found, with nothing written or removed."""
     from .folder_lock import FolderLock  # folder_lock opens its lock file through this module
 
     lock = FolderLock.acquire(path, flag)

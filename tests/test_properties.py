@@ -155,8 +155,8 @@ DATA_FILES = st.one_of(
 
 @PROPERTY
 @given(file=DATA_FILES, fmt=st.sampled_from(["auto", "text", "chat", "prompt-completion"]))
-@example(file=(".csv", b""), fmt="auto")  # once a TypeError: an empty CSV's missing header
-@example(file=(".csv", b"a,b\n1,2\n"), fmt="auto")  # once a bare ValueError: no text column
+@example(file=(".csv", b""), fmt="auto")  # no header row: read as text, which has no column
+@example(file=(".csv", b"a,b\n1,2\n"), fmt="auto")  # a header without the text column
 def test_a_data_file_of_any_bytes_gives_documents_or_a_document_error(tmp_path_factory, file, fmt):
     suffix, raw = file
     path = tmp_path_factory.mktemp("data") / f"d{suffix}"
