@@ -81,5 +81,5 @@ def test_mft_loss_is_the_fused_loss_normalised_per_trained_token(cache, llama):
                                       drop_tail=t.drop_tail)
         got = MFTLoss("mft", 0.25, top_k=8, tail=tail, chunk_size=16)(model, batch)
         torch.testing.assert_close(got, s / n)
-    with pytest.raises(ValueError, match="top-k 99"):
+    with pytest.raises(ValueError, match="top_k 99 exceeds the top-k of 16"):
         MFTLoss(top_k=99)(model, batch)

@@ -33,6 +33,8 @@ class StudentLoss(nn.Module):
         super().__init__()
         if impl not in LOSS_IMPLS:
             raise ValueError(f"--loss-impl must be one of {LOSS_IMPLS}; got {impl!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size (--chunk-size) must be an integer >= 1; got {chunk_size!r}")
         self.model, self.chunk_size, self.impl = model, chunk_size, impl
 
     def forward(self, input_ids, length, label_mask, weight=None, topk_ids=None, logprobs=None, label_logprob=None,
