@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .names import REPO_ID_RULE, repo_id_problem, shown
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,12 +47,16 @@ def _local_folder(model_id: str) -> Path | None:
 
 
 def _check_model_source(model_id: str) -> None:
-    """A local path must be a model folder; anything else is taken as a hub id."""
+    """A local path must be a model folder; anything else must be a Hub model id (NAME or OWNER/NAME)."""
     local = _local_folder(model_id)
     if local is None and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or Path(model_id).exists()):
         raise FileNotFoundError(f"--model {model_id}: no such folder")
     if local is not None and not (local / "config.json").exists():
         raise ValueError(f"--model {model_id}: the folder holds no config.json; expected a transformers model folder")
+    problem = repo_id_problem(model_id, owner_optional=True) if local is None else None
+    if problem is not None:
+        raise ValueError(f"--model {shown(model_id)}: neither a local folder nor a Hub model id ({problem}); a Hub "
+                         f"model id is NAME or {REPO_ID_RULE}")
 
 
 def _quiet_transformers() -> None:
@@ -104,6 +110,14 @@ def max_positions(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def check_seq_len(config, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse rows longer than the model's config allows (max_positions), naming `flag`: the model would fail on
+    them, or read positions it was never trained on."""
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"{flag} {seq_len} exceeds the model's maximum of {limit} positions")
 
 
 def backbone_and_head(model: nn.Module):

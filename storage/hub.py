@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mft_cache.names import REPO_ID_RULE, REVISION_RULE, check_repo_id, repo_id_problem, revision_problem, shown
+
 HF_PREFIX = "hf://"
 
 
@@ -18,11 +20,19 @@ def is_hub_ref(source: str) -> bool:
 
 
 def parse_hub_ref(ref: str, flag: str) -> tuple[str, str | None]:
-    """hf://owner/name[@revision] -> (repo id, revision or None)."""
+    """hf://owner/name[@revision] -> (repo id, revision or None); a repo id or a revision the Hub would refuse (a
+    path such as `@../../x` or `@/etc`, a control character) is refused naming `flag`, before anything is asked of
+    the Hub."""
     body = ref[len(HF_PREFIX):]
-    repo, _, revision = body.partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise ValueError(f"{flag} {ref}: a Hub cache is hf://OWNER/NAME or hf://OWNER/NAME@REVISION")
+    repo, at, revision = body.partition("@")
+    form = "a Hub cache is hf://OWNER/NAME or hf://OWNER/NAME@REVISION"
+    problem = repo_id_problem(repo)
+    if problem is not None:
+        raise ValueError(f"{flag} {shown(ref)}: {form} ({problem}); expected {REPO_ID_RULE}")
+    problem = revision_problem(revision) if at else None
+    if problem is not None:
+        raise ValueError(f"{flag} {shown(ref)}: {form}; its REVISION {shown(revision)} is not a revision ({problem}); "
+                         f"expected {REVISION_RULE}")
     return repo, revision or None
 
 
@@ -34,7 +44,9 @@ def hub_offline() -> bool:
 
 
 def check_online(flag: str, target: str) -> None:
-    """Refuse a Hub path up front when offline, before any work is done."""
+    """Refuse a Hub repository up front, before any work is done: an id the Hub would refuse, or the Hub switched
+    off here."""
+    check_repo_id(target, flag)
     if hub_offline():
         raise ValueError(f"{flag} {target}: the Hugging Face Hub is switched off here (HF_HUB_OFFLINE is set); "
                          f"unset HF_HUB_OFFLINE and check the network, or leave out {flag}")

@@ -4,12 +4,17 @@ tracker API (Accelerator(log_with=...), init_trackers, log, end_training); metri
 TensorBoard's event files go to `<logging dir>/<run name>/`: `--out/tensorboard/<run name>/` for `mft train`, and
 `<sweep --out>/tensorboard/<run>/` for every run of `mft sweep`, so `tensorboard --logdir` on that folder overlays
 them. W&B and MLflow read their own settings (WANDB_*, MLFLOW_TRACKING_URI); the project (W&B project, MLflow
-experiment) is "mft-cache", or the sweep's folder name, and the run name is --run-name."""
+experiment) is "mft-cache", or the sweep's folder name, and the run name is --run-name.
+
+A run name is a name, never a path: --run-name is checked against mft_cache.names' pattern (no '/', no '..'), and
+the default, --out's folder name, is made into one."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from mft_cache.names import check_run_name, safe_run_name
 
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -25,7 +30,11 @@ class Tracking:
 
 
 def tracking_of(out: Path, run_name: str, logging_dir: Path | None = None, project: str = "mft-cache") -> Tracking:
-    return Tracking(logging_dir or out / "tensorboard", project, run_name or out.name)
+    """The trackers' folder, project and run name: `run_name` (refused unless a plain name: TensorBoard writes to
+    logging_dir / run_name), or --out's folder name made into one."""
+    if run_name:
+        check_run_name(run_name)
+    return Tracking(logging_dir or out / "tensorboard", project, run_name or safe_run_name(out.name))
 
 
 def _available(name: str) -> bool:
