@@ -9,14 +9,17 @@ from .data import PackedRows
 
 
 @torch.no_grad()
-def evaluate_perplexity(loss_module, rows: PackedRows, batch_size: int, accelerator) -> float:
-    """exp(mean next-token NLL) over every trained position of `rows` (see evaluate_perplexity_se)."""
+def evaluate_perplexity(loss_module, rows: PackedRows, batch_size: int, accelerator) -> float | None:
+    """exp(mean next-token NLL) over every trained position of `rows`; None when it holds none (see
+    evaluate_perplexity_se)."""
     return evaluate_perplexity_se(loss_module, rows, batch_size, accelerator)[0]
 
 
 @torch.no_grad()
-def evaluate_perplexity_se(loss_module, rows: PackedRows, batch_size: int, accelerator) -> tuple[float, float | None]:
-    """(perplexity, its standard error over sequences) of `rows`, split across processes.
+def evaluate_perplexity_se(loss_module, rows: PackedRows, batch_size: int,
+                           accelerator) -> tuple[float | None, float | None]:
+    """(perplexity, its standard error over sequences) of `rows`, split across processes; (None, None) when `rows`
+    hold no trained position.
 
     Perplexity is exp(mean next-token NLL) over every trained position. Process r takes rows r, r+P, r+2P, ...;
     every process runs the same number of forward passes (a process short of rows runs one on a row cut to a
@@ -53,16 +56,19 @@ def sequence_moments(nll: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.stack([live.sum().to(x.dtype), x.sum(), n.sum(), (x * x).sum(), (x * n).sum(), (n * n).sum()])
 
 
-def perplexity_se(moments: torch.Tensor) -> tuple[float, float | None]:
+def perplexity_se(moments: torch.Tensor) -> tuple[float | None, float | None]:
     """(exp(R), its standard error) where R = Σx_i / Σn_i is the mean NLL per token over m sequences.
 
     The standard error treats sequences as the sampled units (tokens of one sequence are not independent): R is a
     ratio estimator, whose variance is Σ(x_i - R·n_i)² / (m (m-1) n̄²) with n̄ = Σn_i / m; by the delta method
     se(exp R) = exp(R)·se(R). With sequences of equal length it is exp(R)·std(x_i/n_i)/√m, the standard error of the
-    mean per-sequence NLL. None for fewer than 2 sequences; perplexity 1 (NLL 0) when nothing was evaluated.
+    mean per-sequence NLL. The standard error is None for fewer than 2 sequences; both are None when no token was
+    evaluated (the mean of nothing is no number: not NLL 0, perplexity 1).
     """
     m, sx, sn, sxx, sxn, snn = moments.double().tolist()
-    r = sx / max(sn, 1.0)
+    if sn <= 0:
+        return None, None
+    r = sx / sn
     ppl = math.exp(r)
     if m < 2:
         return ppl, None
@@ -71,13 +77,17 @@ def perplexity_se(moments: torch.Tensor) -> tuple[float, float | None]:
     return ppl, ppl * se_r
 
 
-def specialization(base: float, now: float) -> float:
-    """S: relative drop of specialized-domain perplexity from the start (higher is better)."""
+def specialization(base: float | None, now: float | None) -> float | None:
+    """S: relative drop of specialized-domain perplexity from the start (higher is better); None without both."""
+    if base is None or now is None:
+        return None
     return (base - now) / base
 
 
-def degeneralization(base: float, now: float) -> float:
-    """DG: relative rise of general-domain perplexity from the start (lower is better)."""
+def degeneralization(base: float | None, now: float | None) -> float | None:
+    """DG: relative rise of general-domain perplexity from the start (lower is better); None without both."""
+    if base is None or now is None:
+        return None
     return (now - base) / base
 
 
