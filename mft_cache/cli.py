@@ -8,7 +8,8 @@ import os
 import sys
 
 from . import interrupts
-from .config import add_arguments, add_config_argument, config_defaults, from_namespace, set_command_line
+from .config import (add_arguments, add_config_argument, config_defaults, from_namespace, read_config_file,
+                     set_command_line)
 
 
 # what `mft plan` (and `mft train --plan`) prints
@@ -82,19 +83,39 @@ def _config_ignored(command: str) -> tuple:
     return RESOLVED_KEYS
 
 
+def recorded_cache(path: str, command: str) -> str | None:
+    """The cache_manifest_sha256 a run's config.json recorded, when `mft train --config` reads one (reproducing that
+    run: another cache is refused unless --allow-changed-cache); None for any other file, or a run without a cache."""
+    if command != "train":
+        return None
+    recorded = read_config_file(path, command).get("cache_manifest_sha256")
+    if recorded is None:
+        return None
+    if not (isinstance(recorded, str) and len(recorded) == 64 and all(c in "0123456789abcdef" for c in recorded)):
+        raise ValueError(f"--config {path}: cache_manifest_sha256 must be a sha256 (64 lowercase hex digits); got "
+                         f"{str(recorded)[:80]!r}")
+    return recorded
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; with --config FILE, the file's values are the defaults and the flags given win.
-    A bad file exits 2 naming it (and the key)."""
+    A bad file exits 2 naming it (and the key). `recorded_cache`: what recorded_cache found in the file."""
     parser, with_config = _parser()
     args = parser.parse_args(argv)
+    recorded = None
     if getattr(args, "config", None):
         sub = with_config[args.command]
         try:
-            sub.set_defaults(**config_defaults(sub, args.config, args.command, _config_ignored(args.command),
-                                               section=CONFIG_SECTION.get(args.command)))
+            defaults = config_defaults(sub, args.config, args.command, _config_ignored(args.command),
+                                       section=CONFIG_SECTION.get(args.command))
+            recorded = recorded_cache(args.config, args.command)
         except ValueError as e:
             sub.error(str(e))  # exits 2
+        if recorded is not None:  # --allow-changed-cache comes from this command line, never from the record
+            defaults["allow_changed_cache"] = False
+        sub.set_defaults(**defaults)
         args = parser.parse_args(argv)
+    args.recorded_cache = recorded
     return args
 
 
@@ -133,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
             from mft_cache.trainer.config import TrainConfig
             from mft_cache.trainer.train import train
 
-            train(from_namespace(TrainConfig, args))
+            train(from_namespace(TrainConfig, args), recorded_cache=args.recorded_cache)
         elif args.command == "sweep":
             from mft_cache.trainer.config import SweepConfig, TrainConfig
             from mft_cache.trainer.sweep import sweep

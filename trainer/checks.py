@@ -60,6 +60,22 @@ def check_teacher_revision(manifest: Manifest, model_id: str, allow_different: b
                 "teacher's cached targets (same tokenizer and vocabulary)", model_id, manifest.model.id)
 
 
+def check_cache_unchanged(manifest: Manifest, cache: str, recorded: str, allow_changed: bool) -> None:
+    """Reproducing a run: the cache must be the one that run trained on (`recorded`, its config.json's
+    cache_manifest_sha256), compared by content (the manifest's sha256, which covers every shard's sha256), unless
+    --allow-changed-cache."""
+    now = manifest.manifest_sha256
+    if now == recorded:
+        return
+    if not allow_changed:
+        raise ValueError(f"--cache {cache}: its manifest sha256 is {now}, but the run being reproduced (--config) "
+                         f"trained on a cache with manifest sha256 {recorded}: the cache was rebuilt or replaced "
+                         "since. Point --cache at the cache that run used, or pass --allow-changed-cache to train on "
+                         "this one")
+    log.warning("--allow-changed-cache: the cache %s (manifest sha256 %s) is not the one the run being reproduced "
+                "trained on (%s); the results may differ from that run's", cache, now, recorded)
+
+
 def cache_row_spec(manifest: Manifest, cfg) -> RowSpec:
     """How the cache's rows were made (its data format, what is trained, its packing); --data-format, --train-on and
     --packing, where given, must agree: a student run that would render or mask otherwise is refused."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from mft_cache.allocator import ALLOCATORS
 from mft_cache.config import MAX_LIST_ITEMS, check_finite, opt
+from mft_cache.names import check_repo_id, check_run_name
 from mft_cache.rows.chat import TRAIN_ON
 from mft_cache.rows.documents import DATA_FORMATS
 from mft_cache.rows.spec import PACKINGS
@@ -15,6 +16,13 @@ from .loss import LOSS_IMPLS
 from .optim import OPTIMIZERS
 from .targets import OBJECTIVES, TAIL_MODES
 from .tracking import REPORT_TO
+
+# the largest value each size option takes: far beyond any real run, and small enough that the step's row list and
+# a micro-batch are made in a moment (a larger value would spend minutes before a MemoryError)
+MAX_SIZES = {"batch_size": 65_536, "eval_batch_size": 65_536, "grad_accum": 65_536, "chunk_size": 1 << 24,
+             "lora_rank": 65_536, "seq_len": 1 << 20}
+MAX_GLOBAL_BATCH = 1 << 20  # sequences per optimiser step of one process: --batch-size x --grad-accum
+MAX_SEED = (1 << 32) - 1  # numpy's seeds end there
 
 
 # the keys config.json holds besides TrainConfig's own: what the run resolved (written, never read back as options;
@@ -31,6 +39,10 @@ class TrainConfig:
                      group="data")
     data: str = opt("", "the finetuning documents: required with --teacher online; with a cache, optional and "
                     "checked against the documents the cache was made from", group="data")
+    allow_changed_cache: bool = opt(False, "reproducing a run (`--config RUN/config.json`): train on a --cache whose "
+                                    "manifest sha256 differs from the cache_manifest_sha256 that run recorded (a "
+                                    "cache rebuilt or replaced since), with a warning, instead of refusing it",
+                                    group="data")
     text_field: str = opt("text", "field holding the text in --data / --eval-* files", group="data")
     data_format: str = opt("auto", "rows of --data with --teacher online: text, chat or prompt-completion (auto: from "
                            "the first row's fields; --eval-* and --replay files are always read so); with a cache, "
@@ -141,6 +153,15 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "eval_max_sequences", "seq_len", "top_k", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        for name, most in MAX_SIZES.items():
+            if getattr(self, name) > most:
+                raise ValueError(f"--{name.replace('_', '-')} must be at most {most:,}; got {getattr(self, name):,}")
+        if self.batch_size * self.grad_accum > MAX_GLOBAL_BATCH:
+            raise ValueError(f"--batch-size {self.batch_size:,} x --grad-accum {self.grad_accum:,} is "
+                             f"{self.batch_size * self.grad_accum:,} sequences per step; at most {MAX_GLOBAL_BATCH:,}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be in [0, {MAX_SEED}]; got {self.seed}")
+        self._check_names()
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive; got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -165,6 +186,19 @@ class TrainConfig:
         if self.teacher == "online" and (self.top_k or self.tail != "bucket"):
             raise ValueError("--top-k and --tail choose how a cache is read; --teacher online uses the full distribution")
         check_finite(self)  # last: the range checks above say more, where they apply
+
+    def _check_names(self) -> None:
+        """The strings passed on as names (a tracker's run name, Hub repositories and revisions), refused naming
+        the flag before any work."""
+        from mft_cache.storage.hub import is_hub_ref, parse_hub_ref
+
+        if self.run_name:
+            check_run_name(self.run_name)
+        if self.push_to_hub:
+            check_repo_id(self.push_to_hub, "--push-to-hub")
+        for flag, value in (("--cache", self.cache), ("--replay", self.replay)):
+            if is_hub_ref(value):
+                parse_hub_ref(value, flag)
 
 
 def _parse_list(flag: str, text: str, kind) -> list:

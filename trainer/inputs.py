@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mft_cache.models import check_seq_len, load_config
 from mft_cache.rows import RowSpec, build_rows, resolve_spec, spec_for
 from mft_cache.storage import Manifest, open_cache
 from mft_cache.storage.hub import download_cache, is_hub_ref
 
-from .checks import check_data, check_replay_cache, cache_row_spec
+from .checks import cache_row_spec, check_data, check_replay_cache
 from .config import TrainConfig
 from .data import CacheRows, PackedRows
 from .targets import check_top_k
@@ -36,6 +37,9 @@ def online_spec(cfg: TrainConfig, seq_len: int) -> RowSpec:
 def open_training_rows(cfg: TrainConfig) -> TrainingRows:
     if cfg.teacher == "online":
         seq_len = cfg.seq_len or DEFAULT_SEQ_LEN
+        # the model's config alone (no weights): rows longer than it allows are refused as `mft cache` refuses them
+        check_seq_len(load_config(cfg.model, cfg.trust_remote_code), seq_len,
+                      "--seq-len" if cfg.seq_len else "--seq-len (default with --teacher online)")
         return TrainingRows(None, None, cfg.model, seq_len, online_spec(cfg, seq_len))
     # validated; shards checksummed on first read (all of them at once after a download from the Hub)
     cache = open_cache(download_cache(cfg.cache) if is_hub_ref(cfg.cache) else cfg.cache)
@@ -81,8 +85,9 @@ def follow(run: RowSpec | None, cfg: TrainConfig, seq_len: int):
 
 
 def open_replay(cfg: TrainConfig, manifest: dict | None, tokenizer, seq_len: int):
-    """--replay: a cache of general-domain rows made by the same teacher, or raw documents (ft, online)."""
-    source = Path(cfg.replay)
+    """--replay: a cache of general-domain rows made by the same teacher (a folder, or hf://OWNER/NAME[@REVISION]
+    on the Hub), or raw documents (ft, online)."""
+    source = download_cache(cfg.replay, "--replay") if is_hub_ref(cfg.replay) else Path(cfg.replay)
     if (source / "manifest.json").exists():
         replay = open_cache(source)
         if manifest is not None:
@@ -107,5 +112,9 @@ def open_eval_sets(cfg: TrainConfig, tokenizer, seq_len: int, spec: RowSpec | No
         if path:
             packed = _rows(cfg, path, tokenizer, seq_len, f"--eval-{name}", follow(spec, cfg, seq_len))
             packed.truncate(cfg.eval_max_sequences or packed.num_sequences)
+            if packed.num_predictions == 0:  # its perplexity would be exp(0 / 0): no number, not 1
+                raise ValueError(f"--eval-{name} {path}: its rows hold no position to evaluate (no trained next-token "
+                                 "label), so it has no perplexity; give documents (or completions) of at least 2 "
+                                 "tokens, or leave the flag out")
             sets[name] = PackedRows(packed)
     return sets

@@ -33,6 +33,7 @@ import torch
 
 from mft_cache.config import flag
 
+from .config import MAX_SIZES
 from .optim import state_bytes
 
 MB = 2**20
@@ -380,8 +381,8 @@ def _changes(cfg, device: str = "cpu") -> list[dict]:
         out.append({"cpu_allocator": "lean"})
     if not cfg.gradient_checkpointing:
         out.append({"gradient_checkpointing": True})
-    if cfg.batch_size > 1:
-        b = max(1, cfg.batch_size // 2)
+    b = max(1, cfg.batch_size // 2)
+    if cfg.batch_size > 1 and cfg.grad_accum * cfg.batch_size // b <= MAX_SIZES["grad_accum"]:
         out.append({"batch_size": b, "grad_accum": cfg.grad_accum * cfg.batch_size // b})
     if cfg.optimizer in ("adamw", "sgd"):
         out.append({"optimizer": "adafactor"})

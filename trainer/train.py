@@ -41,7 +41,7 @@ from mft_cache.files import write_json_atomic
 from .adapters import add_adapter
 from .card import write_model_card
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint, save_pretrained
-from .checks import check_student, check_teacher_revision
+from .checks import check_cache_unchanged, check_student, check_teacher_revision
 from .config import TrainConfig
 from .data import MixedRows, Prefetcher, micro_batches, mixed_step_rows, step_rows
 from .evaluate import degeneralization, evaluate_perplexity_se, ratio, specialization
@@ -135,9 +135,10 @@ def claim_run_folder(held: contextlib.ExitStack, out: Path, resolved: dict, cfg:
     return prepare_run_folder(out, resolved, cfg)
 
 
-def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | None = None) -> Run | dict:
+def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | None = None,
+           recorded_cache: str | None = None) -> Run | dict:
     """The run, ready for its first (or resumed) step; or the summary of a run that is already finished.
-    The first process's lock on --out joins `held`."""
+    The first process's lock on --out joins `held`. recorded_cache: see train."""
     from accelerate.utils import set_seed
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
@@ -150,6 +151,8 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | No
     if not accelerator.is_main_process:  # one log, from the first process
         logging.getLogger("mft_cache").setLevel(logging.WARNING)
     training = open_training_rows(cfg)
+    if recorded_cache and training.manifest is not None:
+        check_cache_unchanged(training.manifest, cfg.cache, recorded_cache, cfg.allow_changed_cache)
     num_processes = accelerator.num_processes
     global_batch = cfg.batch_size * cfg.grad_accum * num_processes
     m = training.manifest
@@ -302,6 +305,9 @@ def evaluate(run: Run, state: TrainState) -> dict:
     record = {"step": state.step, "tokens": state.tokens}
     for name, rows in run.eval_sets.items():
         ppl, se = evaluate_perplexity_se(run.module, rows, run.cfg.eval_batch_size, run.accelerator)
+        if ppl is None:  # open_eval_sets refuses such a set: a set that holds none here is recorded as null
+            log.warning("--eval-%s: no trained position was evaluated at step %d; its perplexity is recorded as "
+                        "null", name, state.step)
         record[f"ppl_{name}"], record[f"ppl_{name}_se"] = ppl, se
     return score(record, state)
 
@@ -333,7 +339,8 @@ def after_step(run: Run, state: TrainState, metrics: Metrics, bar) -> None:
         emit(run, metrics, {"type": "eval", **ev})
         if main:
             bar.write(" | ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float)))
-        if "ppl_specialized" in ev and (state.best is None or ev["ppl_specialized"] < state.best["ppl_specialized"]):
+        if ev.get("ppl_specialized") is not None and (state.best is None
+                                                      or ev["ppl_specialized"] < state.best["ppl_specialized"]):
             state.best = ev
             save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "best", cfg.merge_adapter,
                             card_writer(run, ev, state))
@@ -435,14 +442,17 @@ def finish(run: Run, state: TrainState, metrics: Metrics, wall_time: Callable[[]
     return summary
 
 
-def train(cfg: TrainConfig, tracking: Tracking | None = None, base_eval: dict | None = None) -> dict:
+def train(cfg: TrainConfig, tracking: Tracking | None = None, base_eval: dict | None = None,
+          recorded_cache: str | None = None) -> dict:
     """One run. `tracking`: the trackers' logging folder, project and run name (default: --out/tensorboard,
     "mft-cache", --run-name or --out's folder name; `mft sweep` passes one folder for all its runs). base_eval: the
-    step-0 evaluation record of an earlier run with the same student, evaluation sets and options (see loop)."""
+    step-0 evaluation record of an earlier run with the same student, evaluation sets and options (see loop).
+    recorded_cache: the cache_manifest_sha256 of the run this one reproduces (`--config RUN/config.json`): another
+    cache is refused unless --allow-changed-cache."""
     if cfg.push_to_hub:
         check_online("--push-to-hub", cfg.push_to_hub)  # before training, not after it
     with contextlib.ExitStack() as held:  # the lock on --out, until the run ends or stops
-        run = set_up(cfg, held, tracking)
+        run = set_up(cfg, held, tracking, recorded_cache)
         if isinstance(run, dict):  # already finished: --push-to-hub still pushes it (a retry of a failed upload)
             summary = run
         else:
