@@ -108,7 +108,8 @@ study: setup $(call assets_for,MODEL DATA)
 # The reliability suite and its table: faults injected, inputs tried, outcomes checked.
 RELIABILITY_TESTS ?= tests/test_faults_cache.py tests/test_faults_train.py tests/test_attack_cache_files.py \
 	tests/test_attack_documents.py tests/test_attack_flags.py tests/test_attack_model_folders.py \
-	tests/test_attack_out_folders.py tests/test_attack_links.py tests/test_attack_checkpoints.py tests/test_train.py
+	tests/test_attack_out_folders.py tests/test_attack_links.py tests/test_attack_checkpoints.py \
+	tests/test_attack_names.py tests/test_attack_bounds.py tests/test_train.py
 reliability: setup
 	$(BIN)/pytest -q $(RELIABILITY_TESTS) --reliability-report RELIABILITY.md
 

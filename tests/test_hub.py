@@ -71,6 +71,19 @@ def test_a_hub_cache_is_downloaded_and_every_shard_verified(cache, tmp_path, cap
     assert "shard-00000" in capsys.readouterr().err and not (tmp_path / "bad" / "config.json").exists()
 
 
+def test_a_hub_replay_cache_is_downloaded_and_verified(cache, tmp_path, monkeypatch):
+    """--replay takes hf://OWNER/NAME@REVISION as --cache does: downloaded (snapshot_download stands in for the Hub),
+    every shard verified, then checked against the main cache (same teacher and seq len)."""
+    copy = tmp_path / "replay"
+    shutil.copytree(cache, copy)
+    calls = []
+    fake_download(monkeypatch, copy, calls)
+    out = tmp_path / "r"
+    assert main(["train", "--cache", str(cache), "--replay", "hf://me/replay@v2", "--steps", "1", "--batch-size", "2",
+                 "--save-every", "0", "--out", str(out)]) == 0
+    assert calls == [("me/replay", "dataset", "v2")] and config_json(out)["replay"] == "hf://me/replay@v2"
+
+
 class FakeApi:
     """huggingface_hub.HfApi, recording what would be uploaded."""
     uploads: list = []
