@@ -93,28 +93,25 @@ def run(spec: dict) -> dict:
                 times[name] += t2 - t
             t = t2
 
-        parts = {f.name: [] for f in schema if f.name not in ("input_ids", "length")}
+        parts = {f.name: [] for f in schema if f.per_position}
         t0 = now()
         for ids, lengths, trained in batches:
             lap(None)  # restarts the clock
-            b, T = ids.shape
-            positions = torch.arange(T, device=device)
+            positions = torch.arange(ids.shape[1], device=device)
             attention = (positions[None, :] < lengths[:, None]).long()
             h = hidden_states(backbone, ids, attention)[:, :-1]
             lap("forward")
-            lp, top, label_lp = topk_logprobs(h.reshape(b * (T - 1), -1), ids[:, 1:].reshape(-1), head, cfg.top_k, chunk)
-            valid = trained.reshape(-1)
-            lp, top = torch.where(valid[:, None], lp, 0.0), torch.where(valid[:, None], top, 0)
-            label_lp = torch.where(valid, label_lp, 0.0)
+            lp, top, label_lp = topk_logprobs(h[trained], ids[:, 1:][trained], head, cfg.top_k, chunk)  # (N, ...)
             lap("head")
-            lp, top, label_lp = lp.view(b, T - 1, -1).cpu(), top.view(b, T - 1, -1).cpu(), label_lp.view(b, T - 1).cpu()
+            lp, top, label_lp = lp.cpu(), top.cpu(), label_lp.cpu()
             lap("d2h")
             parts["topk_ids"].append(top.numpy().astype(id_np))
             for name, a in encode_logprobs(lp.numpy(), cfg.logprob_dtype).items():
                 parts[name].append(a)
             parts["label_logprob"].append(label_lp.numpy())
             lap("encode")
-        out = {"input_ids": ids_all.astype(id_np), "length": lengths_all.astype(np.int32)}
+        out = {"input_ids": ids_all.astype(id_np), "length": lengths_all.astype(np.int32),
+               "label_mask": trained_all.astype(np.uint8)}
         out.update({k: np.concatenate(v) for k, v in parts.items()})
         folder = work / "split"
         shutil.rmtree(folder, ignore_errors=True)

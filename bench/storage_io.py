@@ -52,7 +52,8 @@ def teacher_outputs(spec: dict) -> dict:
         parts["topk_logprobs"].append(lp.cpu().numpy())
         parts["label_logprob"].append(label_lp.cpu().numpy())
     out = {k: np.concatenate(v) for k, v in parts.items()}
-    return {"input_ids": ids, "length": lengths.astype(np.int32), **out, "vocab_size": vocab,
+    return {"input_ids": ids, "length": lengths.astype(np.int32), "label_mask": trained.astype(np.uint8), **out,
+            "vocab_size": vocab,
             "tokens": int(trained.sum()), "packing": packing_description(packed.bos_id),
             "doc_offsets": packed.doc_offsets}
 
@@ -76,6 +77,7 @@ def run(spec: dict) -> dict:
         schema = cache_schema(vocab_size=vocab, top_k=k, seq_len=seq_len, logprob_dtype=dt)
         dtypes = {f.name: f.dtype for f in schema}
         arrays = {"input_ids": t["input_ids"].astype(dtypes["input_ids"]), "length": t["length"],
+                  "label_mask": t["label_mask"],
                   "topk_ids": np.ascontiguousarray(t["topk_ids"][..., :k]).astype(dtypes["topk_ids"]),
                   **encode_logprobs(np.ascontiguousarray(t["topk_logprobs"][..., :k]), dt),
                   "label_logprob": t["label_logprob"]}

@@ -34,7 +34,7 @@ from mft_cache.folder_lock import FolderLock
 from mft_cache.models import (backbone_and_head, check_head, describe_model, load_config, load_model, load_tokenizer,
                               max_positions, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
                               weights_fingerprint)
-from mft_cache.masks import BOS_PER_ROW, CONCAT, label_mask
+from mft_cache.masks import BOS_PER_ROW, CONCAT
 from mft_cache.rows import DATA_FORMATS, PACKINGS, DocumentStream, RowSpec, bos_rule, data_fingerprint, spec_for
 from mft_cache.rows.chat import TRAIN_ON, template_fingerprint
 from mft_cache.rows.ingest import FILES as INGEST_FILES
@@ -220,7 +220,7 @@ def open_job(cfg: CacheConfig) -> CacheJob:
     vocab = model_vocab(cfg)
     spec = row_spec(cfg)
     schema = cache_schema(vocab_size=vocab, top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype,
-                          layout=spec.layout)
+                          segments=spec.packing == "document")
     rows_options = ("data_format", "prompt_field", "completion_field", "train_on", "packing")  # recorded as resolved
     identity = {k: v for k, v in to_dict(cfg).items()
                 if k not in ("out", "overwrite", "device", "dtype", "push_to_hub", *rows_options)}
@@ -247,9 +247,9 @@ def row_spec(cfg: CacheConfig) -> RowSpec:
 
 
 def rows_identity(cfg: CacheConfig, spec: RowSpec, tokenizer) -> dict:
-    """The identity's keys for rows other than plain text concatenated (the "trained" layout): how they are made,
-    and the chat template that rendered them."""
-    if spec.layout == "dense":
+    """The identity's keys for rows other than plain text concatenated: how they are made, and the chat template that
+    rendered them."""
+    if spec.streamed_text:
         return {}
     out = {"packing": spec.packing, "data_format": spec.format, "train_on": spec.train_on}
     if spec.format != "text":
@@ -298,24 +298,20 @@ def teach_shards(job: CacheJob) -> None:
 
 def teach_shard(job: CacheJob, i: int, backbone, head, bar) -> dict[str, np.ndarray]:
     """The stored fields of shard i: its rows and the teacher's values for them, encoded (a dtype cast, or q8) a batch
-    at a time into arrays of the shard's size, so that a shard is held once, in its stored dtypes; in the "trained"
-    layout, at the trained positions only, and with documents packed whole, each document seen alone."""
+    at a time into arrays of the shard's size, so that a shard is held once, in its stored dtypes; at the trained
+    positions only, and with documents packed whole, each document seen alone."""
     cfg, device = job.cfg, job.device
     rows = job.shard_rows(i)
     input_ids, lengths_np = job.rows.read(rows.start, rows.stop)  # from the ingested rows on disk
     id_np = np.dtype(job.schema[0].dtype)
     out = {"input_ids": input_ids.astype(id_np), "length": lengths_np}
-    compact = job.rows.layout == "trained"
-    segments = None
-    if compact:
-        segments, trained = job.rows.read_packing(rows.start, rows.stop)
-        seg_np = next(f.dtype for f in job.schema if f.name == "segment_ids")
-        out.update(segment_ids=segments.astype(seg_np), label_mask=trained.astype(np.uint8))
-        starts = np.concatenate(([0], np.cumsum(trained.sum(axis=1)))).astype(np.int64)  # each row's first position
-        size, where = int(starts[-1]), (lambda b, e: slice(starts[b], starts[e]))
-    else:
-        trained = label_mask(input_ids, lengths_np, job.rows.bos_id)
-        size, where = len(rows), (lambda b, e: slice(b, e))
+    trained = job.rows.trained(rows.start, rows.stop)  # (n, T-1) bool
+    segments = job.rows.segment_ids(rows.start, rows.stop)  # (n, T), documents packed whole only
+    if segments is not None:
+        out["segment_ids"] = segments.astype(next(f.dtype for f in job.schema if f.name == "segment_ids"))
+    out["label_mask"] = trained.astype(np.uint8)
+    starts = np.concatenate(([0], np.cumsum(trained.sum(axis=1)))).astype(np.int64)  # each row's first position
+    size = int(starts[-1])
     chunk = cfg.chunk_tokens or auto_chunk_tokens(vocab_size_of(job.model))
     inflight = None  # the previous batch's device-to-host copy (overlapping this batch's compute) and its rows
 
@@ -326,7 +322,7 @@ def teach_shard(job: CacheJob, i: int, backbone, head, bar) -> dict[str, np.ndar
         for name, values in encoded.items():
             if name not in out:
                 out[name] = np.empty((size, *values.shape[1:]), dtype=values.dtype)
-            out[name][where(b, e)] = values
+            out[name][starts[b]:starts[e]] = values
         bar.update(copy.tokens)
 
     for b in range(0, len(rows), cfg.batch_size):
@@ -335,10 +331,10 @@ def teach_shard(job: CacheJob, i: int, backbone, head, bar) -> dict[str, np.ndar
         lengths = torch.as_tensor(lengths_np[b:e], device=device, dtype=torch.long)
         valid = torch.as_tensor(trained[b:e], device=device)
         kwargs = None
-        if job.spec.packing == "document":  # the teacher sees each document alone, as the student will
+        if segments is not None:  # the teacher sees each document alone, as the student will
             kwargs = packed_forward_kwargs(job.model, torch.as_tensor(segments[b:e], device=device))
         lp, top_ids, label_lp = teach_batch(backbone, head, ids, lengths, cfg.top_k, chunk, valid,
-                                            forward_kwargs=kwargs, compact=compact)
+                                            forward_kwargs=kwargs)
         copy = HostCopy((top_ids, lp, label_lp), int(trained[b:e].sum()))
         if inflight is not None:
             collect(*inflight)
@@ -367,10 +363,9 @@ def metadata(job: CacheJob) -> CacheMetadata:
     data = {"source": cfg.data, "text_field": cfg.text_field, "split": cfg.split,
             "fingerprint": rows.info["fingerprint"], "num_documents": rows.info["num_documents"],
             "num_empty_skipped": rows.info["num_empty"], "documents_note": documents_note(spec)}
-    if spec.layout == "trained":
-        data.update(format=spec.format, train_on=spec.train_on)
-        data.update({k: v for k, v in job.identity.items()
-                     if k in ("chat_template_fingerprint", "prompt_field", "completion_field")})
+    data.update(format=spec.format, train_on=spec.train_on)
+    data.update({k: v for k, v in job.identity.items()
+                 if k in ("chat_template_fingerprint", "prompt_field", "completion_field")})
     return CacheMetadata(
         model={**describe_model(cfg.model, job.model, job.identity["weights_fingerprint"]),
                "dtype": str(job.dtype).removeprefix("torch.")},

@@ -7,7 +7,6 @@ import math
 import numpy as np
 
 from mft_cache.storage import open_cache
-from mft_cache.masks import label_mask
 
 
 def cache_stats(folder, verify: bool = False) -> dict:
@@ -19,8 +18,7 @@ def cache_stats(folder, verify: bool = False) -> dict:
     n = correct = bos_rows = 0
     label_lp_sum = tail_sum = 0.0
     for arrays in cache.iter_shards():  # encoded log-probs come decoded: the values the trainer sees
-        valid = arrays["label_mask"] if "label_mask" in arrays else \
-            label_mask(arrays["input_ids"], arrays["length"], m.bos_id)  # (R, T-1) trained positions
+        valid = arrays["label_mask"]  # (R, T-1) trained positions
         labels = arrays["input_ids"][:, 1:].astype(np.int64)
         top_ids = arrays["topk_ids"].astype(np.int64)
         top_p = np.exp(arrays["topk_logprobs"].astype(np.float64))

@@ -43,27 +43,19 @@ def topk_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head, k: int, chun
 
 @torch.no_grad()
 def teach_batch(backbone, head, input_ids: torch.Tensor, lengths: torch.Tensor, k: int, chunk_tokens: int,
-                valid: torch.Tensor, forward_kwargs: dict | None = None, compact: bool = False):
-    """One batch of packed rows (B, T) -> per-position arrays of shape (B, T-1, ...), zero where `valid`
-    (B, T-1) is False (padding, and positions that are not trained); with `compact`, the valid positions only,
-    (N, ...) in row order (the "trained" layout), and the head runs on those alone. `forward_kwargs`: what the
-    backbone gets instead of the padding mask (mft_cache.attention.packed_forward_kwargs: documents packed whole)."""
-    b, t = input_ids.shape
+                valid: torch.Tensor, forward_kwargs: dict | None = None):
+    """One batch of packed rows (B, T) -> the teacher's values at the positions where `valid` (B, T-1) is True,
+    (N, ...) in row order: the head runs on those alone. `forward_kwargs`: what the backbone gets instead of the
+    padding mask (mft_cache.attention.packed_forward_kwargs: documents packed whole).
+
+    Returns:
+        topk_lp (N, k) float32, topk_ids (N, k) int64, label_lp (N,) float32 (topk_logprobs).
+    """
+    t = input_ids.shape[1]
     attention_mask = real_tokens(lengths, t).long()  # (B, T)
     h = hidden_states(backbone, input_ids, **(forward_kwargs or {"attention_mask": attention_mask}))
-    h = h[:, :-1]  # (B, T-1, H)
     labels = input_ids[:, 1:]  # (B, T-1)
-    if compact:
-        lp, ids, label_lp = topk_logprobs(h[valid], labels[valid], head, k, chunk_tokens)  # (N, K), (N, K), (N,)
-        if not torch.isfinite(lp[:, 0]).all() or torch.isnan(label_lp).any():
-            raise FloatingPointError("the teacher produced NaN log-probabilities; try --dtype float32")
-        return lp, ids, label_lp
-    lp, ids, label_lp = topk_logprobs(h.reshape(b * (t - 1), -1), labels.reshape(-1), head, k, chunk_tokens)
-    valid = valid.reshape(-1)  # (B*(T-1),)
-    # where(), not a product: a -inf log-prob times 0 would be NaN
-    lp = torch.where(valid[:, None], lp, 0.0)
-    ids = torch.where(valid[:, None], ids, 0)
-    label_lp = torch.where(valid, label_lp, 0.0)
+    lp, ids, label_lp = topk_logprobs(h[:, :-1][valid], labels[valid], head, k, chunk_tokens)  # (N, K), (N, K), (N,)
     if not torch.isfinite(lp[:, 0]).all() or torch.isnan(label_lp).any():
         raise FloatingPointError("the teacher produced NaN log-probabilities; try --dtype float32")
-    return lp.view(b, t - 1, k), ids.view(b, t - 1, k), label_lp.view(b, t - 1)
+    return lp, ids, label_lp

@@ -6,9 +6,8 @@ the teacher's pass (on one process or many) reads the rows it needs from disk an
     .ingest-input_ids.bin   (R, seq_len) rows, the cache's id dtype, raw little-endian
     .ingest-lengths.bin     (R,) int32
     .ingest-documents.bin   (D + 1,) int64 document offsets in the stream (documents.npy's content)
-    .ingest-segment_ids.bin (R, seq_len) int32, the "trained" layout only (chat and instruction data, documents
-                            packed whole: rows/spec.py)
-    .ingest-label_mask.bin  (R, seq_len - 1) uint8, the "trained" layout only
+    .ingest-label_mask.bin  (R, seq_len - 1) uint8, the trained positions
+    .ingest-segment_ids.bin (R, seq_len) int32, documents packed whole only (rows/spec.py)
     .ingest.json            what was ingested, and from what: written with "complete": false before the first row
                             and rewritten, complete, after the last
 
@@ -17,9 +16,10 @@ documents (the cache's bytes do not depend on the path that made them). The file
 removed once the manifest is written.
 
 Seeking on a rerun: a complete ingestion whose key (the source's files with their sizes and modification times,
-the tokenizer, the packing and the shard size) is unchanged is reused without reading the source again; an
+the tokenizer, the packing and the shard size) is unchanged is reused once the source, read again without
+tokenizing, gives the recorded content fingerprint (a file rewritten with the same size and time is caught); an
 ingestion that was stopped is started again from the beginning (it is a small part of a build: the teacher
-dominates), and a hub dataset, whose content only reading can tell, is always read again.
+dominates), and a hub dataset, whose files no signature covers, is always ingested again.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from mft_cache.faults import fault_point
 
 from .documents import DocumentStream
 from mft_cache.files import write_json_atomic
-from mft_cache.masks import BOS_PER_ROW, CONCAT, label_mask
+from mft_cache.masks import BOS_PER_ROW, CONCAT
 
 from .packing import bos_rule
 from .spec import RowSpec, stream_batches
@@ -92,22 +92,23 @@ class IngestedRows:
         return ids, lengths
 
     @property
-    def layout(self) -> str:
-        return self.info.get("layout", "dense")
-
-    def read_packing(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        """The "trained" layout: (segment_ids (n, T) int64, label_mask (n, T-1) bool) of rows start..stop-1."""
-        t = self.seq_len
-        seg = np.fromfile(self.folder / SEGMENTS, dtype="<i4", count=(stop - start) * t, offset=start * t * 4)
-        mask = np.fromfile(self.folder / MASKS, dtype=np.uint8, count=(stop - start) * (t - 1), offset=start * (t - 1))
-        return seg.astype(np.int64).reshape(-1, t), mask.astype(bool).reshape(-1, t - 1)
+    def segmented(self) -> bool:
+        """Whether the rows hold documents packed whole, with their segment ids."""
+        return self.info["packing"] == "document"
 
     def trained(self, start: int, stop: int) -> np.ndarray:
         """(n, T-1) bool: the trained positions of rows start..stop-1."""
-        if self.layout == "trained":
-            return self.read_packing(start, stop)[1]
-        ids, lengths = self.read(start, stop)
-        return label_mask(ids, lengths, self.bos_id)
+        t = self.seq_len
+        mask = np.fromfile(self.folder / MASKS, dtype=np.uint8, count=(stop - start) * (t - 1), offset=start * (t - 1))
+        return mask.astype(bool).reshape(-1, t - 1)
+
+    def segment_ids(self, start: int, stop: int) -> np.ndarray | None:
+        """(n, T) int64 segment ids of rows start..stop-1 (documents packed whole), else None."""
+        if not self.segmented:
+            return None
+        t = self.seq_len
+        seg = np.fromfile(self.folder / SEGMENTS, dtype="<i4", count=(stop - start) * t, offset=start * t * 4)
+        return seg.astype(np.int64).reshape(-1, t)
 
     def write_documents(self, path: Path) -> dict:
         """documents.npy (the same bytes np.save writes for the offsets), copied from disk a piece at a time;
@@ -161,26 +162,30 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
     signature = stream.signature()
     full_key = {"signature": signature, "seq_len": seq_len, "id_dtype": id_dtype, "rows_per_shard": rows_per_shard,
                 "max_sequences": max_sequences, **(key or {})}
-    if spec.layout == "trained":  # (absent for plain text: the key of an earlier ingestion stays valid)
-        full_key["rows"] = {"format": spec.format, "train_on": spec.train_on, "packing": spec.packing}
+    full_key["rows"] = {"format": spec.format, "train_on": spec.train_on, "packing": spec.packing}
     old = read_info(folder)
     if signature is not None and old.get("complete") and old.get("key") == full_key:
-        log.info("reusing the ingested rows in %s (the source is unchanged: same files, sizes and times)", folder)
-        return IngestedRows(folder, old)
+        for _ in stream:  # the content, read again (not tokenized): a signature is only sizes and times
+            pass
+        if stream.fingerprint == old.get("fingerprint"):
+            log.info("reusing the ingested rows in %s (the source is unchanged)", folder)
+            return IngestedRows(folder, old)
+        log.info("the source changed since the rows in %s were ingested (same sizes and times, other content): "
+                 "ingesting it again", folder)
+        stream = stream.reopen()
     write_json_atomic(folder / INGEST, {"complete": False, "key": full_key})
     dtype = np.dtype(id_dtype)
     num_rows = predictions = input_tokens = max_id = 0
     shard_tokens: list[int] = []
-    trained_layout = spec.layout == "trained"
-    bos_id = None if trained_layout else bos_rule(tokenizer)
-    extra = (SEGMENTS, MASKS) if trained_layout else ()
-    for name in (SEGMENTS, MASKS):
-        (folder / name).unlink(missing_ok=True)
+    segmented = spec.packing == "document"
+    bos_id = bos_rule(tokenizer) if spec.streamed_text else None
+    (folder / SEGMENTS).unlink(missing_ok=True)
     with open(folder / INPUT_IDS, "wb") as f_ids, open(folder / LENGTHS, "wb") as f_len, \
-            open(folder / OFFSETS, "wb") as f_off, contextlib.ExitStack() as more:
-        f_seg, f_mask = (more.enter_context(open(folder / name, "wb")) for name in extra) if extra else (None, None)
+            open(folder / OFFSETS, "wb") as f_off, open(folder / MASKS, "wb") as f_mask, \
+            contextlib.ExitStack() as more:
+        f_seg = more.enter_context(open(folder / SEGMENTS, "wb")) if segmented else None
         for batch in stream_batches(stream, tokenizer, spec):
-            rows, lengths, offsets = batch.rows, batch.lengths, batch.offsets
+            rows, lengths, offsets = batch.input_ids, batch.lengths, batch.doc_offsets
             _append(f_off, offsets.astype("<i8"))
             if progress is not None and len(offsets):
                 progress(int(offsets[-1]))
@@ -194,13 +199,11 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
                 raise ValueError(f"token id {max_id} does not fit the cache's id dtype {id_dtype}")
             _append(f_ids, rows.astype(dtype.newbyteorder("<")))
             _append(f_len, lengths.astype("<i4"))
-            if trained_layout:
-                mask = batch.label_mask[: len(rows)]
+            mask = batch.trained[: len(rows)]
+            _append(f_mask, mask.astype(np.uint8))
+            if segmented:
                 _append(f_seg, batch.segment_ids[: len(rows)].astype("<i4"))
-                _append(f_mask, mask.astype(np.uint8))
-                trained = mask.sum(axis=1)
-            else:
-                trained = label_mask(rows, lengths, bos_id).sum(axis=1)
+            trained = mask.sum(axis=1)
             for r, count in enumerate(trained, num_rows):  # per-shard sums of trained positions
                 if r // rows_per_shard == len(shard_tokens):
                     shard_tokens.append(0)
@@ -209,15 +212,13 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
             fault_point("cache:ingest")  # the crash tests: killed with rows written, the ingestion unfinished
             predictions += int(trained.sum())
             input_tokens += int(lengths.sum())
-        for f in (f_ids, f_len, f_off, *((f_seg, f_mask) if extra else ())):
+        for f in (f_ids, f_len, f_off, f_mask, *((f_seg,) if segmented else ())):
             f.flush()
             os.fsync(f.fileno())
     info = {"complete": True, "key": full_key, "seq_len": seq_len, "id_dtype": id_dtype,
             "bos_token_id": bos_id, "num_sequences": num_rows, "num_predictions": predictions,
             "num_input_tokens": input_tokens, "max_token_id": max_id, "shard_tokens": shard_tokens,
             "fingerprint": stream.fingerprint, "num_documents": stream.num_documents, "num_empty": stream.num_empty,
-            "num_files": stream.num_files}
-    if trained_layout:
-        info.update(layout="trained", format=spec.format, train_on=spec.train_on, packing=spec.packing)
+            "num_files": stream.num_files, "format": spec.format, "train_on": spec.train_on, "packing": spec.packing}
     write_json_atomic(folder / INGEST, info)
     return IngestedRows(folder, info)

@@ -49,6 +49,12 @@ class Packed:
         """(R, T-1) bool: the positions that are trained and evaluated (concatenated text: from the BOS rule)."""
         return self.trained if self.trained is not None else label_mask(self.input_ids, self.lengths, self.bos_id)
 
+    def mask_of(self, rows) -> np.ndarray:
+        """(n, T-1) bool: label_mask of the given rows only."""
+        if self.trained is not None:
+            return self.trained[rows]
+        return label_mask(self.input_ids[rows], self.lengths[rows], self.bos_id)
+
     @property
     def num_predictions(self) -> int:
         """Positions with a trained next-token label."""

@@ -3,16 +3,16 @@ concatenation or as whole documents.
 
 `RowSpec` says how rows are made: the rows' format (documents.DocumentStream decides it), what is trained
 (chat.TRAIN_ON) and the packing:
-- "concat" of text (the dense layout of the cache): packing.stream_rows (BOS per row where the tokenizer adds one);
-  the trained positions follow from the rows (mft_cache.masks.label_mask).
+- "concat" of text: packing.stream_rows (BOS per row where the tokenizer adds one); the trained positions follow
+  from the rows' BOS rule (mft_cache.masks.label_mask).
 - "document" (any format): every document rendered (chat.render; text with the tokenizer's special tokens and a
   final EOS, every label trained) and packed whole by doc_packing.iter_rows: it attends only to itself, its
   positions restart at 0, only its own trained labels are trained. A document longer than a row is refused,
   naming its row of the source.
 - "concat" of chat or prompt-completion rows: the rendered documents concatenated and cut into rows (no BOS is
   inserted), each label trained as its document says; every token of a row attends to those before it.
-Every layout but text "concat" carries segment ids (1, 2, ... per document; 1 for every real token under
-"concat"; 0 for the padding) and the label mask with its rows: the "trained" layout.
+Rows come with their label mask; documents packed whole also with their segment ids (1, 2, ... per document, 0 for
+the padding).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mft_cache.masks import real_tokens
+from mft_cache.masks import label_mask, real_tokens
 
 from .chat import TRAIN_ON, render
 from .doc_packing import DocumentTooLong, iter_rows
@@ -43,9 +43,9 @@ class RowSpec:
     seq_len: int
 
     @property
-    def layout(self) -> str:
-        """The cache layout of such rows: "dense" (text, concatenated) or "trained"."""
-        return "dense" if self.format == "text" and self.packing == "concat" else "trained"
+    def streamed_text(self) -> bool:
+        """Plain text concatenated and cut into rows: its trained positions follow from the BOS rule."""
+        return self.format == "text" and self.packing == "concat"
 
 
 def resolve_spec(fmt: str, train_on: str, packing: str, seq_len: int) -> RowSpec:
@@ -86,7 +86,7 @@ def spec_for(source, seq_len: int, *, data_format: str = "auto", train_on: str =
 def packing_record(spec: RowSpec, bos_id: int | None) -> dict:
     """The manifest's "packing": the rule that formed rows made as `spec` says, so a reader never has to guess (text
     concatenated: its BOS rule, `bos_id` from packing.bos_rule)."""
-    if spec.layout == "dense":
+    if spec.streamed_text:
         return packing_description(bos_id)
     if spec.packing == "document":
         how = ("documents rendered whole (chat template; prompt + completion; text with the tokenizer's special "
@@ -109,25 +109,15 @@ def documents_note(spec: RowSpec) -> str:
             "how rows are cut from it), then the total")
 
 
-@dataclass
-class RowBatch:
-    """Rows as they complete: ids (n, T) int64, lengths (n,) int32, the start of each document of this batch
-    (offsets: in the token stream under "concat"; row * T + position under "document"), and in the "trained"
-    layout segment_ids (n, T) int64 and label_mask (n, T-1) bool."""
-
-    rows: np.ndarray
-    lengths: np.ndarray
-    offsets: np.ndarray
-    segment_ids: np.ndarray | None = None
-    label_mask: np.ndarray | None = None
-
-
 def stream_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
-    """Rows of a stream as they complete (RowBatch). The offsets of the last batch end with the total (the stream's
-    tokens under "concat", rows * T under "document")."""
-    if spec.layout == "dense":
+    """Rows of a stream as they complete, a Packed batch at a time, each with its label mask (`trained`) and under
+    "document" its segment ids; `doc_offsets` holds where each document of the batch starts (in the token stream
+    under "concat", row * T + position under "document"), and those of the last batch end with the total (the
+    stream's tokens, or rows * T)."""
+    if spec.streamed_text:
+        bos_id = bos_rule(tokenizer)
         for rows, lengths, offsets in stream_rows(stream, tokenizer, spec.seq_len):
-            yield RowBatch(rows, lengths, offsets)
+            yield Packed(rows, lengths, offsets, trained=label_mask(rows, lengths, bos_id))
     elif spec.packing == "document":
         yield from _document_batches(stream, tokenizer, spec)
     else:
@@ -163,11 +153,11 @@ def _document_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
     rows: list = []
     num_rows = 0
 
-    def gather(rows: list, first: int) -> RowBatch:
+    def gather(rows: list, first: int) -> Packed:
         offsets = np.array([(first + r) * t + s for r, row in enumerate(rows) for s in row.starts], dtype=np.int64)
-        return RowBatch(np.stack([r.input_ids for r in rows]), np.array([r.length for r in rows], dtype=np.int32),
-                        offsets, np.stack([r.segment_ids for r in rows]).astype(np.int64),
-                        np.stack([r.label_mask for r in rows]))
+        return Packed(np.stack([r.input_ids for r in rows]), np.array([r.length for r in rows], dtype=np.int32),
+                      offsets, trained=np.stack([r.label_mask for r in rows]),
+                      segment_ids=np.stack([r.segment_ids for r in rows]).astype(np.int64))
 
     try:
         for row in iter_rows(_documents(stream, tokenizer, spec, where), t, pad_id_of(tokenizer)):
@@ -181,10 +171,10 @@ def _document_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
         place = where[0] if stream.format != "text" else f"{stream.where}: document {e.index + 1}"
         raise DocumentError(f"{place}: the {what} renders to {e.length:,} tokens, more than a row holds (--seq-len "
                             f"{t}); it is refused, not cut: shorten or drop it, or raise --seq-len") from None
-    last = gather(rows, num_rows) if rows else RowBatch(np.empty((0, t), np.int64), np.empty(0, np.int32),
-                                                      np.empty(0, np.int64), np.empty((0, t), np.int64),
-                                                      np.empty((0, t - 1), bool))
-    last.offsets = np.concatenate([last.offsets, [(num_rows + len(rows)) * t]])
+    last = gather(rows, num_rows) if rows else Packed(np.empty((0, t), np.int64), np.empty(0, np.int32),
+                                                    np.empty(0, np.int64), trained=np.empty((0, t - 1), bool),
+                                                    segment_ids=np.empty((0, t), np.int64))
+    last.doc_offsets = np.concatenate([last.doc_offsets, [(num_rows + len(rows)) * t]])
     yield last
 
 
@@ -192,10 +182,10 @@ def _concat_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
     t = spec.seq_len
     ids_packer, flags_packer = StreamPacker(t, pad_id_of(tokenizer)), StreamPacker(t, 0)
 
-    def batch(ids, lengths, flags, offsets) -> RowBatch:
+    def batch(ids, lengths, flags, offsets) -> Packed:
         real = real_tokens(lengths, t)  # (n, T)
         mask = flags[:, 1:].astype(bool) & real[:, 1:]  # (n, T-1): the label at t+1 is trained, and real
-        return RowBatch(ids, lengths, offsets, real.astype(np.int64), mask)
+        return Packed(ids, lengths, offsets, trained=mask)
 
     docs: list = []
 
@@ -230,9 +220,9 @@ def build_rows(source, tokenizer, seq_len: int, *, text_field: str = "text", spl
     stream = DocumentStream(source, text_field, split, what=what, data_format=spec.format, prompt_field=prompt_field,
                             completion_field=completion_field)
     parts = list(stream_batches(stream, tokenizer, spec))
-    ids = np.concatenate([p.rows for p in parts])
+    ids = np.concatenate([p.input_ids for p in parts])
     lengths = np.concatenate([p.lengths for p in parts])
-    if spec.layout == "dense":
-        return Packed(ids, lengths, np.concatenate([p.offsets for p in parts]), bos_rule(tokenizer)), stream
+    if spec.streamed_text:  # the mask follows from the BOS rule: not held
+        return Packed(ids, lengths, np.concatenate([p.doc_offsets for p in parts]), bos_rule(tokenizer)), stream
     segments = np.concatenate([p.segment_ids for p in parts]) if spec.packing == "document" else None
-    return Packed(ids, lengths, trained=np.concatenate([p.label_mask for p in parts]), segment_ids=segments), stream
+    return Packed(ids, lengths, trained=np.concatenate([p.trained for p in parts]), segment_ids=segments), stream

@@ -11,7 +11,7 @@ A backend is a class with a `name` (the `--format` value), a file-name `suffix`,
 - arrow: an Arrow IPC stream file per shard (the format `datasets` uses on disk: readable with
   `datasets.Dataset.from_file`), uncompressed, memory-mapped on read (zero-copy).
 
-Fields along the axis "position" (the "trained" layout, schema.py) hold one entry per trained position of the
+Fields along the axis "position" (schema.py) hold one entry per trained position of the
 shard, row after row: a Zarr array of their own length; in Arrow, a list column holding each row's positions.
 `read(field, start, stop)` indexes rows for row fields and positions for these.
 

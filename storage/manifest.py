@@ -18,7 +18,7 @@ from pathlib import Path
 from mft_cache.files import write_json_atomic
 from mft_cache.masks import BOS_PER_ROW, CONCAT
 
-from .schema import (FORMAT_NAME, READABLE_SCHEMA_VERSIONS, Field, layout_of, schema_from_json, schema_version_of,
+from .schema import (FORMAT_NAME, READABLE_SCHEMA_VERSIONS, Field, schema_from_json, schema_version_of,
                      value_semantics)
 from .validate import ManifestError, read_manifest_json, validate_manifest
 
@@ -125,11 +125,6 @@ class Manifest:
     _json: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
-    def layout(self) -> str:
-        """"trained" (fields per trained position, with each row's segment ids and label mask) or "dense"."""
-        return layout_of(self.schema)
-
-    @property
     def rule(self) -> str:
         """How the rows were packed: "concat", "bos-per-row" or "document"."""
         return self.packing.rule if self.packing is not None else CONCAT
@@ -208,7 +203,7 @@ def build_manifest(meta: CacheMetadata, *, fmt: str, schema: tuple[Field, ...], 
     manifest = asdict(meta)
     total = sum(s["bytes"] for s in shards)
     manifest.update({
-        "values": value_semantics(manifest.pop("logprob_dtype"), layout_of(schema)),
+        "values": value_semantics(manifest.pop("logprob_dtype"), schema),
         "schema": [f.to_json() for f in schema],
         "data": {**meta.data, "documents_file": documents_file},
         "format": fmt,

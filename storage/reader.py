@@ -13,9 +13,10 @@ Encoded fields (`--logprob-dtype q8`, see encoding.py) are decoded on read: ever
 same fields whatever the encoding (`topk_logprobs` as float32 log-probs); `read_rows(..., raw=True)`
 gives the stored fields.
 
-A cache of the "trained" layout (schema.py: chat and instruction data) stores the teacher's values at the
-trained positions only; readers expand them, so every consumer gets the same per-row view whatever the layout:
-(T-1, K) arrays with zeros where nothing is trained, plus the row's `segment_ids` and `label_mask` (bool).
+A cache stores the teacher's values at the trained positions only (schema.py); readers expand them, so every
+consumer gets one per-row view: (T-1, K) arrays with zeros where nothing is trained, the row's `label_mask` (bool)
+and, with documents packed whole, its `segment_ids`. Caches of schema versions 1 and 2 (every position stored) are
+given the same view at open: their label mask follows from the rows' BOS rule (`upgrade_rows`).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from .encoding import Q8, Q8_GAP_MAX, Q8_LEVELS, decode_q8, q8_bad_rows
 from mft_cache.masks import label_mask, real_tokens
 
 from .manifest import MANIFEST, FileRecord, ManifestError, load_manifest
-from .schema import MASK_FIELD, Field, layout_of, position_counts, row_bytes
+from .schema import MASK_FIELD, SEGMENTS_FIELD, Field, position_counts, row_bytes, stores_positions
 from .validate import member_path
 
 VERIFY_MODES = ("none", "lazy", "full")
@@ -137,7 +138,7 @@ def validate_values(arrays: dict[str, np.ndarray], *, vocab_size: int, seq_len: 
     if ((length < 0) | (length > seq_len)).any():
         bad("length", f"a length outside [0, {seq_len}]", (length < 0) | (length > seq_len))
     trained = None
-    if layout_of(schema) == "trained":  # the segments and the mask first: they place every other value
+    if stores_positions(schema):  # the segments and the mask first: they place every other value
         trained = check_segments(arrays, length, seq_len, bad)
         arrays = expand_positions(arrays, schema)
     for name in ("input_ids", "topk_ids"):
@@ -173,19 +174,24 @@ def validate_values(arrays: dict[str, np.ndarray], *, vocab_size: int, seq_len: 
 
 
 def check_segments(arrays: dict[str, np.ndarray], length: np.ndarray, seq_len: int, bad) -> np.ndarray:
-    """The row fields of the "trained" layout, checked: segment ids in [0, seq_len] and 0 exactly on the padding,
-    a label mask of 0s and 1s that trains only labels of the same document as their position. Returns the mask
-    (R, T-1) bool."""
-    seg = arrays["segment_ids"].astype(np.int64, copy=False)  # (R, T)
-    real = real_tokens(length, seg.shape[1])  # (R, T)
-    wrong = (seg < 0) | (seg > seq_len) | ((seg == 0) == real)
-    if wrong.any():
-        bad("segment_ids", "segment ids outside [1, seq_len] on real tokens or not 0 on the padding",
-            wrong.any(1))
+    """The row fields that place the trained positions, checked: a label mask of 0s and 1s that trains only real
+    labels and, where segment ids are stored, segment ids in [1, seq_len] on real tokens and 0 exactly on the
+    padding, with every trained label of the same document as its position. Returns the mask (R, T-1) bool."""
     mask = arrays[MASK_FIELD]
     if (mask > 1).any():
         bad(MASK_FIELD, "values other than 0 and 1", (mask > 1).any(1))
     trained = mask.astype(bool)  # (R, T-1)
+    real = real_tokens(length, mask.shape[1] + 1)  # (R, T)
+    if SEGMENTS_FIELD not in arrays:
+        stray = trained & ~real[:, 1:]
+        if stray.any():
+            bad(MASK_FIELD, "a trained position whose label is padding", stray.any(1))
+        return trained
+    seg = arrays[SEGMENTS_FIELD].astype(np.int64, copy=False)  # (R, T)
+    wrong = (seg < 0) | (seg > seq_len) | ((seg == 0) == real)
+    if wrong.any():
+        bad(SEGMENTS_FIELD, "segment ids outside [1, seq_len] on real tokens or not 0 on the padding",
+            wrong.any(1))
     stray = trained & ((seg[:, :-1] != seg[:, 1:]) | (seg[:, 1:] == 0))
     if stray.any():
         bad(MASK_FIELD, "a trained position whose label is padding or another document's token", stray.any(1))
@@ -193,8 +199,8 @@ def check_segments(arrays: dict[str, np.ndarray], length: np.ndarray, seq_len: i
 
 
 def expand_positions(arrays: dict[str, np.ndarray], schema: tuple[Field, ...]) -> dict[str, np.ndarray]:
-    """Rows of the "trained" layout with their per-position fields (N, ...) expanded to (R, T-1, ...), zeros where
-    label_mask is 0; the mask comes back as bool. Dense rows are returned as they are.
+    """Rows with their per-position fields (N, ...) expanded to (R, T-1, ...), zeros where label_mask is 0; the mask
+    comes back as bool. Rows of schema versions 1 and 2 (every position stored) are returned as they are.
 
     Args:
         arrays: row fields of R rows and the per-position fields of their N trained positions, in row order.
@@ -215,6 +221,12 @@ def expand_positions(arrays: dict[str, np.ndarray], schema: tuple[Field, ...]) -
         dense[trained] = a
         out[f.name] = dense
     return out
+
+
+def upgrade_rows(arrays: dict[str, np.ndarray], bos_id: int | None) -> dict[str, np.ndarray]:
+    """Decoded rows of schema versions 1 and 2 in the view every cache gives: their label mask (R, T-1) bool follows
+    from the rows' BOS rule (`bos_id`, Manifest.bos_id), and their values are already zero where it is False."""
+    return {**arrays, MASK_FIELD: label_mask(arrays["input_ids"], arrays["length"], bos_id)}
 
 
 def decode_rows(arrays: dict[str, np.ndarray], schema: tuple[Field, ...]) -> dict[str, np.ndarray]:
@@ -245,9 +257,10 @@ MAX_OPEN_SHARDS = 8  # shard readers kept open at once by a Cache
 class Cache:
     """A finished cache. `len(cache)` sequences; `cache[i]` -> dict of torch tensors for row i.
 
-    Fields of a row (see `manifest.schema`): input_ids (T,), length (), topk_ids (T-1, K),
-    topk_logprobs (T-1, K), label_logprob (T-1,). Ids come back as int64, values as stored, except
-    encoded fields, which come back decoded (q8 `topk_logprobs`: float32 log-probs).
+    Fields of a row: input_ids (T,), length (), label_mask (T-1,) bool, topk_ids (T-1, K), topk_logprobs (T-1, K),
+    label_logprob (T-1,) (zeros where label_mask is False) and, with documents packed whole, segment_ids (T,). Ids come
+    back as int64, values as stored, except encoded fields, which come back decoded (q8 `topk_logprobs`: float32
+    log-probs).
     """
 
     def __init__(self, folder: Path, verify: str = "lazy"):
@@ -260,8 +273,8 @@ class Cache:
         self.shards = self.manifest.shards
         self._starts = [s.first_row for s in self.shards]
         self._open: OrderedDict[int, object] = OrderedDict()  # the most recently read shards' readers
-        self._offsets: dict[int, np.ndarray] = {}  # the "trained" layout: each open shard's (rows + 1,) position offsets
-        self.layout = self.manifest.layout
+        self._offsets: dict[int, np.ndarray] = {}  # each open shard's (rows + 1,) position offsets
+        self._positions = stores_positions(self.schema)  # False: schema versions 1 and 2, every position stored
         self._verified: set[int] = set()
         self._closed = 0  # shard readers closed so far
         self._lock = threading.Lock()
@@ -317,7 +330,7 @@ class Cache:
         if found != s.rows:
             raise CorruptShardError(path, f"holds {'more than ' if found > s.rows else ''}{min(found, s.rows)} rows, "
                                     f"the manifest says {s.rows} (shards[{index}].rows)")
-        if self.layout == "trained":
+        if self._positions:
             offsets = self._position_offsets(index, reader)
             for f in self.schema:
                 found = len(reader.read(f.name, 0, int(offsets[-1]) + 1)) if f.per_position else None
@@ -343,7 +356,7 @@ class Cache:
 
     def _read_block(self, index: int, reader, a: int, b: int) -> dict[str, np.ndarray]:
         """The stored fields of rows a..b-1 of shard `index` (per-position fields: those rows' trained positions)."""
-        if self.layout != "trained":
+        if not self._positions:
             return {f.name: reader.read(f.name, a, b) for f in self.schema}
         offsets = self._position_offsets(index, reader)
         p, q = int(offsets[a]), int(offsets[b])
@@ -403,9 +416,9 @@ class Cache:
             raw: give the stored fields (q8: top1_logprob and the uint8 codes) instead of decoding them.
         Returns:
             input_ids (R, T), length (R,), topk_ids (R, T-1, K), topk_logprobs (R, T-1, K),
-            label_logprob (R, T-1), and in the "trained" layout segment_ids (R, T) and label_mask (R, T-1) bool
-            (the per-position values expanded, zeros where nothing is trained); with raw, the fields of the
-            manifest's schema as stored (per-position fields: the rows' trained positions, (N, ...)).
+            label_logprob (R, T-1), label_mask (R, T-1) bool (the per-position values expanded, zeros where nothing
+            is trained) and, with documents packed whole, segment_ids (R, T); with raw, the fields of the manifest's
+            schema as stored (per-position fields: the rows' trained positions, (N, ...)).
         """
         parts: dict[str, list[np.ndarray]] = {f.name: [] for f in self.schema}
         row = start
@@ -433,6 +446,8 @@ class Cache:
             return arrays
         if self.encoded:
             arrays = decode_rows(arrays, self.schema)
+        if not self._positions:
+            return upgrade_rows(arrays, self.manifest.bos_id)
         return expand_positions(arrays, self.schema)
 
     def iter_shards(self, raw: bool = False):

@@ -3,13 +3,14 @@
 One row of the cache is one packed sequence of `seq_len` tokens. Position t of the per-position
 fields predicts token t+1 (next-token alignment), so they hold `seq_len - 1` positions.
 
-Two layouts:
-- "dense" (schema versions 1 and 2): every per-position field holds all `seq_len - 1` positions of a row, zeros
-  where nothing is trained (padding; a label that is the inserted BOS).
-- "trained" (schema version 3; chat and instruction data, documents packed whole): a row also holds its
-  `segment_ids` (which document each token belongs to) and its `label_mask` (the trained positions), and the
-  teacher's fields (axis "position") hold the trained positions only, row after row in order: prompt positions
-  take no bytes. Readers expand them back to `seq_len - 1` positions with zeros elsewhere.
+Every cache is written as schema version 3: a row holds its `label_mask` (the trained positions) and, with documents
+packed whole, its `segment_ids` (which document each token belongs to); the teacher's fields (axis "position") hold
+the trained positions only, row after row in order, so prompt positions and padding take no bytes. Readers expand
+them back to `seq_len - 1` positions with zeros elsewhere.
+
+Caches of schema versions 1 and 2 store every per-position field at all `seq_len - 1` positions of a row, zeros where
+nothing is trained (`legacy_schema`); the reader (reader.py) gives their rows the same view, its label mask
+following from the rows' BOS rule.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ import numpy as np
 
 from .encoding import Q8, encode_q8, q8_spec
 
-SCHEMA_VERSION = 1  # caches whose fields are plain arrays (float16/float32 log-probs)
-ENCODED_SCHEMA_VERSION = 2  # caches holding an encoded field (q8): readers of version 1 must refuse them
-TRAINED_SCHEMA_VERSION = 3  # caches of the "trained" layout (fields along axis "position"): older readers refuse them
-READABLE_SCHEMA_VERSIONS = (SCHEMA_VERSION, ENCODED_SCHEMA_VERSION, TRAINED_SCHEMA_VERSION)
-LAYOUTS = ("dense", "trained")
+SCHEMA_VERSION = 3  # the version every cache is written in: fields along axis "position"; older readers refuse it
+PLAIN_SCHEMA_VERSION = 1  # read only: every position stored, plain arrays (float16/float32 log-probs)
+ENCODED_SCHEMA_VERSION = 2  # read only: every position stored, an encoded field (q8)
+READABLE_SCHEMA_VERSIONS = (PLAIN_SCHEMA_VERSION, ENCODED_SCHEMA_VERSION, SCHEMA_VERSION)
 POSITION = "position"  # the axis of a field that holds one entry per trained position, not per row
 MASK_FIELD = "label_mask"  # the row field whose True entries are the positions of the "position" fields
+SEGMENTS_FIELD = "segment_ids"  # the row field that says which document each token belongs to (documents packed whole)
 FORMAT_NAME = "mft-cache"
 LOGPROB_DTYPES = ("float16", "float32", Q8)
 ENCODINGS = (Q8,)
@@ -53,16 +54,18 @@ TRAINED_SEMANTICS = {
     "zeros there, which must be ignored",
     "positions": "topk_ids, topk_logprobs (and top1_logprob) and label_logprob hold the trained positions only "
     "(label_mask == 1), row after row in order: the positions of row r follow those of rows before it in its shard",
-    "segments": "segment_ids: 1, 2, ... for the documents of a row, 0 for the padding; under the document packing "
-    "each document attends only to itself and its position ids restart at 0",
 }
+SEGMENTS_SEMANTICS = ("segment_ids: 1, 2, ... for the documents of a row, 0 for the padding; each document attends "
+                      "only to itself and its position ids restart at 0")
 
 
-def value_semantics(logprob_dtype: str, layout: str = "dense") -> dict[str, str]:
-    """What the stored values mean, for the manifest's "values"."""
+def value_semantics(logprob_dtype: str, schema: tuple[Field, ...]) -> dict[str, str]:
+    """What the stored values of a cache of these fields mean, for the manifest's "values"."""
     out = dict(VALUE_SEMANTICS)
-    if layout == "trained":
+    if any(f.per_position for f in schema):
         out.update(TRAINED_SEMANTICS)
+    if any(f.name == SEGMENTS_FIELD for f in schema):
+        out["segments"] = SEGMENTS_SEMANTICS
     if logprob_dtype == Q8:
         out["topk_logprobs_encoding"] = Q8_SEMANTICS
     return out
@@ -72,7 +75,7 @@ def value_semantics(logprob_dtype: str, layout: str = "dense") -> dict[str, str]
 class Field:
     """One stored field: name, numpy dtype name, shape of one entry, what it holds, how it is encoded
     (None: the values as they are; else the spec readers decode with, e.g. encoding.q8_spec()), and its axis:
-    "row" (one entry per row) or POSITION (one entry per trained position, the "trained" layout)."""
+    "row" (one entry per row) or POSITION (one entry per trained position)."""
 
     name: str
     dtype: str
@@ -94,7 +97,7 @@ class Field:
         d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "doc": self.doc}
         if self.encoding is not None:  # absent for plain fields: schema version 1 holds none
             d["encoding"] = dict(self.encoding)
-        if self.per_position:  # absent for row fields: dense manifests hold no axis
+        if self.per_position:  # absent for row fields: schema versions 1 and 2 hold no axis
             d["axis"] = self.axis
         return d
 
@@ -108,23 +111,47 @@ def id_dtype(vocab_size: int) -> str:
 
 
 def cache_schema(*, vocab_size: int, top_k: int, seq_len: int, logprob_dtype: str = "float16",
-                 layout: str = "dense") -> tuple[Field, ...]:
+                 segments: bool = False) -> tuple[Field, ...]:
     """The fields of one cache row for a teacher vocabulary, k and sequence length.
 
-    Returns a tuple of `Field`; per-row shapes are `(seq_len,)` for tokens and `(seq_len - 1, ...)`
-    for per-position values. With logprob_dtype "q8", `top1_logprob` (float32) is stored too and
-    `topk_logprobs` holds uint8 codes (see storage/encoding.py); readers decode them. With layout "trained",
-    a row holds input_ids, length, segment_ids (seq_len,) and label_mask (seq_len - 1,) uint8, and the
-    teacher's fields are per trained position (axis POSITION): topk_ids (K,), ..., label_logprob ().
+    A row holds input_ids (seq_len,), length (), label_mask (seq_len - 1,) uint8 and, with `segments` (documents
+    packed whole), segment_ids (seq_len,); the teacher's fields are per trained position (axis POSITION):
+    topk_ids (K,), topk_logprobs (K,), label_logprob (). With logprob_dtype "q8", `top1_logprob` (float32) is
+    stored too and `topk_logprobs` holds uint8 codes (see storage/encoding.py); readers decode them.
     """
-    if logprob_dtype not in LOGPROB_DTYPES:
-        raise ValueError(f"--logprob-dtype must be one of {LOGPROB_DTYPES}, got {logprob_dtype!r}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    ids = id_dtype(vocab_size)
-    if layout == "trained":
-        return _trained_schema(ids, top_k, seq_len, logprob_dtype)
-    p = seq_len - 1
+    check_logprob_dtype(logprob_dtype)
+    ids, at = id_dtype(vocab_size), "at a trained position"
+    if logprob_dtype == Q8:
+        logprobs: tuple[Field, ...] = (
+            Field("top1_logprob", "float32", (), f"teacher log-prob of topk_ids[0], its argmax (exact, float32), {at}",
+                  axis=POSITION),
+            Field("topk_logprobs", "uint8", (top_k,), f"teacher log-probs of topk_ids {at}, q8-encoded: increments "
+                  "along k of sqrt-companded gaps below top1_logprob (decoded by readers)", encoding=q8_spec(),
+                  axis=POSITION),
+        )
+    else:
+        logprobs = (Field("topk_logprobs", logprob_dtype, (top_k,),
+                          f"teacher log-probs of topk_ids {at} (full-vocabulary log_softmax)", axis=POSITION),)
+    segment_ids = (Field(SEGMENTS_FIELD, id_dtype(seq_len + 1), (seq_len,), "the document of each token: 1, 2, ... "
+                         "in row order, 0 for the padding"),) if segments else ()
+    return (
+        Field("input_ids", ids, (seq_len,), "the packed token ids of the sequence (padding after `length`)"),
+        Field("length", "int32", (), "number of real (non-padding) tokens in the sequence"),
+        *segment_ids,
+        Field(MASK_FIELD, "uint8", (seq_len - 1,), "1 where position t is trained (its label input_ids[t+1] is a "
+              "real token of the same document that the rows train), else 0"),
+        Field("topk_ids", ids, (top_k,), f"ids of the teacher's top-k next tokens {at}, by descending log-prob",
+              axis=POSITION),
+        *logprobs,
+        Field("label_logprob", "float32", (), f"teacher log-prob of the label {at} (exact, float32)", axis=POSITION),
+    )
+
+
+def legacy_schema(*, vocab_size: int, top_k: int, seq_len: int, logprob_dtype: str = "float16") -> tuple[Field, ...]:
+    """The fields of a row of schema versions 1 and 2 (read, never written): every per-position field holds all
+    `seq_len - 1` positions, zeros where nothing is trained."""
+    check_logprob_dtype(logprob_dtype)
+    ids, p = id_dtype(vocab_size), seq_len - 1
     if logprob_dtype == Q8:
         logprobs: tuple[Field, ...] = (
             Field("top1_logprob", "float32", (p,), "teacher log-prob of topk_ids[..., 0], its argmax (exact, float32)"),
@@ -143,36 +170,24 @@ def cache_schema(*, vocab_size: int, top_k: int, seq_len: int, logprob_dtype: st
     )
 
 
-def _trained_schema(ids: str, top_k: int, seq_len: int, logprob_dtype: str) -> tuple[Field, ...]:
-    at = "at a trained position"
-    if logprob_dtype == Q8:
-        logprobs: tuple[Field, ...] = (
-            Field("top1_logprob", "float32", (), f"teacher log-prob of topk_ids[0], its argmax (exact, float32), {at}",
-                  axis=POSITION),
-            Field("topk_logprobs", "uint8", (top_k,), f"teacher log-probs of topk_ids {at}, q8-encoded: increments "
-                  "along k of sqrt-companded gaps below top1_logprob (decoded by readers)", encoding=q8_spec(),
-                  axis=POSITION),
-        )
-    else:
-        logprobs = (Field("topk_logprobs", logprob_dtype, (top_k,),
-                          f"teacher log-probs of topk_ids {at} (full-vocabulary log_softmax)", axis=POSITION),)
-    return (
-        Field("input_ids", ids, (seq_len,), "the packed token ids of the sequence (padding after `length`)"),
-        Field("length", "int32", (), "number of real (non-padding) tokens in the sequence"),
-        Field("segment_ids", id_dtype(seq_len + 1), (seq_len,), "the document of each token: 1, 2, ... in row order, "
-              "0 for the padding"),
-        Field(MASK_FIELD, "uint8", (seq_len - 1,), "1 where position t is trained (its label input_ids[t+1] is a "
-              "completion's or an assistant turn's token of the same document), else 0"),
-        Field("topk_ids", ids, (top_k,), f"ids of the teacher's top-k next tokens {at}, by descending log-prob",
-              axis=POSITION),
-        *logprobs,
-        Field("label_logprob", "float32", (), f"teacher log-prob of the label {at} (exact, float32)", axis=POSITION),
-    )
+def check_logprob_dtype(logprob_dtype: str) -> None:
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise ValueError(f"--logprob-dtype must be one of {LOGPROB_DTYPES}, got {logprob_dtype!r}")
 
 
-def layout_of(schema: tuple[Field, ...]) -> str:
-    """"trained" where some field is per position, else "dense"."""
-    return "trained" if any(f.per_position for f in schema) else "dense"
+def stores_positions(schema: tuple[Field, ...]) -> bool:
+    """Whether the teacher's fields hold the trained positions only (schema version 3), not every position."""
+    return any(f.per_position for f in schema)
+
+
+def store_rows(arrays: dict[str, np.ndarray], schema: tuple[Field, ...]) -> dict[str, np.ndarray]:
+    """Rows whose per-position fields are given at every position (R, T-1, ...), with their label_mask (R, T-1) ->
+    the fields as a shard of `schema` stores them: per-position fields at the trained positions only (N, ...), in
+    row order, and the mask as uint8. What a writer of its own (a test, another tool) hands CacheWriter.write_shard."""
+    mask = np.asarray(arrays[MASK_FIELD]).astype(bool)
+    out = {f.name: np.asarray(arrays[f.name])[mask] if f.per_position else np.asarray(arrays[f.name]) for f in schema}
+    out[MASK_FIELD] = mask.astype(np.uint8)
+    return out
 
 
 def encode_logprobs(topk_logprobs: np.ndarray, logprob_dtype: str) -> dict[str, np.ndarray]:
@@ -185,11 +200,11 @@ def encode_logprobs(topk_logprobs: np.ndarray, logprob_dtype: str) -> dict[str, 
 
 
 def schema_version_of(schema_json: list[dict]) -> int:
-    """The schema version a manifest with these fields gets: 3 once any field is per position (the "trained"
-    layout), else 2 once any field is encoded, else 1."""
+    """The schema version a manifest with these fields gets: 3 once any field is per position, else (the versions
+    that were written before) 2 once any field is encoded, else 1."""
     if any(isinstance(d, dict) and d.get("axis") == POSITION for d in schema_json):
-        return TRAINED_SCHEMA_VERSION
-    return ENCODED_SCHEMA_VERSION if any(d.get("encoding") for d in schema_json) else SCHEMA_VERSION
+        return SCHEMA_VERSION
+    return ENCODED_SCHEMA_VERSION if any(d.get("encoding") for d in schema_json) else PLAIN_SCHEMA_VERSION
 
 
 def schema_from_json(items: list[dict]) -> tuple[Field, ...]:
@@ -198,14 +213,14 @@ def schema_from_json(items: list[dict]) -> tuple[Field, ...]:
 
 
 def row_bytes(schema: tuple[Field, ...]) -> int:
-    """Uncompressed bytes of one row; in the "trained" layout an upper bound: every position trained."""
+    """Uncompressed bytes of one row; where fields are per trained position, an upper bound: every position trained."""
     positions = next((f.shape[0] for f in schema if f.name == MASK_FIELD), 0)
     return sum(f.row_bytes * (positions if f.per_position else 1) for f in schema)
 
 
 def position_counts(schema: tuple[Field, ...], arrays: dict[str, np.ndarray]) -> np.ndarray | None:
     """(R,) int64 trained positions of each row of `arrays` (the per-position fields' entries of each row), or None
-    in the dense layout."""
-    if not any(f.per_position for f in schema):
+    where the schema stores every position (versions 1 and 2)."""
+    if not stores_positions(schema):
         return None
     return np.asarray(arrays[MASK_FIELD]).astype(bool).sum(axis=1).astype(np.int64)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from .backends import BACKENDS, CorruptShardError, shard_name
 from .encoding import Q8, Q8_LEVELS
-from .schema import (ENCODINGS, LOGPROB_DTYPES, POSITION, READABLE_SCHEMA_VERSIONS, cache_schema,
-                     schema_version_of)
+from .schema import (ENCODINGS, LOGPROB_DTYPES, POSITION, READABLE_SCHEMA_VERSIONS, SEGMENTS_FIELD,
+                     SCHEMA_VERSION, cache_schema, legacy_schema, schema_version_of)
 
 MAX_MANIFEST_BYTES = 64 * 2**20  # a shard entry is ~200 bytes: room for 300k shards, and never a flood of memory
 MAX_DEPTH = 32  # our manifests nest 4 deep (manifest > schema > field > encoding); 32 leaves room, not a stack overflow
@@ -227,8 +227,9 @@ def check_q8_encoding(enc: _Object, *, top1_field: str) -> None:
 
 
 def check_schema(top: _Object, *, vocab_size: int, top_k: int, seq_len: int) -> None:
-    """The stored fields must be exactly those `cache_schema` declares for this vocabulary, k, sequence length and
-    log-prob storage, in order (name, dtype, shape; docs are prose), and only `topk_logprobs` may be encoded."""
+    """The stored fields must be exactly those `cache_schema` (schema version 3, with or without segment_ids) or
+    `legacy_schema` (versions 1 and 2) declares for this vocabulary, k, sequence length and log-prob storage, in
+    order (name, dtype, shape; docs are prose), and only `topk_logprobs` may be encoded."""
     items = top.list("schema")
     fields = [_Object(top.path, item, f"schema[{i}]") for i, item in enumerate(items)]
     for f in fields:
@@ -242,8 +243,12 @@ def check_schema(top: _Object, *, vocab_size: int, top_k: int, seq_len: int) -> 
     if version != schema_version_of(items):
         top.fail("schema_version", f"is {version}, which does not match its fields (encoded fields need version 2, "
                  "fields per trained position version 3)")
-    layout = "trained" if version == 3 else "dense"
-    expected = cache_schema(vocab_size=vocab_size, top_k=top_k, seq_len=seq_len, logprob_dtype=storage, layout=layout)
+    if version == SCHEMA_VERSION:
+        segments = any(isinstance(d, dict) and d.get("name") == SEGMENTS_FIELD for d in items)
+        expected = cache_schema(vocab_size=vocab_size, top_k=top_k, seq_len=seq_len, logprob_dtype=storage,
+                                segments=segments)
+    else:
+        expected = legacy_schema(vocab_size=vocab_size, top_k=top_k, seq_len=seq_len, logprob_dtype=storage)
     got = [(f.value["name"], f.value["dtype"], tuple(f.value["shape"]), f.value.get("axis", "row")) for f in fields]
     want = [(e.name, e.dtype, e.shape, e.axis) for e in expected]
     if got != want:
@@ -347,9 +352,12 @@ def validate_manifest(manifest: dict, path: Path) -> None:
     if packing is not None:
         rule = packing.str("rule", choices=("concat", "bos-per-row", "document"))
         packing.int("bos_token_id", 0, vocab_size - 1, nullable=rule != "bos-per-row")
-        if (rule == "document") != (top.value["schema_version"] == 3) and rule != "concat":
-            packing.fail("rule", f"is {rule!r}, which a cache of schema version {top.value['schema_version']} cannot "
-                         "hold (documents packed whole are stored as trained positions, version 3)")
+        segments = any(isinstance(d, dict) and d.get("name") == SEGMENTS_FIELD for d in top.value["schema"])
+        if rule == "document" and not segments:
+            packing.fail("rule", f"is {rule!r}, which a cache without segment_ids cannot hold (documents packed whole "
+                         "say which document each token belongs to; schema version 3)")
+        if rule == "bos-per-row" and segments:
+            packing.fail("rule", f"is {rule!r}, which a cache of documents packed whole (segment_ids) cannot hold")
         packing.str("description", required=False)
     top.obj("config")
     top.obj("created_by", required=False)

@@ -1,7 +1,8 @@
 """Writing a cache folder: shards under temporary names, then renamed; the manifest last.
 
 Folder life cycle:
-- new: created with `.mft-cache-progress.json` (the build's identity: the resolved configuration).
+- new: created with `.mft-cache-progress.json` (the build's identity: the resolved configuration; and the schema
+  of its shards, so that a build is resumed only by a writer of the same schema).
 - each shard: written to `.shard-NNNNN<suffix>.tmp-PID`, fsynced and checksummed; its record
   `.shard-NNNNN.json` is written; then the data is renamed to `shard-NNNNN<suffix>`. A shard is
   done only if both its data and its record exist, so a crash at any point loses at most the shard
@@ -43,6 +44,7 @@ from .validate import DOCUMENTS
 log = logging.getLogger(__name__)
 
 PROGRESS = ".mft-cache-progress.json"
+SHARD_SCHEMA = "shard_schema"  # the progress file's record of the fields its shards hold, beside the build's identity
 # what a writer puts in a folder besides the shards themselves: the manifest, the progress file, documents.npy,
 # shard records (.shard-NNNNN.json) and anything under a temporary name (.NAME.tmp-PID)
 _OURS = re.compile(r"^(manifest\.json|\.mft-cache-progress\.json|documents\.npy|\.shard-\d{5}\.json|\..+\.tmp-\d+)$")
@@ -158,20 +160,28 @@ class CacheWriter:
             )
         progress = self.folder / PROGRESS
         if progress.exists() and not overwrite and MANIFEST not in names:
-            old = _identity(_read_json(progress))
+            recorded = _read_json(progress)
+            shard_fields = recorded.pop(SHARD_SCHEMA, None)
+            old = _identity(recorded)
             if old != _identity(self.identity):
                 raise ValueError(
                     f"--out {self.folder} holds an unfinished cache built with another configuration "
                     f"(differs in {_diff(old, self.identity)}); rerun that command to finish it, or pass --overwrite"
                 )
-            self.owned.remove([n for n in names if ".tmp-" in n])  # debris of the interrupted run
-            return "resume"
+            if shard_fields == self._schema_json():
+                self.owned.remove([n for n in names if ".tmp-" in n])  # debris of the interrupted run
+                return "resume"
+            log.info("the unfinished build in %s wrote shards of another schema (an earlier mft-cache): starting it "
+                     "again", self.folder)
         names = [n for n in names if n not in self.scratch]  # this build's rows, ingested before the folder was prepared
         if names:
             log.info("removing %s in %s", "the cache (--overwrite)" if overwrite else "an unfinished start", self.folder)
             self.owned.remove(names)
-        write_json_atomic(progress, self.identity)
+        write_json_atomic(progress, {**self.identity, SHARD_SCHEMA: self._schema_json()})
         return "new"
+
+    def _schema_json(self) -> list[dict]:
+        return [f.to_json() for f in self.schema]
 
     def _provably_a_cache(self, names: list[str]) -> bool:
         """Whether the folder is shown to be a cache by a writer's own records: a manifest whose format_name is

@@ -186,22 +186,51 @@ def bos_of(manifest: dict) -> int | None:
 
 
 def rewrite_shard(folder: Path, edit, index: int = 0) -> str:
-    """Rewrite shard `index` with edit(arrays, trained) applied to its stored fields (q8: the codes and top1_logprob;
-    trained: label_mask), then re-sign the shard and the manifest: only the values are wrong. Returns its name."""
+    """Rewrite shard `index` with edit(arrays, trained) applied to its stored fields (q8: the codes and top1_logprob),
+    given at every position (R, T-1, ...) with zeros where nothing is trained (trained: the (R, T-1) bool label mask,
+    which the edit may change too), then stored again at the trained positions and re-signed with the manifest: only
+    the values are wrong. Returns the shard's name."""
     from mft_cache.masks import label_mask
-    from mft_cache.storage import open_cache
+    from mft_cache.storage import open_cache, store_rows
     from mft_cache.storage.backends import BACKENDS, checksum, size_on_disk
+    from mft_cache.storage.reader import expand_positions
+    from mft_cache.storage.schema import stores_positions
 
     cache, m = open_cache(folder, verify="none"), read_manifest(folder)
     s = m["shards"][index]
     arrays = {k: np.array(v) for k, v in cache.read_rows(s["first_row"], s["first_row"] + s["rows"], raw=True).items()}
-    edit(arrays, label_mask(arrays["input_ids"], arrays["length"], bos_of(m)))
+    if stores_positions(cache.schema):
+        arrays = expand_positions(arrays, cache.schema)
+        edit(arrays, arrays["label_mask"])
+        arrays = store_rows(arrays, cache.schema)
+    else:
+        edit(arrays, label_mask(arrays["input_ids"], arrays["length"], bos_of(m)))
     path = folder / s["name"]
     if path.is_dir():
         shutil.rmtree(path)
     BACKENDS[cache.format].write(path, cache.schema, arrays)
     resign(folder, lambda m: m["shards"][index].update(sha256=checksum(path), bytes=size_on_disk(path)))
     return s["name"]
+
+
+def write_legacy_copy(src: Path, dst: Path) -> None:
+    """The cache at `src` written again as schema version 1 writes it (every position stored, no label mask, zeros
+    where nothing is trained), with the same rows, values and metadata: a cache of an earlier mft-cache. float16 and
+    float32 log-probs only."""
+    from mft_cache.storage import CacheMetadata, CacheWriter, open_cache
+    from mft_cache.storage.schema import legacy_schema
+
+    cache, m = open_cache(src), read_manifest(src)
+    schema = legacy_schema(vocab_size=m["vocab_size"], top_k=m["top_k"], seq_len=m["seq_len"],
+                           logprob_dtype=cache.schema[-2].dtype)
+    writer = CacheWriter(dst, fmt=m["format"], schema=schema, identity=m["config"])
+    for i, shard in enumerate(m["shards"]):
+        rows = cache.read_rows(shard["first_row"], shard["first_row"] + shard["rows"])
+        writer.write_shard(i, {f.name: rows[f.name].astype(f.dtype) for f in schema})
+    names = {f.name for f in dataclasses.fields(CacheMetadata)}
+    meta = CacheMetadata(**{k: m[k] for k in names if k in m}, logprob_dtype=cache.schema[-2].dtype)
+    writer.finish(dataclasses.replace(meta, data={k: v for k, v in m["data"].items() if k != "documents_file"}),
+                  len(m["shards"]), np.load(src / "documents.npy"))
 
 
 def rewrite_field(folder: Path, field: str, edit) -> str:

@@ -24,11 +24,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import SMALL_CACHE, read_manifest, resign, rewrite_field, rewrite_shard
+from helpers import SMALL_CACHE, read_manifest, resign, rewrite_field, rewrite_shard, write_legacy_copy
 from mft_cache.cli import main
 from mft_cache.pipeline.cache import CacheConfig, build_cache
-from mft_cache.storage import CorruptShardError, ManifestError, open_cache
+from mft_cache.storage import CorruptShardError, ManifestError, open_cache, store_rows
 from mft_cache.storage.backends import BACKENDS, checksum, size_on_disk
+from mft_cache.storage.reader import expand_positions
 from mft_cache.storage.manifest import manifest_digest
 
 SEQ, K = 32, 8
@@ -240,9 +241,11 @@ def test_a_shard_holding_other_rows_than_the_manifest_says_is_refused(built, tmp
     cache = open_cache(folder, verify="none")
     s, name = cache.shards[1], cache.shards[1].name
     rows = s.rows
-    arrays = {k: np.array(v)[:-1] for k, v in cache.read_rows(s.first_row, s.first_row + rows, raw=True).items()}
+    stored = cache.read_rows(s.first_row, s.first_row + rows, raw=True)
+    arrays = {k: np.array(v)[:-1] for k, v in expand_positions(stored, cache.schema).items()}
     path = folder / name
-    BACKENDS["arrow"].write(path, cache.schema, arrays)  # its last row dropped, the manifest's rows kept
+    BACKENDS["arrow"].write(path, cache.schema, store_rows(arrays, cache.schema))  # its last row dropped, the
+    # manifest's rows kept
     resign(folder, lambda m: m["shards"][1].update(sha256=checksum(path), bytes=size_on_disk(path)))
     with deadline(), pytest.raises(CorruptShardError, match=re.escape(name) + f".*holds {rows - 1} rows, the manifest says"):
         open_cache(folder, verify="full")
@@ -313,10 +316,10 @@ def test_q8_parameters_out_of_range_are_refused(gap_max, built, tmp_path, reliab
             enc["scale"] = enc["levels"] / math.sqrt(gap_max)  # consistent: only the range is wrong
 
     resign(folder, edit)
-    with pytest.raises(ManifestError, match=re.escape("schema[4].encoding.gap_max' must be a finite number in (0, 64]")):
+    with pytest.raises(ManifestError, match=re.escape("schema[5].encoding.gap_max' must be a finite number in (0, 64]")):
         read_everything(folder)
     reliability("hostile input", f"a re-signed q8 cache with `gap_max` {gap_max:g}",
-                "`ManifestError` naming `schema[4].encoding.gap_max` when the cache is opened")
+                "`ManifestError` naming `schema[5].encoding.gap_max` when the cache is opened")
 
 
 # -- values that describe no distribution, or that no teacher can produce --------------------------------------
@@ -511,11 +514,16 @@ def test_inspect_json_is_valid_json_with_non_finite_statistics(built, tmp_path, 
 # -- every kind this code writes still reads -------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["zarr", "arrow"])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "q8"])
-def test_caches_of_every_kind_pass_every_check(fmt, dtype, built):
+def test_caches_of_every_kind_pass_every_check(fmt, dtype, built, tmp_path):
     m = read_manifest(built(fmt, dtype))
-    assert m["schema_version"] == (2 if dtype == "q8" else 1)
+    assert m["schema_version"] == 3
     rows = read_everything(built(fmt, dtype))
     assert len(rows["input_ids"]) == m["num_sequences"] and np.isfinite(rows["topk_logprobs"]).any()
+    if dtype != "q8":  # the same cache as an earlier version wrote it (schema version 1): the same rows
+        write_legacy_copy(built(fmt, dtype), tmp_path / "old")
+        old = read_everything(tmp_path / "old")
+        assert read_manifest(tmp_path / "old")["schema_version"] == 1 and old.keys() == rows.keys()
+        assert all(np.array_equal(old[k], rows[k]) for k in rows)
 
 
 # -- property: any single mutation of a manifest reads the same rows or is refused -----------------------------
@@ -617,7 +625,7 @@ def test_any_single_manifest_mutation_reads_the_same_rows_or_is_refused(kind, bu
 # -- nothing read is code ---------------------------------------------------------------------------------------
 def test_nothing_read_is_evaluated_as_code(reliability):
     root = Path(__file__).resolve().parents[1]
-    sources = [p for d in ("mft_cache", "pipeline", "storage", "trainer") for p in (root / d).rglob("*.py")]
+    sources = [p for d in ("mft_cache", "pipeline", "rows", "storage", "trainer") for p in (root / d).rglob("*.py")]
     assert len(sources) > 20
     import re
 

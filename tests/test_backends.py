@@ -8,7 +8,7 @@ import pytest
 from mft_cache.storage import CacheWriter, open_cache
 from mft_cache.storage.backends import BACKENDS, CorruptShardError, formats, register_backend
 from mft_cache.storage.manifest import CacheMetadata
-from mft_cache.storage.schema import cache_schema
+from mft_cache.storage.schema import cache_schema, store_rows
 
 
 class NpzBackend:
@@ -54,7 +54,8 @@ def shard_arrays(rows: int, first: int, seq_len=6, k=3, vocab=50):
     tail = np.log(np.clip(1 - np.exp(lp.astype(np.float64)).sum(-1), 1e-30, None))  # the mass left for the label
     outside = np.minimum(lp[..., -1], tail).astype(np.float32)
     return {"input_ids": input_ids, "length": np.full(rows, seq_len, np.int32), "topk_ids": topk_ids,
-            "topk_logprobs": lp, "label_logprob": np.where(hit.any(-1), column, outside)}
+            "topk_logprobs": lp, "label_logprob": np.where(hit.any(-1), column, outside),
+            "label_mask": np.ones((rows, seq_len - 1), bool)}
 
 
 def test_a_registered_backend_writes_resumes_and_reads(npz, tmp_path):
@@ -64,11 +65,11 @@ def test_a_registered_backend_writes_resumes_and_reads(npz, tmp_path):
     shards = [shard_arrays(4, 0), shard_arrays(4, 1), shard_arrays(2, 2)]
     first = CacheWriter(tmp_path / "c", fmt=npz, schema=schema, identity=identity)
     assert first.state == "new"
-    first.write_shard(0, shards[0])
-    first.write_shard(1, shards[1])  # ...then the build stops
+    first.write_shard(0, store_rows(shards[0], schema))
+    first.write_shard(1, store_rows(shards[1], schema))  # ...then the build stops
     again = CacheWriter(tmp_path / "c", fmt=npz, schema=schema, identity=identity)  # its own files are not foreign
     assert again.state == "resume" and sorted(again.done_shards()) == [0, 1]
-    again.write_shard(2, shards[2])
+    again.write_shard(2, store_rows(shards[2], schema))
     meta = CacheMetadata(model={"id": "toy"}, tokenizer={"fingerprint": "t", "bos_token_id": None}, vocab_size=50,
                          top_k=3, seq_len=6, logprob_dtype="float16", data={"source": "toy", "split": "train"},
                          packing={"rule": "concat", "bos_token_id": None}, num_sequences=10, num_tokens=50,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import make_texts, write_jsonl
-from helpers import cache_args, snapshot, torchrun
+from helpers import cache_args, snapshot, torchrun, write_legacy_copy
 from reference import sparse_mft_loss
 from mft_cache.cli import main
 from mft_cache.pipeline.cache import CacheConfig, build_cache
@@ -178,12 +178,36 @@ def test_an_old_reader_refuses_the_new_layout(chat_cache, monkeypatch):
         open_cache(chat_cache)
 
 
-def test_text_caches_keep_their_identity_and_layout(llama, docs_jsonl, tmp_path):
+def test_text_caches_keep_their_identity_in_the_one_layout(llama, docs_jsonl, tmp_path):
+    """A text cache is written like every other (schema version 3: its label mask with its rows, no segment ids,
+    values at the trained positions only) and keeps the identity it always had, so a finished cache of an earlier
+    version is still this build's."""
     m = build_cache(CacheConfig(model=str(llama), data=str(docs_jsonl), out=str(tmp_path / "c"), seq_len=SEQ,
                                 top_k=4)).to_json()
-    assert m["schema_version"] == 1 and "format" not in m["data"]
+    assert m["schema_version"] == 3 and m["data"]["format"] == "text" and m["packing"]["rule"] == "bos-per-row"
+    assert [f["name"] for f in m["schema"]][:3] == ["input_ids", "length", "label_mask"]
     assert not {"data_format", "train_on", "prompt_field", "chat_template_fingerprint"} & set(m["config"])
     assert m["config"]["packing"] == "bos-per-row"
+    raw = open_cache(tmp_path / "c").read_rows(0, m["num_sequences"], raw=True)
+    assert len(raw["label_logprob"]) == raw["label_mask"].sum() == m["num_tokens"]
+
+
+def test_caches_of_every_earlier_schema_read_as_the_one_layout(llama, docs_jsonl, tmp_path):
+    """A cache of schema version 1 (every position stored, no mask) gives the same rows, the same label mask (from
+    its BOS rule) and the same training batches as the same cache in today's layout."""
+    new = tmp_path / "new"
+    build_cache(CacheConfig(model=str(llama), data=str(docs_jsonl), out=str(new), seq_len=SEQ, top_k=4,
+                            shard_mb=0.01))
+    write_legacy_copy(new, tmp_path / "old")
+    old_cache, new_cache = open_cache(tmp_path / "old", verify="full"), open_cache(new, verify="full")
+    assert old_cache.manifest.schema_version == 1 and len(old_cache.manifest.shards) > 1
+    a, b = old_cache.read_rows(0, len(old_cache)), new_cache.read_rows(0, len(new_cache))
+    assert a.keys() == b.keys() and "label_mask" in a and "segment_ids" not in a
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    rows = [3, 0, len(old_cache) - 1]
+    x, y = CacheRows(old_cache).batch(rows), CacheRows(new_cache).batch(rows)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_chat_fingerprint_is_over_the_fields_read(tmp_path):

@@ -116,7 +116,7 @@ def f32_cache(llama, docs_jsonl, tmp_path_factory) -> Path:
 def test_q8_cache_reads_back_within_the_bound_of_a_float32_cache(fmt, f32_cache, llama, docs_jsonl, tmp_path):
     m = cli_cache(llama, docs_jsonl, tmp_path / "q", "--logprob-dtype", "q8", "--format", fmt)
     schema = {f["name"]: f for f in m["schema"]}
-    assert m["schema_version"] == 2 and m["config"]["logprob_dtype"] == "q8"
+    assert m["schema_version"] == 3 and m["config"]["logprob_dtype"] == "q8"
     assert schema["topk_logprobs"]["dtype"] == "uint8" and schema["top1_logprob"]["dtype"] == "float32"
     enc = schema["topk_logprobs"]["encoding"]
     assert enc["name"] == "q8" and enc["gap_max"] == Q8_GAP_MAX and enc["levels"] == Q8_LEVELS
@@ -125,7 +125,7 @@ def test_q8_cache_reads_back_within_the_bound_of_a_float32_cache(fmt, f32_cache,
     q, ref = open_cache(tmp_path / "q", verify="full"), open_cache(f32_cache, verify="full")
     assert len(q) == len(ref) > 3 and len(q.shards) > 1
     a, b = q.read_rows(0, len(q)), ref.read_rows(0, len(ref))
-    assert set(a) == set(b) == {"input_ids", "length", "topk_ids", "topk_logprobs", "label_logprob"}
+    assert set(a) == set(b) == {"input_ids", "length", "label_mask", "topk_ids", "topk_logprobs", "label_logprob"}
     for name in ("input_ids", "length", "topk_ids", "label_logprob"):  # label exact
         np.testing.assert_array_equal(a[name], b[name])
     lp, exact = a["topk_logprobs"], b["topk_logprobs"]  # (R, T-1, K)
@@ -138,7 +138,8 @@ def test_q8_cache_reads_back_within_the_bound_of_a_float32_cache(fmt, f32_cache,
     valid = np.arange(lp.shape[1])[None] < (a["length"][:, None] - 1)
     assert (lp[~valid] == 0).all()  # padding stays 0
     raw = q.read_rows(0, 2, raw=True)  # the stored fields
-    assert raw["topk_logprobs"].dtype == np.uint8 and (raw["top1_logprob"] == exact[:2, :, 0]).all()
+    trained = raw["label_mask"].astype(bool)  # (2, T-1): the stored positions
+    assert raw["topk_logprobs"].dtype == np.uint8 and (raw["top1_logprob"] == exact[:2, :, 0][trained]).all()
     # what the trainer reads: float32 log-probs whose column 0 is p_max exactly, no trainer change
     batch = CacheRows(q).batch([1, 0])
     assert str(batch["topk_logprobs"].dtype) == "torch.float32"
@@ -183,9 +184,9 @@ def test_q8_values_out_of_range_are_refused(field, edit, message, llama, docs_js
         open_cache(folder)[0]
 
 
-def test_plain_caches_keep_version_1_and_encoded_manifests_are_checked(llama, docs_jsonl, tmp_path):
+def test_plain_caches_hold_no_encoding_and_encoded_manifests_are_checked(llama, docs_jsonl, tmp_path):
     m16 = cli_cache(llama, docs_jsonl, tmp_path / "f16", "--format", "arrow")
-    assert m16["schema_version"] == 1 and not any("encoding" in f for f in m16["schema"])
+    assert m16["schema_version"] == 3 and not any("encoding" in f for f in m16["schema"])
     assert "topk_logprobs_encoding" not in m16["values"]
     cli_cache(llama, docs_jsonl, tmp_path / "q", "--logprob-dtype", "q8", "--format", "arrow")
     path = tmp_path / "q" / "manifest.json"

@@ -81,7 +81,8 @@ def test_a_build_killed_in_the_teachers_pass_reuses_its_ingested_rows(killable, 
     assert "reusing the ingested rows" in r.stderr and "resuming" in r.stderr
     assert snapshot(out) == reference
     reliability("crash", "SIGKILL to `mft cache` in the teacher's pass, then rerun",
-                "the rerun reuses the ingested rows without reading the source again and finishes the identical cache")
+                "the rerun reuses the ingested rows once the source, read again (not tokenized), gives their recorded "
+                "fingerprint, and finishes the identical cache")
 
 
 def test_a_source_changed_before_the_rerun_is_read_again_and_refused(llama, tmp_path, reliability):
@@ -97,6 +98,26 @@ def test_a_source_changed_before_the_rerun_is_read_again_and_refused(llama, tmp_
     assert not (out / "manifest.json").exists()
     reliability("mismatch", "the documents edited between a killed `mft cache` and its rerun",
                 "read again (their size changed), the new fingerprint refused with exit 2 naming data_fingerprint")
+
+
+def test_a_source_rewritten_with_the_same_size_and_time_is_not_trusted(llama, tmp_path, reliability):
+    """Sizes and modification times are only a hint: other text of the same size, its time set back, is caught by the
+    content fingerprint, so the rerun never finishes a cache of the old text."""
+    data = write_jsonl(tmp_path / "docs.jsonl", make_texts(100, seed=10))
+    out = tmp_path / "cache"
+    r = run_limited(cli(cache_args(llama, data, out, **INGEST_CACHE)), MFT_FAULT="cache:shard-1")
+    assert r.returncode == -9, r.stderr[-2000:]
+    before, stat = data.read_bytes(), data.stat()
+    after = before.replace(b"a", b"e")  # other words, the same bytes count
+    assert after != before and len(after) == len(before)
+    data.write_bytes(after)
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    r = run_limited(cli(cache_args(llama, data, out, **INGEST_CACHE)))
+    assert "reusing the ingested rows" not in r.stderr and "the source changed" in r.stderr
+    assert r.returncode == 2 and "data_fingerprint" in r.stderr and not (out / "manifest.json").exists()
+    reliability("mismatch", "the documents replaced by other text of the same size and modification time between a "
+                "killed `mft cache` and its rerun", "the rerun reads the source again, finds another content "
+                "fingerprint, does not reuse the ingested rows and refuses the unfinished cache naming data_fingerprint")
 
 
 # -- SIGKILL or SIGINT at a random moment -------------------------------------------------------------

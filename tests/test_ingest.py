@@ -177,13 +177,13 @@ def test_a_hub_dataset_is_read_through_the_datasets_streaming_loader(sources, mo
 
 def _synthetic_cache(folder: Path, num_shards: int) -> Path:
     """A zarr cache of `num_shards` shards of 4 random valid rows, written without a teacher."""
-    from mft_cache.storage import CacheMetadata, CacheWriter, cache_schema
+    from mft_cache.storage import CacheMetadata, CacheWriter, cache_schema, store_rows
     from test_backends import shard_arrays
 
     schema = cache_schema(vocab_size=50, top_k=3, seq_len=6)
     writer = CacheWriter(folder, fmt="zarr", schema=schema, identity={"what": "toy"})
     for i in range(num_shards):
-        writer.write_shard(i, shard_arrays(4, i))
+        writer.write_shard(i, store_rows(shard_arrays(4, i), schema))
     rows = 4 * num_shards
     meta = CacheMetadata(model={"id": "toy"}, tokenizer={"fingerprint": "t", "bos_token_id": None}, vocab_size=50,
                          top_k=3, seq_len=6, logprob_dtype="float16", data={"source": "toy", "split": "train"},

@@ -1,5 +1,5 @@
 """The typed manifest: what `load_manifest` / `Cache.manifest` give is a frozen Manifest built from the validated
-JSON, its attributes are the file's keys, and it keeps the file's JSON; derived values (layout, rule, bos_id)
+JSON, its attributes are the file's keys, and it keeps the file's JSON; derived values (rule, bos_id)
 follow the keys."""
 from __future__ import annotations
 
@@ -9,21 +9,25 @@ import json
 import numpy as np
 import pytest
 
-from mft_cache.storage import CacheMetadata, CacheWriter, Manifest, ManifestError, cache_schema, load_manifest, open_cache
+from mft_cache.storage import (CacheMetadata, CacheWriter, Manifest, ManifestError, cache_schema, load_manifest,
+                               open_cache, store_rows)
 from mft_cache.storage.manifest import REQUIRED_KEYS, FileRecord, Packing, Shard
 
 VOCAB, K, T = 50, 3, 6
 
 
 def _rows(n: int, seed: int) -> dict[str, np.ndarray]:
-    """n rows of a dense cache whose values any reader accepts: sorted log-probs, the label among the top-k."""
+    """n rows, every position trained, whose values any reader accepts: sorted log-probs, the label among the top-k;
+    in the fields a shard stores."""
     g = np.random.default_rng(seed)
     input_ids = g.integers(0, VOCAB, size=(n, T)).astype(np.uint8)
     topk_ids = np.stack([np.stack([g.permutation(VOCAB)[:K] for _ in range(T - 1)]) for _ in range(n)]).astype(np.uint8)
     topk_ids[..., 0] = input_ids[:, 1:]  # the label is the teacher's top-1
     lp = np.sort(np.log(g.dirichlet(np.ones(K + 2), size=(n, T - 1))[..., :K]), axis=-1)[..., ::-1]
-    return {"input_ids": input_ids, "length": np.full(n, T, np.int32), "topk_ids": topk_ids,
-            "topk_logprobs": lp.astype(np.float16), "label_logprob": lp[..., 0].astype(np.float16).astype(np.float32)}
+    rows = {"input_ids": input_ids, "length": np.full(n, T, np.int32), "topk_ids": topk_ids,
+            "topk_logprobs": lp.astype(np.float16), "label_logprob": lp[..., 0].astype(np.float16).astype(np.float32),
+            "label_mask": np.ones((n, T - 1), bool)}
+    return store_rows(rows, cache_schema(vocab_size=VOCAB, top_k=K, seq_len=T))
 
 
 def _build(folder, packing: dict, data: dict | None = None) -> Manifest:
@@ -52,7 +56,7 @@ def test_the_manifest_is_typed_and_keeps_its_json(tmp_path):
     assert [s.name for s in m.shards] == ["shard-00000.zarr", "shard-00001.zarr"]
     assert all(isinstance(s, Shard) for s in m.shards) and [s.first_row for s in m.shards] == [0, 4]
     assert m.schema == cache_schema(vocab_size=VOCAB, top_k=K, seq_len=T)
-    assert (m.layout, m.rule, m.bos_id) == ("dense", "bos-per-row", 1)
+    assert (m.schema_version, m.rule, m.bos_id) == (3, "bos-per-row", 1)
     assert m.to_json() == json.loads((tmp_path / "c" / "manifest.json").read_text())
     m.to_json()["top_k"] = 99  # a copy: the manifest does not change
     assert m.to_json()["top_k"] == K and open_cache(tmp_path / "c").manifest == m

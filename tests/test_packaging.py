@@ -105,8 +105,8 @@ def _check_ours(res: dict) -> None:
         folder = "mft_cache" if mod == "mft_cache" else mod.split(".")[1]
         assert Path(file).resolve().is_relative_to(ROOT / folder), f"{mod} loaded from {file}, not {ROOT / folder}"
     assert res["leaked"] == [], f"our code imported top-level modules {res['leaked']}"
-    assert res["schema_version"] == 1
-    assert res["schema_fields"] == ["input_ids", "length", "topk_ids", "topk_logprobs", "label_logprob"]
+    assert res["schema_version"] == 3
+    assert res["schema_fields"] == ["input_ids", "length", "label_mask", "topk_ids", "topk_logprobs", "label_logprob"]
     assert res["cache_config_seq_len"] == 256
     assert res["loss"] == pytest.approx(2 * math.log(5), rel=1e-6)  # the sum over two positions
     for argv, (code, text) in res["help"].items():

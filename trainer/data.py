@@ -14,7 +14,7 @@ import torch
 
 from mft_cache.rows import Packed
 from mft_cache.storage import Cache
-from mft_cache.masks import label_mask, real_tokens
+from mft_cache.masks import real_tokens
 
 
 def _long(a: np.ndarray) -> torch.Tensor:
@@ -27,7 +27,6 @@ class CacheRows:
 
     def __init__(self, cache: Cache):
         self.cache = cache
-        self.bos_id = cache.manifest.bos_id
         self.document = cache.manifest.rule == "document"
 
     def __len__(self) -> int:
@@ -36,11 +35,10 @@ class CacheRows:
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
         parts = [self.cache.read_rows(r, r + 1) for r in rows]
         a = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        mask = a["label_mask"] if "label_mask" in a else label_mask(a["input_ids"], a["length"], self.bos_id)
         out = {
             "input_ids": _long(a["input_ids"]),  # (B, T)
             "length": _long(a["length"]),  # (B,)
-            "label_mask": torch.from_numpy(mask),  # (B, T-1) trained
+            "label_mask": torch.from_numpy(a["label_mask"]),  # (B, T-1) trained
             "topk_ids": _long(a["topk_ids"]),  # (B, T-1, K)
             "topk_logprobs": torch.from_numpy(a["topk_logprobs"]),  # (B, T-1, K) stored dtype
             "label_logprob": torch.from_numpy(a["label_logprob"]),  # (B, T-1) float32
@@ -63,8 +61,7 @@ class PackedRows:
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
         p = self.packed
         ids, lengths = p.input_ids[rows], p.lengths[rows]
-        mask = p.trained[rows] if p.trained is not None else label_mask(ids, lengths, p.bos_id)
-        out = {"input_ids": _long(ids), "length": _long(lengths), "label_mask": torch.from_numpy(mask)}
+        out = {"input_ids": _long(ids), "length": _long(lengths), "label_mask": torch.from_numpy(p.mask_of(rows))}
         if p.segment_ids is not None:
             out["segment_ids"] = _long(p.segment_ids[rows])
         return out
