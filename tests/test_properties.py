@@ -54,10 +54,18 @@ def _config_classes(command: str) -> tuple:
             "study": (TrainConfig, StudyConfig)}[command]
 
 
+@pytest.fixture(scope="module")
+def commands():
+    """The command line built once (its first build imports both stages: longer than an example's deadline)."""
+    from mft_cache.cli import _parser
+
+    return _parser()
+
+
 @PROPERTY
 @given(config=CONFIGS, kind=st.sampled_from(["yaml", "json", "text"]), noise=st.text(max_size=40),
        command=st.sampled_from(["cache", "train", "sweep", "study"]))
-def test_a_config_file_gives_a_config_or_exits_2_naming_it(tmp_path_factory, config, kind, noise, command):
+def test_a_config_file_gives_a_config_or_exits_2_naming_it(commands, tmp_path_factory, config, kind, noise, command):
     from mft_cache.cli import parse
     from mft_cache.config import from_namespace
 
