@@ -3,7 +3,7 @@
 Modes (same model, batch, sequence length and rows):
   ft-hf       plain finetuning with transformers' own loss over full logits (StudentLoss impl "transformers")
   ft          plain finetuning through the trainer's chunked loss (objective ft)
-  mft-cache   MFT from cached top-k targets (CacheRows or synthetic rows, targets.from_cache)
+  mft-cache   MFT from cached top-k targets (Rows or synthetic rows, targets.from_cache)
   mft-online  MFT with the teacher in memory (targets.from_logits, the same StudentLoss)
 A suffix "+ckpt" (ft+ckpt, mft-cache+ckpt) selects --loss-impl checkpointed, the head's own forward chunk by
 chunk under activation checkpointing, instead of the fused linear + loss.
@@ -37,7 +37,7 @@ MODE_NAMES = {"ft-hf": "FT, transformers loss (a)", "ft": "FT, our loss (b)",
 
 
 class ArrayRows:
-    """Rows held in memory (synthetic cache rows, or the tokens of a cache): CacheRows' batch format."""
+    """Rows held in memory (synthetic cache rows, or the tokens of a cache): Rows' batch format."""
 
     def __init__(self, arrays: dict, with_targets: bool, bos_id=None):
         import numpy as np
@@ -58,15 +58,15 @@ class ArrayRows:
 
 
 def load_rows(spec: dict, mode: str):
-    """The rows a mode trains on: CacheRows of a real cache (what `mft train` reads) for ft and mft-cache,
+    """The rows a mode trains on: Rows of a real cache (what `mft train` reads) for ft and mft-cache,
     the same sequences' tokens for ft-hf and mft-online (what the online baseline reads)."""
     if spec.get("cache"):
         from mft_cache.storage import open_cache
-        from mft_cache.trainer.data import CacheRows
+        from mft_cache.trainer.data import Rows
 
         cache = open_cache(spec["cache"])
         if mode in ("ft", "mft-cache"):
-            return CacheRows(cache)
+            return Rows(cache)
         return ArrayRows(cache.read_rows(0, len(cache)), with_targets=False, bos_id=cache.manifest.bos_id)
     arrays = benchlib.synthetic_rows(spec["rows"], spec["seq_len"], spec["vocab_size"], spec["top_k"], seed=1)
     return ArrayRows(arrays, with_targets=mode in ("ft", "mft-cache"))

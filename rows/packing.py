@@ -35,7 +35,7 @@ class Packed:
 
     input_ids: np.ndarray  # (R, T) int64, padding after `lengths`
     lengths: np.ndarray  # (R,) int32
-    doc_offsets: np.ndarray | None = None  # concatenated text: (D + 1,) int64 start of each document in the stream, then the total
+    doc_offsets: np.ndarray | None = None  # (D + 1,) int64 where each document starts (rows/spec.py), then the total
     bos_id: int | None = None  # concatenated text: the BOS every row starts with (rule BOS_PER_ROW), or None (CONCAT)
     trained: np.ndarray | None = None  # (R, T-1) bool where rows carry their mask (chat, prompt-completion, documents packed whole)
     segment_ids: np.ndarray | None = None  # (R, T) int64 for documents packed whole: 1, 2, ... per document, 0 padding
@@ -43,6 +43,17 @@ class Packed:
     @property
     def num_sequences(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def take(self, rows) -> dict[str, np.ndarray]:
+        """The given rows' input_ids (n, T), length (n,), label_mask (n, T-1) and, for documents packed whole,
+        segment_ids (n, T): the fields a cache's rows have besides the teacher's."""
+        out = {"input_ids": self.input_ids[rows], "length": self.lengths[rows], "label_mask": self.mask_of(rows)}
+        if self.segment_ids is not None:
+            out["segment_ids"] = self.segment_ids[rows]
+        return out
 
     @property
     def label_mask(self) -> np.ndarray:

@@ -448,12 +448,20 @@ class Cache:
             arrays = decode_rows(arrays, self.schema)
         if not self._positions:
             return upgrade_rows(arrays, self.manifest.bos_id)
-        return expand_positions(arrays, self.schema)
+        arrays = expand_positions(arrays, self.schema)
+        if self.manifest.rule != "document":  # segment ids of concatenated rows (stored by earlier versions) say
+            arrays.pop(SEGMENTS_FIELD, None)  # nothing the length does not
+        return arrays
 
     def iter_shards(self, raw: bool = False):
         """Yield each shard's rows as numpy arrays (one shard in memory at a time); raw as in read_rows."""
         for s in self.shards:
             yield self.read_rows(s.first_row, s.first_row + s.rows, raw=raw)
+
+    def take(self, rows) -> dict[str, np.ndarray]:
+        """The given rows, in that order, as read_rows gives them (one row read at a time: any order, any shard)."""
+        parts = [self.read_rows(r, r + 1) for r in rows]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         arrays = self.read_rows(row, row + 1)

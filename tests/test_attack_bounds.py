@@ -152,7 +152,7 @@ def test_an_evaluation_of_nothing_is_null_not_perplexity_1(llama, run_docs, reli
     from mft_cache.models import load_tokenizer
     from mft_cache.rows import build_rows
     from mft_cache.trainer.checkpoint import TrainState
-    from mft_cache.trainer.data import PackedRows
+    from mft_cache.trainer.data import Rows
     from mft_cache.trainer.evaluate import evaluate_perplexity_se, perplexity_se
     from mft_cache.trainer.loss_module import StudentLoss
     from mft_cache.trainer.train import score
@@ -160,7 +160,7 @@ def test_an_evaluation_of_nothing_is_null_not_perplexity_1(llama, run_docs, reli
     packed = build_rows(str(run_docs), load_tokenizer(str(llama)), 32, what="--eval-specialized")[0]
     packed.trained = np.zeros((packed.num_sequences, 31), dtype=bool)
     model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
-    assert evaluate_perplexity_se(StudentLoss(model, 64), PackedRows(packed), 4, Accelerator(cpu=True)) == (None, None)
+    assert evaluate_perplexity_se(StudentLoss(model, 64), Rows(packed), 4, Accelerator(cpu=True)) == (None, None)
     assert perplexity_se(torch.zeros(6, dtype=torch.float64)) == (None, None)
     state = TrainState()
     first = score({"step": 0, "ppl_specialized": None, "ppl_general": 20.0}, state)

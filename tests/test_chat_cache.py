@@ -26,7 +26,7 @@ from mft_cache.rows.chat import render, template_fingerprint
 from mft_cache.rows.documents import DocumentStream
 from mft_cache.testing import WORDS, make_chat_tokenizer, make_model
 from mft_cache.trainer.config import TrainConfig
-from mft_cache.trainer.data import CacheRows
+from mft_cache.trainer.data import Rows
 from mft_cache.trainer.evaluate import evaluate_perplexity_se
 from mft_cache.trainer.inputs import open_eval_sets
 from mft_cache.trainer.loss_module import StudentLoss
@@ -206,7 +206,7 @@ def test_caches_of_every_earlier_schema_read_as_the_one_layout(llama, docs_jsonl
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     rows = [3, 0, len(old_cache) - 1]
-    x, y = CacheRows(old_cache).batch(rows), CacheRows(new_cache).batch(rows)
+    x, y = Rows(old_cache).batch(rows), Rows(new_cache).batch(rows)
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
@@ -274,7 +274,7 @@ def test_loss_over_trained_positions_equals_each_document_alone(llama_chat, chat
     from transformers import AutoModelForCausalLM
 
     cache = open_cache(chat_cache)
-    rows = CacheRows(cache)
+    rows = Rows(cache)
     batch = rows.batch(list(range(len(cache))))
     assert "segment_ids" in batch and torch.equal(batch["label_mask"], torch.from_numpy(
         np.concatenate([cache.read_rows(r, r + 1)["label_mask"] for r in range(len(cache))])))

@@ -15,7 +15,7 @@ from mft_cache.pipeline.inspect import cache_stats
 from mft_cache.storage import CorruptShardError, ManifestError, open_cache
 from mft_cache.storage.encoding import Q8_GAP_MAX, Q8_LEVELS, decode_q8, encode_q8, q8_error_bound
 from mft_cache.storage.manifest import manifest_digest
-from mft_cache.trainer.data import CacheRows
+from mft_cache.trainer.data import Rows
 
 F32_EPS = 2.0**-23  # float32 rounding of `top1 - gap`: relative to the larger magnitude
 
@@ -141,7 +141,7 @@ def test_q8_cache_reads_back_within_the_bound_of_a_float32_cache(fmt, f32_cache,
     trained = raw["label_mask"].astype(bool)  # (2, T-1): the stored positions
     assert raw["topk_logprobs"].dtype == np.uint8 and (raw["top1_logprob"] == exact[:2, :, 0][trained]).all()
     # what the trainer reads: float32 log-probs whose column 0 is p_max exactly, no trainer change
-    batch = CacheRows(q).batch([1, 0])
+    batch = Rows(q).batch([1, 0])
     assert str(batch["topk_logprobs"].dtype) == "torch.float32"
     np.testing.assert_array_equal(batch["topk_logprobs"][..., 0].numpy(), exact[[1, 0], :, 0])
     # mft inspect: the same statistics, the tail mass within the encoding's error

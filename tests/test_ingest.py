@@ -197,11 +197,11 @@ def test_reading_a_cache_in_stage_two_holds_the_same_whatever_its_size(tmp_path)
     """Batches read through the trainer's rows from a cache of 6x more shards peak at the same Python allocations:
     at most MAX_OPEN_SHARDS shard readers stay open, and what a closed one held is freed at once."""
     from mft_cache.storage.reader import MAX_OPEN_SHARDS
-    from mft_cache.trainer.data import CacheRows
+    from mft_cache.trainer.data import Rows
 
     peaks = {}
     for n in (12, 72):
-        rows = CacheRows(open_cache(_synthetic_cache(tmp_path / f"c{n}", n)))
+        rows = Rows(open_cache(_synthetic_cache(tmp_path / f"c{n}", n)))
         rows.batch([0])  # first-use costs (imports, codec set-up) left out of the measure
         gc.collect()
         tracemalloc.start()
@@ -209,7 +209,7 @@ def test_reading_a_cache_in_stage_two_holds_the_same_whatever_its_size(tmp_path)
             rows.batch(list(range(start, start + 4)))
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert len(rows.cache._open) == MAX_OPEN_SHARDS
+        assert len(rows.source._open) == MAX_OPEN_SHARDS
     assert peaks[72] < 1.25 * peaks[12], peaks
 
 

@@ -20,11 +20,11 @@ def test_the_collator_gives_the_batches_mft_train_uses(cache):
     import torch
 
     from mft_cache.hf import CacheDataset, collate
-    from mft_cache.trainer.data import CacheRows
+    from mft_cache.trainer.data import Rows
 
     ds = CacheDataset(cache)
     rows = [5, 0, 17]
-    want = CacheRows(ds.cache).batch(rows)
+    want = Rows(ds.cache).batch(rows)
     got = collate([ds[i] for i in rows])
     assert set(got) == {"input_ids", "length", "label_mask", "topk_ids", "topk_logprobs", "label_logprob"} == set(want)
     for k in want:

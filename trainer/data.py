@@ -21,49 +21,30 @@ def _long(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.int64, copy=False))
 
 
-class CacheRows:
-    """Rows of a cache as training batches: tokens, the trained positions and the teacher's cached values
-    (targets.from_cache turns them into what the loss consumes)."""
+class Rows:
+    """Training batches of rows: a cache's (tokens, trained positions and the teacher's cached values, which
+    targets.from_cache turns into what the loss consumes) or rows packed in memory (mft_cache.rows.Packed: the
+    online teacher's, evaluation sets, raw replay documents); with documents packed whole, their segment ids."""
 
-    def __init__(self, cache: Cache):
-        self.cache = cache
-        self.document = cache.manifest.rule == "document"
+    def __init__(self, source: Cache | Packed):
+        self.source = source
 
     def __len__(self) -> int:
-        return len(self.cache)
+        return len(self.source)
 
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        parts = [self.cache.read_rows(r, r + 1) for r in rows]
-        a = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        a = self.source.take(rows)
         out = {
             "input_ids": _long(a["input_ids"]),  # (B, T)
             "length": _long(a["length"]),  # (B,)
             "label_mask": torch.from_numpy(a["label_mask"]),  # (B, T-1) trained
-            "topk_ids": _long(a["topk_ids"]),  # (B, T-1, K)
-            "topk_logprobs": torch.from_numpy(a["topk_logprobs"]),  # (B, T-1, K) stored dtype
-            "label_logprob": torch.from_numpy(a["label_logprob"]),  # (B, T-1) float32
         }
-        if self.document:
+        if "topk_ids" in a:  # a cache's rows
+            out.update(topk_ids=_long(a["topk_ids"]),  # (B, T-1, K)
+                       topk_logprobs=torch.from_numpy(a["topk_logprobs"]),  # (B, T-1, K) stored dtype
+                       label_logprob=torch.from_numpy(a["label_logprob"]))  # (B, T-1) float32
+        if "segment_ids" in a:
             out["segment_ids"] = _long(a["segment_ids"])  # (B, T) each document attends only to itself
-        return out
-
-
-class PackedRows:
-    """Rows packed from raw data (the online-teacher baseline, evaluation sets, raw replay documents): tokens, the
-    trained positions, and the segments of documents packed whole (mft_cache.rows.Packed)."""
-
-    def __init__(self, packed: Packed):
-        self.packed = packed
-
-    def __len__(self) -> int:
-        return self.packed.num_sequences
-
-    def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        p = self.packed
-        ids, lengths = p.input_ids[rows], p.lengths[rows]
-        out = {"input_ids": _long(ids), "length": _long(lengths), "label_mask": torch.from_numpy(p.mask_of(rows))}
-        if p.segment_ids is not None:
-            out["segment_ids"] = _long(p.segment_ids[rows])
         return out
 
 

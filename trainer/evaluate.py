@@ -5,18 +5,18 @@ import math
 
 import torch
 
-from .data import PackedRows
+from .data import Rows
 
 
 @torch.no_grad()
-def evaluate_perplexity(loss_module, rows: PackedRows, batch_size: int, accelerator) -> float | None:
+def evaluate_perplexity(loss_module, rows: Rows, batch_size: int, accelerator) -> float | None:
     """exp(mean next-token NLL) over every trained position of `rows`; None when it holds none (see
     evaluate_perplexity_se)."""
     return evaluate_perplexity_se(loss_module, rows, batch_size, accelerator)[0]
 
 
 @torch.no_grad()
-def evaluate_perplexity_se(loss_module, rows: PackedRows, batch_size: int,
+def evaluate_perplexity_se(loss_module, rows: Rows, batch_size: int,
                            accelerator) -> tuple[float | None, float | None]:
     """(perplexity, its standard error over sequences) of `rows`, split across processes; (None, None) when `rows`
     hold no trained position.

@@ -21,7 +21,7 @@ from transformers import Trainer
 from mft_cache.models import tokenizer_fingerprint, vocab_size_of
 from mft_cache.storage import Manifest, open_cache
 
-from .data import CacheRows, step_rows
+from .data import Rows, step_rows
 from .loss import LOSS_IMPLS
 from .loss_module import StudentLoss
 from .targets import OBJECTIVES, TAIL_MODES, from_cache
@@ -39,7 +39,7 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache: str | Path, model: torch.nn.Module | None = None, tokenizer=None):
         self.cache = open_cache(cache)
-        self.rows = CacheRows(self.cache)
+        self.rows = Rows(self.cache)
         if model is not None or tokenizer is not None:
             self.check_student(model, tokenizer)
 
@@ -69,7 +69,7 @@ class CacheDataset(torch.utils.data.Dataset):
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """CacheDataset items -> the batch dict `mft train` feeds its loss (the same as CacheRows.batch of those rows)."""
+    """CacheDataset items -> the batch dict `mft train` feeds its loss (the same as Rows.batch of those rows)."""
     return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
 
 

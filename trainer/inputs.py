@@ -12,15 +12,18 @@ from mft_cache.storage.hub import download_cache, is_hub_ref
 
 from .checks import cache_row_spec, check_data, check_replay_cache
 from .config import TrainConfig
-from .data import CacheRows, PackedRows
+from .data import Rows
 from .targets import check_top_k
 
 DEFAULT_SEQ_LEN = 256
 
 
 @dataclass
-class TrainingRows:
-    rows: CacheRows | None  # None with the online teacher: packed once the student's tokenizer is loaded
+class TrainingData:
+    """What a run trains on: its rows (a cache's, or None until the online teacher's are packed), the cache's
+    manifest, the student to load, the row length and how the rows were made."""
+
+    rows: Rows | None  # None with the online teacher: packed once the student's tokenizer is loaded
     manifest: Manifest | None  # the cache's, or None with the online teacher
     model_id: str  # the student to load
     seq_len: int
@@ -34,13 +37,13 @@ def online_spec(cfg: TrainConfig, seq_len: int) -> RowSpec:
                     completion_field=cfg.completion_field)
 
 
-def open_training_rows(cfg: TrainConfig) -> TrainingRows:
+def open_training_rows(cfg: TrainConfig) -> TrainingData:
     if cfg.teacher == "online":
         seq_len = cfg.seq_len or DEFAULT_SEQ_LEN
         # the model's config alone (no weights): rows longer than it allows are refused as `mft cache` refuses them
         check_seq_len(load_config(cfg.model, cfg.trust_remote_code), seq_len,
                       "--seq-len" if cfg.seq_len else "--seq-len (default with --teacher online)")
-        return TrainingRows(None, None, cfg.model, seq_len, online_spec(cfg, seq_len))
+        return TrainingData(None, None, cfg.model, seq_len, online_spec(cfg, seq_len))
     # validated; shards checksummed on first read (all of them at once after a download from the Hub)
     cache = open_cache(download_cache(cfg.cache) if is_hub_ref(cfg.cache) else cfg.cache)
     m = cache.manifest
@@ -51,7 +54,7 @@ def open_training_rows(cfg: TrainConfig) -> TrainingRows:
     spec = cache_row_spec(m, cfg)  # the cache's rows decide; a flag that says otherwise is refused
     if cfg.data:
         check_data(m, cfg.data, cfg.text_field, cfg.cache)
-    return TrainingRows(CacheRows(cache), m, model_id, cache.seq_len, spec)
+    return TrainingData(Rows(cache), m, model_id, cache.seq_len, spec)
 
 
 def _rows(cfg: TrainConfig, source: str, tokenizer, seq_len: int, what: str, spec_of=None):
@@ -63,9 +66,9 @@ def _rows(cfg: TrainConfig, source: str, tokenizer, seq_len: int, what: str, spe
                       spec_of=spec_of)[0]
 
 
-def online_rows(cfg: TrainConfig, tokenizer, seq_len: int) -> PackedRows:
+def online_rows(cfg: TrainConfig, tokenizer, seq_len: int) -> Rows:
     spec = online_spec(cfg, seq_len)
-    return PackedRows(_rows(cfg, cfg.data, tokenizer, seq_len, "--data", lambda fmt: spec))
+    return Rows(_rows(cfg, cfg.data, tokenizer, seq_len, "--data", lambda fmt: spec))
 
 
 def follow(run: RowSpec | None, cfg: TrainConfig, seq_len: int):
@@ -96,15 +99,15 @@ def open_replay(cfg: TrainConfig, manifest: dict | None, tokenizer, seq_len: int
                         f"{replay.top_k} or rebuild it)")
         elif replay.seq_len != seq_len:
             raise ValueError(f"--replay {cfg.replay}: seq len {replay.seq_len}, not {seq_len}")
-        return CacheRows(replay)
+        return Rows(replay)
     if cfg.teacher == "cache" and cfg.objective != "ft":
         raise ValueError(f"--replay {cfg.replay}: with --objective {cfg.objective}, replay rows need the teacher's "
                          f"targets too; cache them first (`mft cache --data {cfg.replay} --out REPLAY_CACHE "
                          f"--seq-len {seq_len}` with the same teacher) and pass --replay REPLAY_CACHE")
-    return PackedRows(_rows(cfg, cfg.replay, tokenizer, seq_len, "--replay", follow(None, cfg, seq_len)))
+    return Rows(_rows(cfg, cfg.replay, tokenizer, seq_len, "--replay", follow(None, cfg, seq_len)))
 
 
-def open_eval_sets(cfg: TrainConfig, tokenizer, seq_len: int, spec: RowSpec | None = None) -> dict[str, PackedRows]:
+def open_eval_sets(cfg: TrainConfig, tokenizer, seq_len: int, spec: RowSpec | None = None) -> dict[str, Rows]:
     """The specialized and general evaluation sets that are given, packed like the training rows (`spec`: how
     those were made; chat and prompt-completion sets are evaluated on the positions such rows train)."""
     sets = {}
@@ -116,5 +119,5 @@ def open_eval_sets(cfg: TrainConfig, tokenizer, seq_len: int, spec: RowSpec | No
                 raise ValueError(f"--eval-{name} {path}: its rows hold no position to evaluate (no trained next-token "
                                  "label), so it has no perplexity; give documents (or completions) of at least 2 "
                                  "tokens, or leave the flag out")
-            sets[name] = PackedRows(packed)
+            sets[name] = Rows(packed)
     return sets

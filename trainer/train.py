@@ -69,7 +69,7 @@ class Run:
     module: object  # StudentLoss, prepared
     optimizer: object
     scheduler: object
-    rows: object  # CacheRows / PackedRows / MixedRows
+    rows: object  # Rows / Rows / MixedRows
     rows_of_step: Callable[[int], list[int]]
     eval_sets: dict
     targets: Callable[[dict], TeacherTargets]
