@@ -4,7 +4,7 @@ The teacher runs once (top-k at the largest k over real sequences); smaller k ar
 of the same outputs (top-k is sorted, so they are exactly what a smaller --top-k stores). Only storage
 is timed, through the library: write = CacheWriter.write_shard (backend write with compression, fsync,
 sha256, rename) + finish (manifest); read = open_cache + read_rows of every row, as the trainer's
-CacheRows reads them (one row at a time, in a shuffled order), first with verify="lazy" (the default:
+Rows reads them (one row at a time, in a shuffled order), first with verify="lazy" (the default:
 the shard's sha256 and values are checked on first read) and then, on a second open, verify="none".
 Configurations are interleaved and repeated; MB/s are of the uncompressed row bytes.
 
@@ -139,7 +139,7 @@ def section_storage(args, inputs: benchlib.Inputs) -> dict:
 def table(st: dict, results: dict) -> list[str]:
     out = [f"### Storage ({st['sequences']} sequences x {st['seq_len']}, {st['tokens']:,} tokens, "
            f"vocab {st['vocab_size']:,}; MB/s of uncompressed row bytes; reads row by row in shuffled order "
-           f"as CacheRows does)\n",
+           f"as the trainer reads them)\n",
            "| format | log-probs | k | bytes/token | uncompressed | write MB/s | write tok/s | read MB/s | "
            "read tok/s | first read (verify lazy) tok/s |",
            "|---|---|---|---|---|---|---|---|---|---|"]

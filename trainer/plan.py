@@ -245,7 +245,7 @@ def activation_profile(config, cfg) -> ActivationProfile:
 
 
 def cache_row_bytes(seq_len: int, top_k: int, logprob_bytes: int = 2) -> int:
-    """One training row as the trainer holds it in memory (data.CacheRows.batch: ids as int64)."""
+    """One training row as the trainer holds it in memory (data.Rows.batch: ids as int64)."""
     p = seq_len - 1
     return seq_len * 8 + 8 + p + (p * top_k * (8 + logprob_bytes) + p * 4 if top_k else 0)
 
