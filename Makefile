@@ -109,7 +109,8 @@ study: setup $(call assets_for,MODEL DATA)
 RELIABILITY_TESTS ?= tests/test_faults_cache.py tests/test_faults_train.py tests/test_attack_cache_files.py \
 	tests/test_attack_documents.py tests/test_attack_flags.py tests/test_attack_model_folders.py \
 	tests/test_attack_out_folders.py tests/test_attack_links.py tests/test_attack_checkpoints.py \
-	tests/test_attack_names.py tests/test_attack_bounds.py tests/test_train.py
+	tests/test_attack_names.py tests/test_attack_bounds.py tests/test_chat_cache.py tests/test_config_files.py \
+	tests/test_train.py
 reliability: setup
 	$(BIN)/pytest -q $(RELIABILITY_TESTS) --reliability-report RELIABILITY.md
 

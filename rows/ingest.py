@@ -37,7 +37,7 @@ import numpy as np
 from mft_cache.faults import fault_point
 
 from .documents import DocumentStream
-from mft_cache.files import write_json_atomic
+from mft_cache.files import open_owned, remove_member, write_json_atomic
 from mft_cache.masks import BOS_PER_ROW, CONCAT
 
 from .packing import bos_rule
@@ -117,7 +117,7 @@ class IngestedRows:
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(header, {"descr": "<i8", "fortran_order": False, "shape": (n,)})
         h, size = hashlib.sha256(header.getvalue()), len(header.getvalue())
-        with open(self.folder / OFFSETS, "rb") as src, open(path, "wb") as dst:
+        with open_owned(self.folder, OFFSETS, "rb") as src, open_owned(path.parent, path.name, "wb") as dst:
             dst.write(header.getvalue())
             while piece := src.read(8 * _COPY):
                 h.update(piece)
@@ -179,11 +179,11 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
     shard_tokens: list[int] = []
     segmented = spec.packing == "document"
     bos_id = bos_rule(tokenizer) if spec.streamed_text else None
-    (folder / SEGMENTS).unlink(missing_ok=True)
-    with open(folder / INPUT_IDS, "wb") as f_ids, open(folder / LENGTHS, "wb") as f_len, \
-            open(folder / OFFSETS, "wb") as f_off, open(folder / MASKS, "wb") as f_mask, \
+    remove_member(folder / SEGMENTS)
+    with open_owned(folder, INPUT_IDS, "wb") as f_ids, open_owned(folder, LENGTHS, "wb") as f_len, \
+            open_owned(folder, OFFSETS, "wb") as f_off, open_owned(folder, MASKS, "wb") as f_mask, \
             contextlib.ExitStack() as more:
-        f_seg = more.enter_context(open(folder / SEGMENTS, "wb")) if segmented else None
+        f_seg = more.enter_context(open_owned(folder, SEGMENTS, "wb")) if segmented else None
         for batch in stream_batches(stream, tokenizer, spec):
             rows, lengths, offsets = batch.input_ids, batch.lengths, batch.doc_offsets
             _append(f_off, offsets.astype("<i8"))

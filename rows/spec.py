@@ -135,7 +135,8 @@ def _documents(stream: DocumentStream, tokenizer, spec: RowSpec, where: list):
     for item in stream:
         if isinstance(item, ChatRow):
             where[0] = item.where
-            yield render(item.fields, tokenizer, stream.format, spec.train_on, where=item.where)
+            yield render(item.fields, tokenizer, stream.format, spec.train_on, where=item.where,
+                         max_tokens=spec.seq_len if spec.packing == "document" else None)
             continue
         batch.append(item)
         if len(batch) == ENCODE_BATCH:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from mft_cache.faults import fault_point
-from mft_cache.files import OwnedFolder, remove_member, write_json_atomic
+from mft_cache.files import OwnedFolder, remove_member, write_bytes_atomic, write_json_atomic
 from mft_cache.folder_lock import LOCK_FILE
 
 from .backends import checksum, get_backend, parse_shard_name, shard_name, size_on_disk
@@ -232,12 +232,7 @@ class CacheWriter:
 
     def write_file(self, name: str, data: bytes) -> dict:
         """An auxiliary file (e.g. documents.npy), atomically; returns {name, sha256, bytes}."""
-        tmp = self.folder / f".{name}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / name)
+        write_bytes_atomic(self.folder / name, data)
         return {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
     def finish(self, meta: CacheMetadata, num_shards: int, doc_offsets) -> Manifest:

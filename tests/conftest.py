@@ -179,6 +179,7 @@ def pytest_sessionfinish(session, exitstatus):
              "Written by the reliability suite (`make reliability`, the same tests CI runs in `make test`): one row per "
              "fault injected or hostile input tried, recorded by the test only after its checks of the outcome passed.",
              f"This run: {len(rows)} cases, {failed} failing tests in the session.", "",
+             (Path(__file__).parent / "threat_model.md").read_text().rstrip(), "", "## Cases", "",
              "| area | fault or input | outcome (checked) | test |", "|---|---|---|---|"]
     lines += [f"| {r['area']} | {r['fault']} | {r['outcome']} | `{r['test'].split('::', 1)[-1]}` |" for r in rows]
     Path(path).write_text("\n".join(lines) + "\n")

@@ -70,13 +70,9 @@ LIBRARY = ("mft_cache", "trainer", "pipeline", "storage", "rows")  # bench/ and 
 WRITES_ALLOWED = {
     # these write only names the writer itself has just created (a temporary name, renamed into place) in a folder
     # it holds the lock of
-    "storage/writer.py": {"open", "os.replace"},  # shards and documents.npy
-    "storage/backends.py": {"open_group", "write_table"},  # zarr and parquet shards, at the writer's temporary path
-    "rows/ingest.py": {"open"},  # the ingested rows' arrays
-    "trainer/checkpoint.py": {"open", "os.replace", "shutil.rmtree"},  # step-N/ and best/, final/ under .tmp names;
-    # metrics.jsonl cut back on --resume, once run_folder has found it a regular file
-    "trainer/train.py": {"shutil.rmtree"},  # checkpoints/ of a finished run (a link there is refused at the start)
-    "trainer/report.py": {"savefig"},  # s_dg.png (a link there is refused at the start)
+    "storage/writer.py": {"os.replace"},  # a shard's temporary name renamed into place
+    "storage/backends.py": {"open_group", "write_table"},  # zarr and arrow shards, at the writer's temporary path
+    "trainer/checkpoint.py": {"open", "os.replace", "shutil.rmtree"},  # step-N/ and best/, final/ under .tmp names
     "mft_cache/testing.py": {"write_text", "shutil.rmtree", "os.replace"},  # tests' models and data, where they say
 }
 _WRITE_FLAGS = {"O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND"}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mft_cache.faults import fault_point
-from mft_cache.files import write_json_atomic
+from mft_cache.files import open_owned, write_json_atomic
 
 from .adapters import is_adapted, save_adapted
 
@@ -196,7 +196,7 @@ def load_checkpoint(accelerator, out: Path, ckpt: Path) -> TrainState:
     except ValueError as e:
         raise ValueError(f"--resume: the checkpoint {ckpt} cannot be loaded safely ({e})") from None
     if accelerator.is_main_process:  # forget metrics written after the checkpoint: they will be written again
-        with open(out / "metrics.jsonl", "r+b") as f:
+        with open_owned(out, "metrics.jsonl", "r+b") as f:
             if f.seek(0, os.SEEK_END) < state.metrics_bytes:  # truncate() would pad it with NUL bytes
                 raise ValueError(f"--resume: {out / 'metrics.jsonl'} is shorter than when {ckpt.name} was saved; "
                                  "restore it, or pass --overwrite to start the run again")

@@ -1,7 +1,10 @@
 """Run outputs for people: the S/DG plot."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from mft_cache.files import write_bytes_atomic
 
 
 def plot_s_dg(evals: list[dict], path: Path, title: str) -> bool:
@@ -28,6 +31,8 @@ def plot_s_dg(evals: list[dict], path: Path, title: str) -> bool:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
     return True

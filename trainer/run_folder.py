@@ -33,7 +33,7 @@ _MARKER_ID = {"tool": "mft-cache", "kind": "train-run"}
 _OURS = re.compile(r"^(config\.json|metrics\.jsonl|summary\.json|s_dg\.png|best|final|checkpoints|best\.tmp|final\.tmp|tensorboard"
                    r"|\.mft-run\.json|\.mft-lock|\.(config\.json|summary\.json|\.mft-run\.json)\.tmp-\d+)$")
 _IGNORED_ON_RESUME = ("out", "resume", "overwrite", "log_every", "report_to", "run_name",
-                      "push_to_hub", "cpu_allocator")  # out: `./x` and `x`, or a moved folder, resume
+                      "push_to_hub", "cpu_allocator", "allow_changed_cache")  # out: `./x` and `x`, or a moved folder, resume
 # config.json keys besides TrainConfig's own, and their JSON types
 _RESOLVED_TYPES = {"resolved_model": (str,), "num_processes": (int,), "global_batch": (int,),
                    "cache_manifest_sha256": (str, type(None)), "cache_top_k": (int, type(None))}

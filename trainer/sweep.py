@@ -20,6 +20,7 @@ from pathlib import Path
 from mft_cache.files import (claim_folder, is_temporary, open_owned, read_json_object, write_bytes_atomic,
                              write_json_atomic, write_text_atomic)
 from mft_cache.folder_lock import LOCK_FILE
+from mft_cache.names import safe_run_name
 
 from .config import TrainConfig
 from .matched import match, spread
@@ -125,7 +126,7 @@ def sweep(cfg: TrainConfig, taus: list[float], with_ft: bool = True, seeds: list
 def _run_sweep(cfg: TrainConfig, runs: list[dict], out: Path, seeds: list[int], lrs: list[float]) -> list[dict]:
     # the trackers: one project (the sweep's folder name, or --run-name), a run per configuration and seed, one
     # TensorBoard folder
-    project = cfg.run_name or out.resolve().name
+    project = cfg.run_name or safe_run_name(out.resolve().name, "sweep")
     rows, base = [], None
     for i, r in enumerate(runs, 1):
         log.info("sweep run %d/%d: %s", i, len(runs), r["path"])

@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from mft_cache.faults import fault_active, fault_point
 from mft_cache.masks import real_tokens
 from mft_cache.models import DTYPES, load_model, load_tokenizer
 from mft_cache.storage.hub import check_online, push_folder
-from mft_cache.files import write_json_atomic
+from mft_cache.files import remove_member, write_json_atomic
 
 from .adapters import add_adapter
 from .card import write_model_card
@@ -435,7 +434,7 @@ def finish(run: Run, state: TrainState, metrics: Metrics, wall_time: Callable[[]
     if run.accelerator.is_main_process:
         write_json_atomic(run.out / "summary.json", summary)
         metrics.close()
-        shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
+        remove_member(run.out / "checkpoints")
     run.accelerator.wait_for_everyone()
     log.info("run written to %s: S %s, DG %s, DG/S %s", run.out, _fmt(summary["S"]), _fmt(summary["DG"]),
              _fmt(summary["ratio"]))
