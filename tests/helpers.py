@@ -6,6 +6,7 @@ conftest.py imports this module: what it takes from the library is imported wher
 change breaks the tests that use it, not the collection of every test."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -158,6 +159,28 @@ def weights(run_dir: Path) -> dict:
 def same_weights(a: Path, b: Path) -> bool:
     wa, wb = weights(a), weights(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# -- calls that must not hang ------------------------------------------------------------------------------------
+class Hung(BaseException):
+    """A call that blocked (on a FIFO, or looping); a BaseException so that no `except OSError` of the command catches
+    it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: int = 20):
+    """Turn a block that runs longer than `seconds` (open() of a FIFO with no writer, a loop) into a failure, not a hung
+    suite (SIGALRM: interrupts Python-level waits)."""
+    def alarm(*_):
+        raise Hung(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # -- caches edited and re-signed, as anyone can -----------------------------------------------------------------

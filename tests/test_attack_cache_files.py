@@ -14,9 +14,7 @@ import math
 import os
 import re
 import shutil
-import signal
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import SMALL_CACHE, read_manifest, resign, rewrite_field, rewrite_shard, write_legacy_copy
+from helpers import SMALL_CACHE, deadline, read_manifest, resign, rewrite_field, rewrite_shard, write_legacy_copy
 from mft_cache.cli import main
 from mft_cache.pipeline.cache import CacheConfig, build_cache
 from mft_cache.storage import CorruptShardError, ManifestError, open_cache, store_rows
@@ -39,21 +37,6 @@ SECRET_SIZE = 7919  # an unusual size, so an error that reports it is recognised
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-@contextmanager
-def deadline(seconds: int = SECONDS):
-    """Fail with TimeoutError if the block runs longer than `seconds` (SIGALRM: interrupts Python-level waits)."""
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def release(fifo: Path) -> None:
     """Unblock anything still waiting to read a FIFO (a writer opens and closes it), so no thread outlives a test."""
     try:

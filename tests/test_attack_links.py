@@ -6,40 +6,19 @@ is replaced); the file a link points at is never changed.
 Unit cases on mft_cache.files; end to end on a tiny llama (SMALL_RUN on run_cache, conftest.py)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import stat
 
 import pytest
 
-from helpers import LOCK_FILE, MARKER, SMALL_RUN, snapshot, train_args
+from helpers import LOCK_FILE, MARKER, SMALL_RUN, deadline, snapshot, train_args
 from mft_cache.cli import main
 from mft_cache.files import (NotARegularFile, claim_folder, open_owned, read_json_object, write_bytes_atomic,
                              write_json_atomic, write_text_atomic)
 from mft_cache.folder_lock import FolderLock
 
 OUTSIDE = "a file of the user's, outside every folder mft writes\n"
-
-
-class Hung(BaseException):
-    """A call that blocked (on a FIFO); a BaseException so that no `except OSError` of the command catches it."""
-
-
-@contextlib.contextmanager
-def no_hang(seconds: int = 20):
-    """Turn a call that blocks for `seconds` (open() of a FIFO with no writer) into a failure, not a hung suite."""
-    def alarm(*_):
-        raise Hung(f"blocked for {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def plant(path, kind: str, target) -> None:
@@ -68,7 +47,7 @@ def outside(tmp_path):
 @pytest.mark.parametrize("kind", ["link", "fifo"])
 def test_open_owned_refuses_a_link_or_fifo_without_following_or_waiting(kind, mode, tmp_path, outside):
     plant(tmp_path / "metrics.jsonl", kind, outside)
-    with no_hang(), pytest.raises(NotARegularFile, match="metrics.jsonl is a (symbolic link|FIFO)") as e:
+    with deadline(), pytest.raises(NotARegularFile, match="metrics.jsonl is a (symbolic link|FIFO)") as e:
         open_owned(tmp_path, "metrics.jsonl", mode)
     assert isinstance(e.value, ValueError) and outside.read_text() == OUTSIDE
 
@@ -81,7 +60,7 @@ def test_open_owned_refuses_a_device_and_a_folder(tmp_path):
         os.mknod(tmp_path / "zero", stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero's numbers
     except PermissionError:
         return  # not root: no device can be made here (the FIFO cases stand for it)
-    with no_hang(), pytest.raises(NotARegularFile, match="zero is a device"):
+    with deadline(), pytest.raises(NotARegularFile, match="zero is a device"):
         open_owned(tmp_path, "zero", "rb")
 
 
@@ -113,13 +92,13 @@ def test_an_atomic_write_replaces_a_planted_name_never_writes_through_it(kind, t
                                (write_bytes_atomic, "dg_vs_s.png", b"png")):
         path = tmp_path / name
         plant(path, kind, outside)
-        with no_hang():
+        with deadline():
             write(path, value)
         assert not path.is_symlink() and stat.S_ISREG(path.lstat().st_mode) and outside.read_text() == OUTSIDE
     # the temporary name is predictable (.NAME.tmp-PID): a link planted there is removed, not written through
     tmp = tmp_path / f".summary.json.tmp-{os.getpid()}"
     plant(tmp, kind, outside)
-    with no_hang():
+    with deadline():
         write_json_atomic(tmp_path / "summary.json", {"b": 2})
     assert json.loads((tmp_path / "summary.json").read_text()) == {"b": 2} and not os.path.lexists(tmp)
     assert outside.read_text() == OUTSIDE
@@ -133,7 +112,7 @@ def test_read_json_object_reads_no_link_and_no_fifo(tmp_path, outside):
     outside.write_text('{"runs": [], "configs": []}')
     for kind in ("link", "fifo"):
         plant(tmp_path / "sweep.json", kind, outside)
-        with no_hang():
+        with deadline():
             assert read_json_object(tmp_path / "sweep.json", 1 << 20) is None
 
 
@@ -143,7 +122,7 @@ def test_a_link_or_fifo_at_the_lock_is_replaced_never_written_through(kind, tmp_
     folder = tmp_path / "run"
     folder.mkdir()
     plant(folder / LOCK_FILE, kind, outside)
-    with no_hang():
+    with deadline():
         lock = FolderLock.acquire(folder)
     try:
         assert stat.S_ISREG((folder / LOCK_FILE).lstat().st_mode)
@@ -182,7 +161,7 @@ def test_resume_refuses_a_link_or_fifo_at_a_name_a_run_writes(name, kind, run_ca
     elsewhere.mkdir()
     (elsewhere / "notes.txt").write_text(OUTSIDE)
     plant(stopped_run / name, kind, elsewhere if name in ("checkpoints", "best") else outside)
-    with no_hang():
+    with deadline():
         code = main(train_args(run_cache, stopped_run, "--resume", **SMALL_RUN))
     err = capsys.readouterr().err
     what = "a symbolic link" if kind == "link" else "a FIFO"
@@ -207,7 +186,7 @@ def test_a_fresh_run_refuses_a_link_or_fifo_planted_in_its_empty_folder(name, ki
     out.mkdir()
     plant(out / name, kind, outside)
     for extra in ((), ("--overwrite",)):
-        with no_hang():
+        with deadline():
             code = main(train_args(run_cache, out, *extra, **SMALL_RUN))
         err = capsys.readouterr().err
         assert code == 2 and f"{out / name} is a" in err and "Traceback" not in err, err
@@ -228,7 +207,7 @@ def test_a_sweep_or_study_folder_with_a_planted_name_is_refused(kind, tmp_path, 
         claim_folder(out, what, ours, proof).release()  # marked as the command's own
         plant(out / name, kind, outside if name.endswith(".png") else tmp_path)
         before = sorted(p.name for p in out.iterdir())
-        with no_hang(), pytest.raises(NotARegularFile, match=f"{name} is a"):
+        with deadline(), pytest.raises(NotARegularFile, match=f"{name} is a"):
             claim_folder(out, what, ours, proof)
         assert sorted(p.name for p in out.iterdir()) == before and outside.read_text() == OUTSIDE
     reliability("security", f"a {'symbolic link' if kind == 'link' else 'FIFO'} planted at a name `mft sweep` or "

@@ -186,9 +186,9 @@ def test_a_listed_value_out_of_range_is_refused_as_the_flag_refuses_it(tmp_path,
 
 # -- what the file is: a FIFO, a device, a folder, too big, nested too deeply ---------------------------------------
 def _refused(argv: list[str], capsys) -> str:
-    from test_attack_links import no_hang
+    from helpers import deadline
 
-    with no_hang(), pytest.raises(SystemExit) as e:
+    with deadline(), pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err and len(err.partition(" error: ")[2]) < 1000, err
