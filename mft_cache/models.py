@@ -7,9 +7,13 @@ own logits, so an architecture with an exotic output layer is refused instead of
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import os
+import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -32,10 +36,74 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# -- native bfloat16 --------------------------------------------------------------------------------
+CPU_BF16_ENV = "MFT_CPU_BF16"  # "1" or "0": whether the CPU counts as computing bf16 natively, over the detection
+X86_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+_X86 = ("x86_64", "amd64", "i386", "i686")
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def apple_feat_bf16() -> bool:
+    """Whether macOS reports the Arm BF16 extension (hw.optional.arm.FEAT_BF16: M2 and later; the M1 lacks it)."""
+    try:
+        out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and out.stdout.strip() == "1"
+
+
+@functools.cache
+def detect_native_bf16() -> bool:
+    """Whether this machine's CPU computes bfloat16 matmuls natively, as detected (once per process): an x86 CPU
+    with AMX-BF16 or AVX512-BF16, or Apple silicon with FEAT_BF16. False elsewhere, where bf16 is emulated and
+    slower than float32 (AVX2-only x86, the M1, other Arm CPUs)."""
+    system, machine = platform.system(), platform.machine().lower()
+    if system == "Darwin":
+        return machine == "arm64" and apple_feat_bf16()
+    if machine not in _X86:
+        return False
+    flags = cpu_flags()
+    if flags:
+        return bool(flags & X86_BF16_FLAGS)
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # no /proc/cpuinfo (Windows): torch's cpuinfo
+    return bool(check and check())
+
+
+def native_bf16() -> bool:
+    """detect_native_bf16(), unless the environment variable MFT_CPU_BF16 says 1 (yes) or 0 (no)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{CPU_BF16_ENV}={shown(forced)}: expected 1 (the CPU computes bf16 natively) or 0")
+        return forced == "1"
+    return detect_native_bf16()
+
+
+def native_bf16_on(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA GPU that supports it without emulation (Ampere and
+    later), or a CPU for which native_bf16() holds. False on other devices (MPS among them)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and native_bf16()
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on a GPU, float32 elsewhere."""
+    """The teacher's dtype. `auto`: bfloat16 on a CUDA GPU and on a CPU with native bf16 (native_bf16), float32
+    elsewhere."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        native = device.type == "cuda" or (device.type == "cpu" and native_bf16())
+        return torch.bfloat16 if native else torch.float32
     if name not in DTYPES:
         raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]

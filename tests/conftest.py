@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread is faster, and subprocesses inherit it
+# as on a CPU without native bf16 (`--dtype auto` gives float32 teachers): the same values on every machine;
+# tests/test_bf16.py sets it per test
+os.environ.setdefault("MFT_CPU_BF16", "0")
 
 import torch  # noqa: E402
 
