@@ -85,6 +85,91 @@ def now() -> float:
     return time.perf_counter()
 
 
+# -- arithmetic: FLOPs of a model's passes and the machine's matmul peak --------------------------------
+# A pass's FLOPs are counted as PaLM counts them for its model FLOPs utilisation (Chowdhery et al. 2022, app. B):
+# per token position, 2 per parameter outside the embeddings (decoder layers and norms), 2 x vocab x hidden where the
+# output layer runs, and attention's two products QK^T and AV, 2 x 2 x layers x seq_len x attention width (the whole
+# seq_len x seq_len square, the causal mask not subtracted). A training step is three forwards (the backward does
+# twice a forward's work): 6N + 12 L T d per position. Embedding lookups, norms, softmax and the loss are not counted.
+DTYPES = ("float32", "bfloat16")
+FLOP_FORMULA = ("FLOPs as PaLM counts them: a forward is 2 N P + 2 V H P_head + 4 L T d P (N parameters outside the "
+                "embeddings, P positions run, P_head positions the output layer runs at, V x H the output layer, L "
+                "layers, T the sequence length, d heads x head dim); a training step is 3 forwards; GFLOP/s is those "
+                "FLOPs over the measured time, and the peak the best of a square matmul in the same dtype in the same run")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: a CUDA GPU, or a CPU with AMX-BF16 or AVX512-BF16."""
+    if str(device).startswith("cuda"):
+        return True
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def default_dtypes(device: str) -> list[str]:
+    """The dtypes the train and cache sections measure unless --dtypes says: bf16 beside float32 where it is native."""
+    return list(DTYPES) if native_bf16(device) else ["float32"]
+
+
+def matmul_peak(dtype: str, device: str, n: int = 2048, repeats: int = 5) -> dict:
+    """The machine's matmul peak in `dtype`: GFLOP/s of (n, n) @ (n, n) (2 n^3 FLOPs), the best of `repeats` timed
+    products after an untimed one, with their median."""
+    import torch
+
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dev, dt) for _ in range(2))
+    c = torch.empty(n, n, dtype=dt, device=dev)
+    mem = Memory(dev)
+    torch.matmul(a, b, out=c)
+    mem.sync()
+    times = []
+    for _ in range(repeats):
+        t0 = now()
+        torch.matmul(a, b, out=c)
+        mem.sync()
+        times.append(now() - t0)
+    flops = 2 * n**3
+    return {"dtype": dtype, "n": n, "repeats": repeats, "gflops": flops / min(times) / 1e9,
+            "gflops_median": flops / median(times) / 1e9, "s": times}
+
+
+def matmul_peaks(dtypes, device: str, quick: bool) -> dict:
+    """matmul_peak of each dtype, measured here and now (n 512 with --quick, 2048 on a CPU, 8192 on a GPU)."""
+    n = 512 if quick else 8192 if str(device).startswith("cuda") else 2048
+    peaks = {d: matmul_peak(d, device, n) for d in dtypes}
+    say("  matmul peak: " + ", ".join(f"{d} {p['gflops']:,.1f} GFLOP/s" for d, p in peaks.items()) + f" ({n}^2)")
+    return peaks
+
+
+def model_shape(model) -> dict:
+    """What the FLOP counts need of a causal LM: its parameters, those outside the embeddings (the tied or untied
+    output layer and the input embedding left out), the output layer's vocab x hidden, layers, heads x head dim."""
+    cfg = model.config.get_text_config()
+    emb = {id(w): w.numel() for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    params = sum(p.numel() for p in model.parameters())
+    vocab, hidden = model.get_output_embeddings().weight.shape
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return {"params": params, "params_non_embedding": params - sum(emb.values()), "vocab": int(vocab),
+            "hidden": int(hidden), "layers": cfg.num_hidden_layers, "attention_width": heads * head_dim}
+
+
+def forward_flops(shape: dict, positions: int, head_positions: int, seq_len: int) -> float:
+    """FLOPs of a forward pass over `positions` positions of rows of `seq_len`, the output layer at `head_positions`
+    of them: 2 N P + 2 V H P_head + 4 L T d P (see FLOP_FORMULA)."""
+    return float(2 * shape["params_non_embedding"] * positions + 2 * shape["vocab"] * shape["hidden"] * head_positions
+                 + 4 * shape["layers"] * seq_len * shape["attention_width"] * positions)
+
+
+def train_flops(shape: dict, positions: int, head_positions: int, seq_len: int) -> float:
+    """FLOPs of a training step: forward and backward, three forwards."""
+    return 3 * forward_flops(shape, positions, head_positions, seq_len)
+
+
 # -- memory ---------------------------------------------------------------------------------------
 def peak_rss_mb() -> float:
     """High-water mark of this process's resident set (Linux reports KiB, macOS bytes)."""

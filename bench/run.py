@@ -9,7 +9,8 @@ on the page. `--render results.json` rewrites the page from a results file witho
 Sections (--sections, comma-separated; default train, cache, storage and scaling):
   train    step time and peak memory of plain FT with transformers' loss, FT through our chunked loss,
            cached MFT and online MFT (each mode a fresh process), and the step's phases
-  cache    stage one's throughput (the real build_cache) against a bare teacher forward, phase by phase
+  cache    stage one's throughput (the real build_cache) against a bare teacher forward, phase by phase, for a
+           teacher loaded in each of --dtypes (`mft cache --dtype`)
   storage  bytes/token and write/read throughput per backend, --logprob-dtype and k
   scaling  step time and peak memory against sequence length and vocabulary size (tiny Llamas from config)
   memory   (only when named: it is long) peak memory and step time of each memory option of `mft train` (LoRA,
@@ -27,6 +28,8 @@ and the command that measured it), so that BENCHMARKS.md stays one page.
 Each section runs its variants interleaved (the order rotates every repeat) and reports medians and
 ratios to the baseline taken within a repeat: absolute times drift on shared machines, ratios much less.
 Memory: peak RSS (resource.getrusage) on CPU, torch.cuda.max_memory_allocated on CUDA.
+Arithmetic (cache): every row's GFLOP/s (FLOPs counted as in benchlib.FLOP_FORMULA) and its share of the
+machine's matmul peak in that dtype, which the section measures before its runs (benchlib.matmul_peak).
 """
 from __future__ import annotations
 
@@ -70,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=0, help="sequences per step / teacher batch (default 4; quick 2)")
     p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default 256; quick 64)")
     p.add_argument("--top-k", type=int, default=32, help="k of the caches of train and cache sections")
+    p.add_argument("--dtypes", default="", help="train and cache: comma-separated dtypes of the rows, float32 first "
+                   f"and bfloat16 beside it (default: {','.join(benchlib.DTYPES)} on CUDA and on a CPU with AMX-BF16 or "
+                   "AVX512-BF16, float32 elsewhere)")
     p.add_argument("--repeats", type=int, default=0, help="interleaved repeats (default: 2 train and scaling, 3 cache and storage; quick 1)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per training process (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
@@ -86,6 +92,10 @@ def parse_args(argv=None):
             section.flags(p.add_argument_group(f"{section.name} section"))
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if args.dtypes and (args.dtypes[0] != "float32" or not set(args.dtypes) <= set(benchlib.DTYPES)
+                        or len(set(args.dtypes)) != len(args.dtypes)):
+        p.error(f"--dtypes: float32 (the baseline of every ratio) first, then bfloat16 or nothing; got {args.dtypes}")
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         p.error(f"--sections: unknown {unknown}; choose from {','.join(SECTIONS)}")
@@ -213,6 +223,7 @@ def main(argv=None) -> dict:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     device = resolve_device(args.device)
+    args.dtypes = args.dtypes or benchlib.default_dtypes(device)
     model, data, what = resolve_inputs(args, work)
     inputs = benchlib.Inputs(work, model, data, device)
     say(f"mft-cache benchmarks: sections {','.join(args.sections)} on {device}; model {what}")

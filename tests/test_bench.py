@@ -30,7 +30,8 @@ def _numbers(x, path=""):
 def test_bench_quick(tmp_path):
     results = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--work", str(tmp_path / "work"),
-                           "--results", str(results)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           "--results", str(results), "--dtypes", "float32,bfloat16"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(results.read_text())
     assert set(r["sections"]) == {"train", "cache", "storage", "scaling"}
@@ -41,8 +42,15 @@ def test_bench_quick(tmp_path):
     for m in train.values():
         assert m["step_s"] > 0 and m["peak_mb"] > 0 and set(m["phases_s"]) >= {"wait", "forward", "backward", "optimizer"}
     cache = r["sections"]["cache"]
-    assert cache["tokens_per_s"]["build_cache"] > 0 and cache["tokens_per_s"]["bare"] > 0
-    assert set(cache["split_s"]) == {"forward", "head", "d2h", "encode", "write"}
+    for teacher, dtype in ((cache, "float32"), (cache["bfloat16"], "bfloat16")):
+        assert teacher["dtype"] == dtype
+        assert teacher["tokens_per_s"]["build_cache"] > 0 and teacher["tokens_per_s"]["bare"] > 0
+        assert set(teacher["split_s"]) == {"forward", "head", "d2h", "encode", "write"}
+        assert teacher["gflops"]["build_cache"] > 0 and teacher["peak_share"]["build_cache"] > 0
+    assert cache["bfloat16"]["speedup"] > 0 and cache["peaks"]["bfloat16"]["gflops"] > 0
+    assert "bf16 teacher >= 2.5 x the float32 teacher's throughput (`build_cache` tokens/s)" in {v["target"] for v in r["verdicts"]}
+    page = (tmp_path / "work" / "BENCHMARKS.md").read_text()
+    assert "GFLOP/s" in page
     storage = r["sections"]["storage"]["rows"]
     assert {(x["format"], x["logprob_dtype"], x["k"]) for x in storage} >= {("zarr", "float16", 32), ("arrow", "float32", 128)}
     assert all(x["bytes_per_token"] > 0 for x in storage)
@@ -163,6 +171,10 @@ def test_sections_registry_holds_each_section_once_with_its_own_flags():
         run.parse_args(["--sections", "train,nothing"])
     with pytest.raises(SystemExit):
         run.parse_args(["--memory-variants", "full,huge"])
+    assert args.dtypes == [] and run.parse_args(["--dtypes", "float32,bfloat16"]).dtypes == ["float32", "bfloat16"]
+    for dtypes in ("bfloat16", "bfloat16,float32", "float32,float16", "float32,float32"):  # float32 first: the baseline
+        with pytest.raises(SystemExit):
+            run.parse_args(["--dtypes", dtypes])
 
 
 def test_render_of_the_results_file_is_the_committed_page(tmp_path, capsys):
