@@ -28,6 +28,7 @@ MAX_SEED = (1 << 32) - 1  # numpy's seeds end there
 # the keys config.json holds besides TrainConfig's own: what the run resolved (written, never read back as options;
 # `--config` of a run's config.json skips them)
 BASE_DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
 RESOLVED_KEYS = ("resolved_model", "num_processes", "global_batch", "cache_manifest_sha256", "cache_top_k")
 
 
@@ -130,7 +131,11 @@ class TrainConfig:
                            "repository (OWNER/NAME); --cache also takes hf://OWNER/NAME[@REVISION], a cache on the Hub",
                            group="output")
     # -- performance: memory and speed
-    mixed_precision: str = opt("no", "autocast dtype", choices=("no", "bf16", "fp16"), group="performance")
+    mixed_precision: str = opt("no", "autocast dtype of the student's forward (the loss math stays float32); auto: "
+                               "bf16 where the device computes it natively (a CUDA GPU that supports it, a CPU with "
+                               "AMX-BF16 or AVX512-BF16, Apple M2 and later; MFT_CPU_BF16=1 or 0 overrides the CPU's "
+                               "detection), else no; config.json records what auto chose", choices=MIXED_PRECISIONS,
+                               group="performance")
     chunk_size: int = opt(1024, "positions per chunk of the output layer in the loss", group="performance")
     loss_impl: str = opt("fused", "how the output layer and loss run: fused (logits and their gradients in one pass, "
                          "chunk by chunk), checkpointed (the head's own forward per chunk, recomputed in the backward), "
@@ -199,6 +204,16 @@ class TrainConfig:
         for flag, value in (("--cache", self.cache), ("--replay", self.replay)):
             if is_hub_ref(value):
                 parse_hub_ref(value, flag)
+
+
+def resolve_mixed_precision(name: str, device) -> str:
+    """--mixed-precision as the run uses it on `device` (a torch.device): auto becomes bf16 where the device computes
+    bf16 natively (mft_cache.models.native_bf16_on), else no; any other value stays as it is."""
+    if name != "auto":
+        return name
+    from mft_cache.models import native_bf16_on
+
+    return "bf16" if native_bf16_on(device) else "no"
 
 
 def _parse_list(flag: str, text: str, kind) -> list:

@@ -234,7 +234,8 @@ class _LossOfLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, labels, targets):
-        loss, g = chunk_loss_and_grad(z.detach().float().clone(), labels, targets, z.requires_grad)
+        with torch.autocast(z.device.type, enabled=False):  # the loss math is float32 (a dense teacher's Σ p·z too)
+            loss, g = chunk_loss_and_grad(z.detach().float().clone(), labels, targets, z.requires_grad)
         ctx.save_for_backward(g if g is not None else z.new_empty(0))
         return loss.sum()
 

@@ -15,6 +15,7 @@ checkpoints are on; elsewhere it stops at once (mft_cache/interrupts.py). Either
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from .adapters import add_adapter
 from .card import write_model_card
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint, save_pretrained
 from .checks import check_cache_unchanged, check_student, check_teacher_revision
-from .config import TrainConfig
+from .config import TrainConfig, resolve_mixed_precision
 from .data import MixedRows, Prefetcher, micro_batches, mixed_step_rows, step_rows
 from .evaluate import degeneralization, evaluate_perplexity_se, ratio, specialization
 from .inputs import open_eval_sets, open_replay, open_training_rows, online_rows
@@ -117,6 +118,23 @@ def student_forward(module, mb: dict, targets: TeacherTargets):
 
 
 # -- setting up -------------------------------------------------------------------------------------
+def launch_device() -> torch.device:
+    """The kind of device Accelerate will train on: the accelerator (GPU) when there is one, unless the launch is
+    one of several CPU processes."""
+    gpu = torch.accelerator.current_accelerator()  # None without one
+    return torch.device("cpu") if gpu is None or cpu_launch(gpu.type) else torch.device(gpu.type)
+
+
+def with_resolved_precision(cfg: TrainConfig) -> TrainConfig:
+    """cfg with --mixed-precision auto resolved for this machine (bf16 or no), as config.json records it."""
+    device = launch_device()
+    precision = resolve_mixed_precision(cfg.mixed_precision, device)
+    if precision != cfg.mixed_precision:
+        log.info("--mixed-precision auto: %s on this %s", precision, device.type)
+        cfg = dataclasses.replace(cfg, mixed_precision=precision)
+    return cfg
+
+
 def make_accelerator(cfg: TrainConfig, tracking: Tracking):
     from accelerate import Accelerator
 
@@ -141,6 +159,7 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | No
     from accelerate.utils import set_seed
 
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
+    cfg = with_resolved_precision(cfg)  # before the Accelerator, and before config.json is compared or written
     out = resolve_out(cfg.out)
     tracking = tracking or tracking_of(out, cfg.run_name)
     accelerator = make_accelerator(cfg, tracking)
