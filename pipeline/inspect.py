@@ -35,6 +35,7 @@ def cache_stats(folder, verify: bool = False) -> dict:
         "format": m.format,
         "schema_version": m.schema_version,
         "model": m.model.id,
+        "teacher_dtype": m.model.dtype,  # the dtype of the teacher's pass (None: not recorded)
         "vocab_size": m.vocab_size,
         "top_k": m.top_k,
         "seq_len": m.seq_len,
@@ -82,7 +83,8 @@ def _num(value, spec: str) -> str:
 
 def format_stats(s: dict) -> str:
     rows = [
-        ("cache", s["path"]), ("format", s["format"]), ("model", s["model"]), ("vocabulary", f"{s['vocab_size']:,}"),
+        ("cache", s["path"]), ("format", s["format"]), ("model", s["model"]),
+        ("teacher dtype", s.get("teacher_dtype") or "not recorded"), ("vocabulary", f"{s['vocab_size']:,}"),
         ("top-k", s["top_k"]), ("sequences", f"{s['num_sequences']:,} x {s['seq_len']} tokens"),
         ("tokens (positions)", f"{s['num_tokens']:,}" + ("" if s["train_on"] == "all" else
                                                           f" trained of {s['num_input_tokens']:,} ({s['data_format']}, "
