@@ -8,7 +8,8 @@ on the page. `--render results.json` rewrites the page from a results file witho
 
 Sections (--sections, comma-separated; default train, cache, storage and scaling):
   train    step time and peak memory of plain FT with transformers' loss, FT through our chunked loss,
-           cached MFT and online MFT (each mode a fresh process), and the step's phases
+           cached MFT and online MFT (each mode a fresh process), and the step's phases; with bfloat16 in --dtypes,
+           --bf16-modes again under bf16 autocast over float32 weights (`mft train --mixed-precision bf16`)
   cache    stage one's throughput (the real build_cache) against a bare teacher forward, phase by phase, for a
            teacher loaded in each of --dtypes (`mft cache --dtype`)
   storage  bytes/token and write/read throughput per backend, --logprob-dtype and k
@@ -28,7 +29,7 @@ and the command that measured it), so that BENCHMARKS.md stays one page.
 Each section runs its variants interleaved (the order rotates every repeat) and reports medians and
 ratios to the baseline taken within a repeat: absolute times drift on shared machines, ratios much less.
 Memory: peak RSS (resource.getrusage) on CPU, torch.cuda.max_memory_allocated on CUDA.
-Arithmetic (cache): every row's GFLOP/s (FLOPs counted as in benchlib.FLOP_FORMULA) and its share of the
+Arithmetic (train and cache): every row's GFLOP/s (FLOPs counted as in benchlib.FLOP_FORMULA) and its share of the
 machine's matmul peak in that dtype, which the section measures before its runs (benchlib.matmul_peak).
 """
 from __future__ import annotations

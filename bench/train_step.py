@@ -6,7 +6,9 @@ Modes (same model, batch, sequence length and rows):
   mft-cache   MFT from cached top-k targets (Rows or synthetic rows, targets.from_cache)
   mft-online  MFT with the teacher in memory (targets.from_logits, the same StudentLoss)
 A suffix "+ckpt" (ft+ckpt, mft-cache+ckpt) selects --loss-impl checkpointed, the head's own forward chunk by
-chunk under activation checkpointing, instead of the fused linear + loss.
+chunk under activation checkpointing, instead of the fused linear + loss. spec "autocast": "bfloat16" runs the
+forward and loss under torch.autocast in bf16 over float32 weights, as `mft train --mixed-precision bf16` does
+(Accelerate wraps the prepared module's forward; the online teacher's forward stays outside).
 
 Every step follows trainer.train.train_step for one process and one micro-batch: move the batch to
 the device, targets, forward + loss (sum / trained tokens), backward, clip to 1.0, AdamW step, zero_grad.
@@ -86,6 +88,8 @@ def load_model(spec: dict, device, seed: int = 0):
 
 
 def run(spec: dict) -> dict:
+    import contextlib
+
     import torch
 
     from mft_cache.trainer.config import TrainConfig
@@ -115,6 +119,11 @@ def run(spec: dict) -> dict:
     total = warmup + steps + (1 if spec.get("profile") else 0)
     B = spec["batch"]
     prefetch = Prefetcher(rows, range(total), lambda s: micro_batches(step_rows(s, B, len(rows), 0), B, 1, 0, 1))
+    autocast = spec.get("autocast")
+    assert autocast in (None, "bfloat16"), autocast
+
+    def amp():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 
     def step(micro: list[dict]) -> tuple[dict, float]:
         times = {}
@@ -132,7 +141,8 @@ def run(spec: dict) -> dict:
         lap("h2d")
         t_mb = targets(mb)
         lap("targets")
-        loss_sum, _ = student_forward(module, mb, t_mb)
+        with amp():
+            loss_sum, _ = student_forward(module, mb, t_mb)
         loss = loss_sum * scale
         lap("forward")
         loss.backward()
@@ -166,8 +176,17 @@ def run(spec: dict) -> dict:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         Path(spec["profile"]).write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
     tokens = int(micro[0]["label_mask"].sum())
+    positions, seq_len = micro[0]["input_ids"].numel(), micro[0]["input_ids"].shape[1]
+    shape = benchlib.model_shape(model)
+    # the output layer counted at the trained positions in every mode: the same work, whatever the loss computes
+    flops = benchlib.train_flops(shape, positions, tokens, seq_len)
+    if teacher is not None:  # the online teacher's forward, logits at every position
+        flops += benchlib.forward_flops(shape, positions, positions, seq_len)
     return {
         "mode": spec["mode"],
+        "autocast": autocast,
+        "flops_per_step": flops,
+        "shape": shape,
         "step_s": [r["step"] for r in records],
         "phases_s": {p: [r[p] for r in records] for p in PHASES},
         "tokens_per_step": tokens,
@@ -198,21 +217,22 @@ def build_train_cache(args, work: Path, model: str, data: str, device: str, out:
     return out
 
 
-def summarize_modes(runs: dict, modes) -> dict:
-    """Medians per mode and ratios to ft-hf taken within each repeat (then their median)."""
-    base = runs["ft-hf"]
+def summarize_modes(runs: dict, modes, base: list | None = None) -> dict:
+    """Medians per mode and ratios to `base` (default ft-hf's runs) taken within each repeat (then their median)."""
+    base = runs["ft-hf"] if base is None else base
     out = {}
     for m in modes:
         rs = runs[m]
         step_ratio = [median(r["step_s"]) / median(b["step_s"]) for r, b in zip(rs, base)]
         peak_ratio = [r["memory"]["peak_mb"] / b["memory"]["peak_mb"] for r, b in zip(rs, base)]
         delta_ratio = [r["memory"]["delta_mb"] / max(b["memory"]["delta_mb"], 1e-9) for r, b in zip(rs, base)]
+        step_s = median(s for r in rs for s in r["step_s"])
         out[m] = {
-            "step_s": median(s for r in rs for s in r["step_s"]),
+            "step_s": step_s,
             "step_ratio": median(step_ratio),
             "step_ratio_per_repeat": step_ratio,
             "tokens_per_step": rs[0]["tokens_per_step"],
-            "tokens_per_s": rs[0]["tokens_per_step"] / median(s for r in rs for s in r["step_s"]),
+            "tokens_per_s": rs[0]["tokens_per_step"] / step_s,
             "peak_mb": median(r["memory"]["peak_mb"] for r in rs),
             "baseline_mb": median(r["memory"]["baseline_mb"] for r in rs),
             "delta_mb": median(r["memory"]["delta_mb"] for r in rs),
@@ -225,55 +245,120 @@ def summarize_modes(runs: dict, modes) -> dict:
             "params": rs[0]["params"],
             "raw": [{k: r[k] for k in ("step_s", "phases_s", "memory")} for r in rs],
         }
+        if "flops_per_step" in rs[0]:
+            out[m] |= {"flops_per_step": rs[0]["flops_per_step"], "gflops": rs[0]["flops_per_step"] / step_s / 1e9}
     return {"modes": out}
+
+
+def within_repeats(a: list, b: list, of) -> list[float]:
+    """of(a's run) / of(b's run), repeat by repeat."""
+    return [of(x) / of(y) for x, y in zip(a, b)]
 
 
 def section_train(args, inputs: benchlib.Inputs) -> dict:
     work, device = inputs.work, inputs.device
     cache = build_train_cache(args, work, inputs.model, inputs.data, device)
     repeats = args.repeats or 2
+    peaks = benchlib.matmul_peaks(args.dtypes, device, args.quick)
     modes = TRAIN_MODES + (("mft-cache+ckpt",) if args.unfused else ())
-    runs = {m: [] for m in modes}
+    bf16_modes = tuple(args.bf16_modes) if "bfloat16" in args.dtypes else ()
+    items = [(m, None) for m in modes] + [(m, "bfloat16") for m in bf16_modes]  # (mode, autocast dtype)
+    runs = {it: [] for it in items}
     for rep in range(repeats):
-        order = modes[rep % len(modes):] + modes[:rep % len(modes)]  # each mode takes each position in turn
-        for mode in order:
+        order = items[rep % len(items):] + items[:rep % len(items)]  # each run takes each position in turn
+        for mode, autocast in order:
+            name = mode + ("-bf16" if autocast else "")
             spec = {"mode": mode, "model": inputs.model, "cache": str(cache), "batch": args.batch,
-                    "warmup": args.warmup, "steps": args.steps, "device": device, "tau": 0.25,
-                    "profile": str(work / f"profile-train-{mode}.txt")
+                    "warmup": args.warmup, "steps": args.steps, "device": device, "tau": 0.25, "autocast": autocast,
+                    "profile": str(work / f"profile-train-{name}.txt")
                     if rep == 0 and mode in ("ft-hf", "mft-cache") and not args.no_profile else None}
-            r = benchlib.run_child("train_step.py", spec, work / "logs" / f"train-{mode}-{rep}.log")
-            runs[mode].append(r)
-            say(f"  train rep {rep} {mode:<14} step {median(r['step_s']):7.3f} s  peak {r['memory']['peak_mb']:8.0f} MB")
-    return summarize_modes(runs, modes) | {"cache": str(cache), "batch": args.batch, "seq_len": args.seq_len,
-                                           "warmup_steps": args.warmup, "timed_steps": args.steps,
-                                           "repeats": repeats, "tau": 0.25, "top_k": args.top_k}
+            r = benchlib.run_child("train_step.py", spec, work / "logs" / f"train-{name}-{rep}.log")
+            runs[(mode, autocast)].append(r)
+            say(f"  train rep {rep} {name:<19} step {median(r['step_s']):7.3f} s  peak {r['memory']['peak_mb']:8.0f} MB"
+                f"  {r['flops_per_step'] / median(r['step_s']) / 1e9:7.1f} GFLOP/s")
+    f32 = {m: runs[(m, None)] for m in modes}
+    out = summarize_modes(f32, modes) | {"cache": str(cache), "batch": args.batch, "seq_len": args.seq_len,
+                                          "warmup_steps": args.warmup, "timed_steps": args.steps,
+                                          "repeats": repeats, "tau": 0.25, "top_k": args.top_k, "peaks": peaks}
+    for r in out["modes"].values():
+        r["peak_share"] = r["gflops"] / peaks["float32"]["gflops"]
+    if bf16_modes:
+        bf = {m: runs[(m, "bfloat16")] for m in bf16_modes}
+        s = summarize_modes(bf, bf16_modes, base=f32["ft-hf"])["modes"]  # x (a): against ft-hf in float32
+
+        def step(r):
+            return median(r["step_s"])
+
+        for m, r in s.items():
+            speedup = within_repeats(f32[m], bf[m], step)
+            peak = within_repeats(bf[m], f32[m], lambda x: x["memory"]["peak_mb"])
+            r |= {"peak_share": r["gflops"] / peaks["bfloat16"]["gflops"], "speedup": median(speedup),
+                  "speedup_per_repeat": speedup, "peak_ratio_to_float32": median(peak)}
+            if "ft-hf" in bf:
+                same = within_repeats(bf[m], bf["ft-hf"], step)
+                r |= {"step_ratio_bf16": median(same), "step_ratio_bf16_per_repeat": same}
+        out["bfloat16"] = {"modes": s}
+    return out
 
 
 def flags(group) -> None:
     group.add_argument("--unfused", action="store_true",
                        help="train: also (c) through StudentLoss's checkpointed-chunks fallback instead of the fused loss")
     group.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables of the train section")
+    group.add_argument("--bf16-modes", default="ft-hf,mft-cache",
+                       help="train: the modes also run under bf16 autocast where --dtypes holds bfloat16 (comma-separated "
+                       f"subset of {','.join(TRAIN_MODES)}, and mft-cache+ckpt with --unfused)")
 
 
 def resolve(args, error) -> None:
     args.no_profile = args.no_profile or args.quick
+    args.bf16_modes = [m.strip() for m in args.bf16_modes.split(",") if m.strip()]
+    allowed = TRAIN_MODES + (("mft-cache+ckpt",) if args.unfused else ())
+    unknown = [m for m in args.bf16_modes if m not in allowed]
+    if unknown:
+        error(f"--bf16-modes: {unknown} not among the train section's modes {','.join(allowed)}")
 
 
 def table(t: dict, results: dict) -> list[str]:
     unit = "peak RSS MB" if t["modes"]["ft-hf"]["memory_kind"] == "rss" else "peak CUDA MB"
+    flops = "peaks" in t  # a run that measured the matmul peak: a dtype, GFLOP/s and its share beside every row
+    bf16 = t.get("bfloat16", {}).get("modes", {})
+    rows = [(m, "float32", r) for m, r in t["modes"].items()] + [(m, "bf16 autocast", r) for m, r in bf16.items()]
     out = [f"### Training step ({results['inputs']['model_what']}; batch {t['batch']} x {t['seq_len']}, "
-           f"{t['repeats']} repeats x {t['timed_steps']} timed steps after {t['warmup_steps']} warm-up)\n",
-           f"| mode | step s | x (a) | tok/s | {unit} | x (a) | above model-loaded MB | x (a) |",
-           "|---|---|---|---|---|---|---|---|"]
-    for m, r in t["modes"].items():
-        out.append(f"| {MODE_NAMES[m]} | {fmt(r['step_s'])} | {fmt(r['step_ratio'])} | {fmt(r['tokens_per_s'], 0)} | "
-                   f"{fmt(r['peak_mb'], 0)} | {fmt(r['peak_ratio'])} | {fmt(r['delta_mb'], 0)} | {fmt(r['delta_ratio'])} |")
+           f"{t['repeats']} repeats x {t['timed_steps']} timed steps after {t['warmup_steps']} warm-up)\n"]
+    if flops:
+        out += [f"| mode | precision | step s | x (a) | tok/s | GFLOP/s | % of the dtype's matmul peak | {unit} | "
+                "x (a) | above model-loaded MB | x (a) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        out += [f"| mode | step s | x (a) | tok/s | {unit} | x (a) | above model-loaded MB | x (a) |",
+                "|---|---|---|---|---|---|---|---|"]
+    for m, dtype, r in rows:
+        speed = [fmt(r["step_s"]), fmt(r["step_ratio"]), fmt(r["tokens_per_s"], 0)]
+        if flops:
+            speed = [dtype, *speed, fmt(r["gflops"], 1), f"{fmt(100 * r['peak_share'], 1)}%"]
+        out.append(f"| {MODE_NAMES[m]} | " + " | ".join(speed) + f" | {fmt(r['peak_mb'], 0)} | {fmt(r['peak_ratio'])} | "
+                   f"{fmt(r['delta_mb'], 0)} | {fmt(r['delta_ratio'])} |")
+    if bf16:
+        out += ["\nx (a): against (a) in float32, within each repeat. bf16 autocast against float32, mode by mode "
+                "within each repeat:\n",
+                "| mode | float32 / bf16 step time | bf16 step x (a) under bf16 | bf16 / float32 peak memory |",
+                "|---|---|---|---|"]
+        out += [f"| {MODE_NAMES[m]} | {fmt(r['speedup'])} | {fmt(r.get('step_ratio_bf16'))} | "
+                f"{fmt(r['peak_ratio_to_float32'])} |" for m, r in bf16.items()]
+    if flops:
+        p = t["peaks"]
+        first = next(iter(p.values()))
+        out.append(f"\nMatmul peak measured in this run ({first['n']} x {first['n']}, best of {first['repeats']}): "
+                   + ", ".join(f"{d} {fmt(x['gflops'], 1)} GFLOP/s" for d, x in p.items()) + ". "
+                   + benchlib.FLOP_FORMULA + "; every mode's step counted alike, the output layer at the trained "
+                   "positions (the online teacher's forward added to (d)), so GFLOP/s compares the modes' speed.")
     out.append("\nStep phases (median ms; wait = blocked on the Prefetcher for the next batch, outside the step):\n")
     phases = list(t["modes"]["ft-hf"]["phases_s"])
     out.append("| mode | " + " | ".join(phases) + " | max wait |")
     out.append("|---|" + "---|" * (len(phases) + 1))
-    for m, r in t["modes"].items():
-        out.append(f"| {MODE_NAMES[m]} | " + " | ".join(fmt(r["phases_s"][p] * 1000, 1) for p in phases)
+    for m, dtype, r in rows:
+        name = MODE_NAMES[m] + (f", {dtype}" if dtype != "float32" else "")
+        out.append(f"| {name} | " + " | ".join(fmt(r["phases_s"][p] * 1000, 1) for p in phases)
                    + f" | {fmt(r['wait_max_s'] * 1000, 1)} |")
     return out + [""]
 
@@ -299,6 +384,24 @@ def verdicts(t: dict) -> list[dict]:
         v.append(verdict("what the fused linear+loss changed (cached MFT, fused vs checkpointed chunks)", u["step_ratio"],
                          None, f"fused {c['step_ratio']:.3f} x vs checkpointed {u['step_ratio']:.3f} x FT step time; "
                          f"peak {c['peak_mb']:.0f} vs {u['peak_mb']:.0f} MB", info=True))
+    cb = t.get("bfloat16", {}).get("modes", {}).get("mft-cache")
+    if cb is not None:
+        x = cb["speedup"]
+        v.append(verdict("cached MFT under bf16 autocast >= 1.6 x faster than in float32", x, x >= 1.6,
+                         f"{x:.2f} x ({cb['step_s']:.2f} vs {c['step_s']:.2f} s)"))
+        if "step_ratio_bf16" in cb:
+            x, ab = cb["step_ratio_bf16"], t["bfloat16"]["modes"]["ft-hf"]
+            v.append(verdict("cached MFT step time <= 1.05 x plain FT (transformers loss), both under bf16 autocast", x,
+                             x <= 1.05, f"{x:.3f} x ({cb['step_s']:.2f} vs {ab['step_s']:.2f} s)"))
+        x = cb["peak_ratio_to_float32"]
+        v.append(verdict("cached MFT peak memory under bf16 autocast <= its float32 peak", x, x <= 1.0,
+                         f"{x:.3f} x ({cb['peak_mb']:.0f} vs {c['peak_mb']:.0f} MB)"))
+    if "peaks" in t:
+        shares = [f"{100 * c['peak_share']:.1f}% of the float32 peak in float32"]
+        if cb is not None:
+            shares.append(f"{100 * cb['peak_share']:.1f}% of the bf16 peak under bf16 autocast")
+        v.append(verdict("cached MFT step's share of the matmul peak", c["peak_share"], None, ", ".join(shares),
+                         info=True))
     return v
 
 

@@ -41,6 +41,16 @@ def test_bench_quick(tmp_path):
     assert set(train) == {"ft-hf", "ft", "mft-cache", "mft-online"}
     for m in train.values():
         assert m["step_s"] > 0 and m["peak_mb"] > 0 and set(m["phases_s"]) >= {"wait", "forward", "backward", "optimizer"}
+        assert m["gflops"] > 0 and m["peak_share"] > 0
+    # bf16 autocast rows beside float32, each against the float32 row of its mode and the bf16 matmul peak
+    assert set(r["sections"]["train"]["peaks"]) == {"float32", "bfloat16"}
+    bf16 = r["sections"]["train"]["bfloat16"]["modes"]
+    assert set(bf16) == {"ft-hf", "mft-cache"}
+    for m in bf16.values():
+        assert m["step_s"] > 0 and m["gflops"] > 0 and m["speedup"] > 0 and m["peak_ratio_to_float32"] > 0
+    assert bf16["ft-hf"]["step_ratio_bf16"] == 1.0
+    # the step's FLOPs depend on the batch's shape alone: the same in both dtypes
+    assert bf16["mft-cache"]["flops_per_step"] == train["mft-cache"]["flops_per_step"]
     cache = r["sections"]["cache"]
     for teacher, dtype in ((cache, "float32"), (cache["bfloat16"], "bfloat16")):
         assert teacher["dtype"] == dtype
@@ -48,9 +58,11 @@ def test_bench_quick(tmp_path):
         assert set(teacher["split_s"]) == {"forward", "head", "d2h", "encode", "write"}
         assert teacher["gflops"]["build_cache"] > 0 and teacher["peak_share"]["build_cache"] > 0
     assert cache["bfloat16"]["speedup"] > 0 and cache["peaks"]["bfloat16"]["gflops"] > 0
-    assert "bf16 teacher >= 2.5 x the float32 teacher's throughput (`build_cache` tokens/s)" in {v["target"] for v in r["verdicts"]}
+    targets = {v["target"] for v in r["verdicts"]}
+    assert {"bf16 teacher >= 2.5 x the float32 teacher's throughput (`build_cache` tokens/s)",
+            "cached MFT under bf16 autocast >= 1.6 x faster than in float32"} <= targets
     page = (tmp_path / "work" / "BENCHMARKS.md").read_text()
-    assert "GFLOP/s" in page
+    assert "bf16 autocast" in page and "GFLOP/s" in page
     storage = r["sections"]["storage"]["rows"]
     assert {(x["format"], x["logprob_dtype"], x["k"]) for x in storage} >= {("zarr", "float16", 32), ("arrow", "float32", 128)}
     assert all(x["bytes_per_token"] > 0 for x in storage)
@@ -175,6 +187,10 @@ def test_sections_registry_holds_each_section_once_with_its_own_flags():
     for dtypes in ("bfloat16", "bfloat16,float32", "float32,float16", "float32,float32"):  # float32 first: the baseline
         with pytest.raises(SystemExit):
             run.parse_args(["--dtypes", dtypes])
+    assert args.bf16_modes == ["ft-hf", "mft-cache"]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--bf16-modes", "mft-cache+ckpt"])  # a mode the section runs only with --unfused
+    assert run.parse_args(["--bf16-modes", "mft-cache+ckpt", "--unfused"]).bf16_modes == ["mft-cache+ckpt"]
 
 
 def test_render_of_the_results_file_is_the_committed_page(tmp_path, capsys):
