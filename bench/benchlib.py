@@ -98,20 +98,14 @@ FLOP_FORMULA = ("FLOPs as PaLM counts them: a forward is 2 N P + 2 V H P_head + 
                 "FLOPs over the measured time, and the peak the best of a square matmul in the same dtype in the same run")
 
 
-def native_bf16(device: str) -> bool:
-    """Whether `device` multiplies bf16 matrices in hardware: a CUDA GPU, or a CPU with AMX-BF16 or AVX512-BF16."""
-    if str(device).startswith("cuda"):
-        return True
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
-
-
 def default_dtypes(device: str) -> list[str]:
-    """The dtypes the train and cache sections measure unless --dtypes says: bf16 beside float32 where it is native."""
-    return list(DTYPES) if native_bf16(device) else ["float32"]
+    """The dtypes the train and cache sections measure unless --dtypes says: bf16 beside float32 where the device
+    computes it natively (mft_cache.models.native_bf16_on, MFT_CPU_BF16 overriding the CPU's detection)."""
+    import torch
+
+    from mft_cache.models import native_bf16_on
+
+    return list(DTYPES) if native_bf16_on(torch.device(device)) else ["float32"]
 
 
 def matmul_peak(dtype: str, device: str, n: int = 2048, repeats: int = 5) -> dict:

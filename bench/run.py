@@ -75,8 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default 256; quick 64)")
     p.add_argument("--top-k", type=int, default=32, help="k of the caches of train and cache sections")
     p.add_argument("--dtypes", default="", help="train and cache: comma-separated dtypes of the rows, float32 first "
-                   f"and bfloat16 beside it (default: {','.join(benchlib.DTYPES)} on CUDA and on a CPU with AMX-BF16 or "
-                   "AVX512-BF16, float32 elsewhere)")
+                   f"and bfloat16 beside it (default: {','.join(benchlib.DTYPES)} where the device computes bf16 natively, a "
+                   "CUDA GPU or a CPU with AMX-BF16 or AVX512-BF16 unless MFT_CPU_BF16=0; float32 elsewhere)")
     p.add_argument("--repeats", type=int, default=0, help="interleaved repeats (default: 2 train and scaling, 3 cache and storage; quick 1)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per training process (default 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")

@@ -238,3 +238,25 @@ def test_memory_ab_alternates_the_values_and_takes_ratios_within_a_repeat(tmp_pa
     with pytest.raises(SystemExit):
         memory_ab.parse_args(["--rows", "ft-hf:huge", "--vary", "chunk_size=1024,256"])
     assert "--vary" in capsys.readouterr().err
+
+
+def test_flop_counts_and_default_dtypes(monkeypatch):
+    """The FLOPs behind every GFLOP/s: parameters outside the embeddings counted once for a tied output layer, a
+    forward 2 N P + 2 V H P_head + 4 L T d P, a training step three of them; bf16 rows by default only where the
+    device computes bf16 natively."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import benchlib
+
+    model = benchlib.build_llama(512, hidden=64, layers=2)
+    shape = benchlib.model_shape(model)
+    layers = sum(p.numel() for p in model.model.layers.parameters()) + model.model.norm.weight.numel()
+    assert shape["params_non_embedding"] == layers and shape["params"] == layers + 512 * 64
+    assert (shape["vocab"], shape["hidden"], shape["layers"]) == (512, 64, 2)
+    n, (p, head, t) = layers, (8 * 32, 8 * 31, 32)
+    expected = 2 * n * p + 2 * 512 * 64 * head + 4 * 2 * t * shape["attention_width"] * p
+    assert benchlib.forward_flops(shape, p, head, t) == expected
+    assert benchlib.train_flops(shape, p, head, t) == 3 * expected
+    monkeypatch.setenv("MFT_CPU_BF16", "1")
+    assert benchlib.default_dtypes("cpu") == ["float32", "bfloat16"]
+    monkeypatch.setenv("MFT_CPU_BF16", "0")
+    assert benchlib.default_dtypes("cpu") == ["float32"]
