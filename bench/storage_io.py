@@ -38,7 +38,8 @@ def teacher_outputs(spec: dict) -> dict:
     packed, _ = build_sequences(spec["data"], tokenizer, spec["seq_len"])
     packed.truncate(spec["sequences"])
     ids, lengths, trained = packed.input_ids, packed.lengths, packed.label_mask
-    model = load_model(spec["model"], resolve_dtype("auto", device), device).eval()
+    model = load_model(spec["model"], resolve_dtype("float32" if device.type == "cpu" else "auto", device),
+                       device).eval()  # values comparable across machines: storage alone is timed
     backbone, head = backbone_and_head(model)
     vocab = model.get_output_embeddings().weight.shape[0]
     k = max(spec["ks"])

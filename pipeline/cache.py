@@ -76,7 +76,8 @@ class CacheConfig:
     max_sequences: int = opt(0, "cache only the first N packed sequences (0: all)", group="data")
     # -- teacher: the model whose predictions are cached, and where it runs
     model: str = opt(DEFAULT_MODEL, "teacher: a hub id or a local folder of a transformers causal LM", group="teacher")
-    dtype: str = opt("auto", "teacher weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16",
+    dtype: str = opt("auto", "teacher weights dtype: auto (bfloat16 on a GPU and on a CPU that computes bf16 natively, "
+                     "MFT_CPU_BF16=0/1 overriding the detection; float32 elsewhere), float32, bfloat16, float16",
                      choices=("auto", "float32", "bfloat16", "float16"), group="teacher")
     device: str = opt("auto", "device: auto, cpu, cuda, cuda:1, mps", group="teacher")
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub to run", group="teacher")

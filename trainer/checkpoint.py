@@ -12,12 +12,11 @@ import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mft_cache.faults import fault_point
-from mft_cache.files import open_owned, write_json_atomic
+from mft_cache.files import open_owned, remove_member, write_json_atomic
 
 from .adapters import is_adapted, save_adapted
 
@@ -166,7 +165,7 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, keep: int = 2) ->
     final = out / "checkpoints" / f"step-{state.step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_member(tmp)
     accelerator.wait_for_everyone()
     with writing(tmp):
         accelerator.save_state(str(tmp))
@@ -174,10 +173,10 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, keep: int = 2) ->
     fault_point(f"train:checkpoint-{state.step}")
     if accelerator.is_main_process:  # last: marks the checkpoint complete, and records what complete means
         write_json_atomic(tmp / STATE_FILE, {**state.__dict__, FILES_KEY: record_files(tmp)})
-        shutil.rmtree(final, ignore_errors=True)
+        remove_member(final)
         os.replace(tmp, final)
         for old in sorted((out / "checkpoints").glob("step-??????"))[:-keep]:
-            shutil.rmtree(old)
+            remove_member(old)
     accelerator.wait_for_everyone()
 
 
@@ -218,7 +217,7 @@ def save_pretrained(accelerator, module, tokenizer, path: Path, merged: bool = F
         state_dict = {k.removeprefix("model."): v for k, v in full.items()} if accelerator.is_main_process else None
     if accelerator.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_member(tmp)
         model = accelerator.unwrap_model(module).model
         with writing(tmp):
             if is_adapted(model):
@@ -228,6 +227,6 @@ def save_pretrained(accelerator, module, tokenizer, path: Path, merged: bool = F
             tokenizer.save_pretrained(tmp)
             if card is not None:
                 card(tmp)
-        shutil.rmtree(path, ignore_errors=True)
+        remove_member(path)
         os.replace(tmp, path)
     accelerator.wait_for_everyone()

@@ -33,7 +33,7 @@ import torch
 
 from mft_cache.config import flag
 
-from .config import MAX_SIZES
+from .config import MAX_SIZES, resolve_mixed_precision
 from .optim import state_bytes
 
 MB = 2**20
@@ -413,6 +413,7 @@ def plan(cfg) -> dict:
     config = load_config(training.model_id, cfg.trust_remote_code)
     gpu = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
     device = "cuda" if gpu is not None and gpu.type == "cuda" else "cpu"
+    cfg = dataclasses.replace(cfg, mixed_precision=resolve_mixed_precision(cfg.mixed_precision, torch.device(device)))
     free, free_source = available_memory(device)  # before the probe adds its own
     profiles: dict = {}
 
