@@ -178,6 +178,7 @@ def section_cache(args, inputs: benchlib.Inputs) -> dict:
             "seq_len": args.seq_len, "top_k": args.top_k, "batch": args.batch, "sequences": args.sequences,
             "repeats": args.repeats or 3, "device": inputs.device, "dtypes": args.dtypes}
     r = benchlib.run_child("cache_stage.py", spec, inputs.work / "logs" / "cache-stage.log")
+    peaks = benchlib.best_peaks(peaks, benchlib.matmul_peaks(args.dtypes, inputs.device, args.quick))
     for d in args.dtypes:
         x = r if d == r["dtype"] else r[d]
         x["peak_share"] = {w: g / peaks[d]["gflops"] for w, g in x["gflops"].items()}
@@ -219,7 +220,8 @@ def table(c: dict, results: dict) -> list[str]:
     if flops:
         p = c["peaks"]
         first = next(iter(p.values()))
-        out.append(f"\nMatmul peak measured in this run ({first['n']} x {first['n']}, best of {first['repeats']}): "
+        out.append(f"\nMatmul peak measured in this run ({first['n']} x {first['n']}, best of {first['repeats']}"
+                   f"{', before and after the runs' if 'gflops_measured' in first else ''}): "
                    + ", ".join(f"{d} {fmt(x['gflops'], 1)} GFLOP/s" for d, x in p.items()) + ". "
                    + benchlib.FLOP_FORMULA + "; the teacher's pass is one forward, the output layer at the trained "
                    "positions (at every position in model(...).logits).")

@@ -276,6 +276,7 @@ def section_train(args, inputs: benchlib.Inputs) -> dict:
             runs[(mode, autocast)].append(r)
             say(f"  train rep {rep} {name:<19} step {median(r['step_s']):7.3f} s  peak {r['memory']['peak_mb']:8.0f} MB"
                 f"  {r['flops_per_step'] / median(r['step_s']) / 1e9:7.1f} GFLOP/s")
+    peaks = benchlib.best_peaks(peaks, benchlib.matmul_peaks(args.dtypes, device, args.quick))
     f32 = {m: runs[(m, None)] for m in modes}
     out = summarize_modes(f32, modes) | {"cache": str(cache), "batch": args.batch, "seq_len": args.seq_len,
                                           "warmup_steps": args.warmup, "timed_steps": args.steps,
@@ -348,7 +349,8 @@ def table(t: dict, results: dict) -> list[str]:
     if flops:
         p = t["peaks"]
         first = next(iter(p.values()))
-        out.append(f"\nMatmul peak measured in this run ({first['n']} x {first['n']}, best of {first['repeats']}): "
+        out.append(f"\nMatmul peak measured in this run ({first['n']} x {first['n']}, best of {first['repeats']}"
+                   f"{', before and after the runs' if 'gflops_measured' in first else ''}): "
                    + ", ".join(f"{d} {fmt(x['gflops'], 1)} GFLOP/s" for d, x in p.items()) + ". "
                    + benchlib.FLOP_FORMULA + "; every mode's step counted alike, the output layer at the trained "
                    "positions (the online teacher's forward added to (d)), so GFLOP/s compares the modes' speed.")
