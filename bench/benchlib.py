@@ -139,6 +139,16 @@ def matmul_peaks(dtypes, device: str, quick: bool) -> dict:
     return peaks
 
 
+def peaks_note(peaks: dict, counting: str) -> str:
+    """The line under a table of GFLOP/s: the matmul peaks measured in the run, the FLOP formula and `counting` (how
+    the section counts its FLOPs)."""
+    first = next(iter(peaks.values()))
+    return (f"\nMatmul peak measured in this run ({first['n']} x {first['n']}, best of {first['repeats']}"
+            f"{', before and after the runs' if 'gflops_measured' in first else ''}): "
+            + ", ".join(f"{d} {fmt(x['gflops'], 1)} GFLOP/s" for d, x in peaks.items()) + ". " + FLOP_FORMULA + "; "
+            + counting)
+
+
 def best_peaks(before: dict, after: dict) -> dict:
     """Each dtype's higher peak of two measures (before and after a section's runs), both kept: on a shared machine
     one measure can land on a slow moment, and a share of a peak measured low would read too high."""

@@ -218,13 +218,8 @@ def table(c: dict, results: dict) -> list[str]:
         out.append(f"\n`build_cache` tokens/s, {t['dtype']} teacher / {c['dtype']} teacher, within each repeat: "
                    f"**{fmt(t['speedup'])} x** (per repeat: {', '.join(fmt(x) for x in t['speedup_per_repeat'])}).")
     if flops:
-        p = c["peaks"]
-        first = next(iter(p.values()))
-        out.append(f"\nMatmul peak measured in this run ({first['n']} x {first['n']}, best of {first['repeats']}"
-                   f"{', before and after the runs' if 'gflops_measured' in first else ''}): "
-                   + ", ".join(f"{d} {fmt(x['gflops'], 1)} GFLOP/s" for d, x in p.items()) + ". "
-                   + benchlib.FLOP_FORMULA + "; the teacher's pass is one forward, the output layer at the trained "
-                   "positions (at every position in model(...).logits).")
+        out.append(benchlib.peaks_note(c["peaks"], "the teacher's pass is one forward, the output layer at the trained "
+                                       "positions (at every position in model(...).logits)."))
     out.append("")
     out += ["| phase | " + " | ".join(f"{t['dtype']} s | share" for t in ts) + " |" if len(ts) > 1 else
             "| phase | s | share |", "|---|" + "---|---|" * len(ts)]

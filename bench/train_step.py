@@ -347,13 +347,9 @@ def table(t: dict, results: dict) -> list[str]:
         out += [f"| {MODE_NAMES[m]} | {fmt(r['speedup'])} | {fmt(r.get('step_ratio_bf16'))} | "
                 f"{fmt(r['peak_ratio_to_float32'])} |" for m, r in bf16.items()]
     if flops:
-        p = t["peaks"]
-        first = next(iter(p.values()))
-        out.append(f"\nMatmul peak measured in this run ({first['n']} x {first['n']}, best of {first['repeats']}"
-                   f"{', before and after the runs' if 'gflops_measured' in first else ''}): "
-                   + ", ".join(f"{d} {fmt(x['gflops'], 1)} GFLOP/s" for d, x in p.items()) + ". "
-                   + benchlib.FLOP_FORMULA + "; every mode's step counted alike, the output layer at the trained "
-                   "positions (the online teacher's forward added to (d)), so GFLOP/s compares the modes' speed.")
+        out.append(benchlib.peaks_note(t["peaks"], "every mode's step counted alike, the output layer at the trained "
+                                       "positions (the online teacher's forward added to (d)), so GFLOP/s compares the "
+                                       "modes' speed."))
     out.append("\nStep phases (median ms; wait = blocked on the Prefetcher for the next batch, outside the step):\n")
     phases = list(t["modes"]["ft-hf"]["phases_s"])
     out.append("| mode | " + " | ".join(phases) + " | max wait |")
