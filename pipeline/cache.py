@@ -31,8 +31,8 @@ from mft_cache.config import check_finite, opt, to_dict
 from mft_cache.distributed import cpu_launch, decide_on_main, leave_process_group_at_exit
 from mft_cache.faults import fault_point
 from mft_cache.folder_lock import FolderLock
-from mft_cache.models import (backbone_and_head, check_head, describe_model, load_config, load_model, load_tokenizer,
-                              max_positions, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
+from mft_cache.models import (backbone_and_head, check_head, check_seq_len, describe_model, load_config, load_model,
+                              load_tokenizer, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
                               weights_fingerprint)
 from mft_cache.masks import BOS_PER_ROW, CONCAT
 from mft_cache.rows import DATA_FORMATS, PACKINGS, DocumentStream, RowSpec, bos_rule, data_fingerprint, spec_for
@@ -182,9 +182,7 @@ def model_vocab(cfg: CacheConfig) -> int:
     vocab = int(config.get_text_config().vocab_size)
     if cfg.top_k > vocab:
         raise ValueError(f"--top-k {cfg.top_k} exceeds the model's vocabulary size {vocab}")
-    limit = max_positions(config)
-    if limit is not None and cfg.seq_len > limit:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's maximum of {limit} positions")
+    check_seq_len(config, cfg.seq_len)
     return vocab
 
 
