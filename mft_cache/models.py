@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .names import REPO_ID_RULE, repo_id_problem, shown
+from .provenance import read_provenance
 
 log = logging.getLogger(__name__)
 
@@ -308,4 +309,5 @@ def describe_model(model_id: str, model: nn.Module, weights_fp: str | None) -> d
         "config_fingerprint": config_fingerprint(model),
         "weights_fingerprint": weights_fp,
         "tied_embeddings": bool(model.get_output_embeddings().weight is model.get_input_embeddings().weight),
+        **({"trained_from": record} if (record := read_provenance(str(local)) if local else None) else {}),
     }

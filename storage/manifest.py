@@ -53,6 +53,7 @@ class ModelInfo:
     weights_fingerprint: str | None = None
     dtype: str | None = None
     tied_embeddings: bool | None = None
+    trained_from: dict | None = None  # the teacher folder's mft_checkpoint.json (mft_cache.provenance), if it had one
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,10 @@ import re
 import stat
 from pathlib import Path
 
+from mft_cache.provenance import COUNTS as PROVENANCE_COUNTS, FORMAT as PROVENANCE_FORMAT
+from mft_cache.provenance import MAX_TEXT as PROVENANCE_MAX_TEXT, NUMBERS as PROVENANCE_NUMBERS
+from mft_cache.provenance import TEXT as PROVENANCE_TEXT
+
 from .backends import BACKENDS, CorruptShardError, shard_name
 from .encoding import Q8, Q8_LEVELS
 from .schema import (ENCODINGS, LOGPROB_DTYPES, POSITION, READABLE_SCHEMA_VERSIONS, SEGMENTS_FIELD,
@@ -297,6 +301,20 @@ def check_shards(top: _Object, *, fmt: str, seq_len: int) -> None:
     top.number("bytes_per_token", 0.0, math.inf, nullable=True)
 
 
+def check_trained_from(record: _Object | None) -> None:
+    """model.trained_from (mft_cache.provenance): its format, and each key it may hold of its type and bounds."""
+    if record is None:
+        return
+    record.int("format", PROVENANCE_FORMAT, PROVENANCE_FORMAT)
+    for k in PROVENANCE_TEXT:
+        if len(record.str(k, required=False, nullable=True) or "") > PROVENANCE_MAX_TEXT:
+            record.fail(k, f"is longer than {PROVENANCE_MAX_TEXT} characters")
+    for k in PROVENANCE_NUMBERS:
+        record.number(k, 0.0, math.inf, required=False, nullable=True)
+    for k in PROVENANCE_COUNTS:
+        record.int(k, 0, 2**53, required=False, nullable=True)
+
+
 def check_documents(data: _Object) -> None:
     """`data`: what the trainer reads (source, split, fingerprint) as strings where present (a storage-only writer
     may leave `data` empty), the counts as counts, and documents.npy named exactly so, of at most the size np.save
@@ -343,6 +361,7 @@ def validate_manifest(manifest: dict, path: Path) -> None:
     for k in ("path", "architecture", "config_fingerprint", "weights_fingerprint", "dtype"):
         model.str(k, required=False, nullable=True)
     model.bool("tied_embeddings", required=False, nullable=True)
+    check_trained_from(model.obj("trained_from", required=False))
     tokenizer = top.obj("tokenizer")  # a storage-only writer (bench/storage_io.py) may leave it empty
     tokenizer.str("fingerprint", required=False), tokenizer.str("class", required=False)
     tokenizer.int("bos_token_id", 0, MAX_VOCAB, required=False, nullable=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mft_cache import __version__
 from mft_cache.config import command_line
+from mft_cache.provenance import FORMAT as PROVENANCE_FORMAT, clean, describe, read_provenance
 from mft_cache.storage import Manifest
 
 _NUMBERS = ("step", "S", "DG", "ratio", "ppl_specialized", "ppl_general")
@@ -37,7 +38,33 @@ def card_metadata(resolved: dict, manifest: Manifest | None, record: dict, base:
         "data_fingerprint": m.data.fingerprint if m else None,
         "data_source": (m.data.source if m else None) or resolved["data"] or None,
         "command": _shown_command(command_line(), names), "mft_cache_version": __version__,
+        "best_by": resolved.get("best_by", "specialized"),
+        "trained_from": starting_point(resolved, manifest),
     }
+
+
+def starting_point(resolved: dict, manifest: Manifest | None) -> dict | None:
+    """The provenance of the model the run started from: the cache's record of its teacher (the student is that
+    teacher unless --model differs), else the student folder's own mft_checkpoint.json."""
+    if manifest is not None and not resolved.get("model"):
+        return clean(manifest.model.trained_from)
+    return read_provenance(resolved.get("resolved_model"))
+
+
+def provenance_record(cfg, resolved: dict, manifest: Manifest | None, record: dict, base: dict, checkpoint: str) -> dict:
+    """mft_checkpoint.json of best/ or final/ (mft_cache.provenance): what the weights are and how they scored, so that
+    a cache or a run that starts from this folder can say where its model came from. Paths appear by file name only."""
+    m = manifest
+    source = (m.data.source if m else None) or resolved.get("data") or None
+    return {"format": PROVENANCE_FORMAT, "checkpoint": checkpoint, "objective": resolved["objective"],
+            "tau": resolved["tau"], "lr": cfg.lr, "steps": cfg.steps, "best_by": cfg.best_by,
+            "step": record.get("step"), **{k: record.get(k) for k in ("ppl_specialized", "ppl_general")},
+            "base_ppl_specialized": base.get("ppl_specialized"), "base_ppl_general": base.get("ppl_general"),
+            "base_model": shown_model(resolved["resolved_model"]), "data_source": source and Path(source).name,
+            "data_fingerprint": m.data.fingerprint if m else None,
+            "eval_specialized": Path(cfg.eval_specialized).name if cfg.eval_specialized else None,
+            "eval_general": Path(cfg.eval_general).name if cfg.eval_general else None,
+            "mft_cache_version": __version__}
 
 
 def model_names(resolved: dict, manifest: Manifest | None) -> dict[str, str]:
@@ -143,10 +170,18 @@ def card_text(name: str, m: dict, resolved: dict) -> str:
         f"- documents: {md_code(m['data_source'])} (fingerprint {md_code(m['data_fingerprint'])})",
         f"- evaluation: specialized {md_code(resolved['eval_specialized'] or 'none')}, general "
         f"{md_code(resolved['eval_general'] or 'none')}",
-        f"- teacher: {md_code(m['teacher'])} (weights fingerprint {md_code(m['teacher_weights_fingerprint'])})", "",
+        f"- teacher: {md_code(m['teacher'])} (weights fingerprint {md_code(m['teacher_weights_fingerprint'])})",
+        *([f"- starting model: {md_text(describe(m['trained_from']))}"] if m["trained_from"] else []),
+        f"- this checkpoint: {checkpoint_line(name, m['best_by'])}", "",
         "## Reproduce", "", *md_block(m["command"], "bash"), "",
         "The run's options (its config.json; `mft train --config config.json --out NEW` reruns it):", "",
         *md_block(json.dumps(resolved, indent=1), "json"), ""])
+
+
+def checkpoint_line(name: str, best_by: str) -> str:
+    if name.endswith("/best"):
+        return f"best/, the evaluation with the least {md_text(best_by)}-domain validation perplexity (--best-by)"
+    return "final/, the weights after the last step"
 
 
 def write_model_card(folder: Path, resolved: dict, manifest: Manifest | None, record: dict, base: dict,

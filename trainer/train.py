@@ -37,9 +37,10 @@ from mft_cache.masks import real_tokens
 from mft_cache.models import DTYPES, load_model, load_tokenizer
 from mft_cache.storage.hub import check_online, push_folder
 from mft_cache.files import remove_member, write_json_atomic
+from mft_cache.provenance import FILE as PROVENANCE_FILE
 
 from .adapters import add_adapter
-from .card import write_model_card
+from .card import provenance_record, write_model_card
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint, save_pretrained
 from .checks import check_cache_unchanged, check_student, check_teacher_revision
 from .config import TrainConfig, resolve_mixed_precision
@@ -357,8 +358,8 @@ def after_step(run: Run, state: TrainState, metrics: Metrics, bar) -> None:
         emit(run, metrics, {"type": "eval", **ev})
         if main:
             bar.write(" | ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float)))
-        if ev.get("ppl_specialized") is not None and (state.best is None
-                                                      or ev["ppl_specialized"] < state.best["ppl_specialized"]):
+        key = f"ppl_{cfg.best_by}"  # --best-by: the perplexity that picks best/
+        if ev.get(key) is not None and (state.best is None or ev[key] < state.best[key]):
             state.best = ev
             save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "best", cfg.merge_adapter,
                             card_writer(run, ev, state))
@@ -428,7 +429,12 @@ def card_writer(run: Run, record: dict, state: TrainState) -> Callable[[Path], N
     """folder -> its model card (README.md), for the checkpoint evaluated as `record`."""
     adapter = run.cfg.peft != "none" and not run.cfg.merge_adapter
     base = state.evals[0] if state.evals else {}
-    return lambda folder: write_model_card(folder, run.resolved, run.manifest, record, base, adapter)
+
+    def write(folder: Path) -> None:
+        write_model_card(folder, run.resolved, run.manifest, record, base, adapter)
+        write_json_atomic(folder / PROVENANCE_FILE, provenance_record(run.cfg, run.resolved, run.manifest, record, base, folder.name.removesuffix(".tmp")))
+
+    return write
 
 
 def check_finite_weights(run: Run, state: TrainState) -> None:
@@ -522,6 +528,7 @@ def summarize(cfg: TrainConfig, state: TrainState, resolved: dict, online: bool)
         "DG": best.get("DG"),
         "ratio": best.get("ratio"),
         "best_step": best.get("step"),
+        "best_by": cfg.best_by,
         "base_ppl_specialized": base.get("ppl_specialized"),
         "base_ppl_general": base.get("ppl_general"),
         "best_ppl_specialized": best.get("ppl_specialized"),
