@@ -76,3 +76,23 @@ def spread(values: list[float | None]) -> dict:
         return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
     return {"n": len(xs), "mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None,
             "min": min(xs), "max": max(xs)}
+
+
+# -- frontiers: a method over all its settings and checkpoints -------------------------------------------------------
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (S, DG) points no other point beats (at least as much S with at most as much DG, one of them strictly),
+    sorted by S. Over every checkpoint of every run of a method, this is what the method can offer when its settings
+    and its checkpoint are chosen after the fact: the best-tuned method, the way a sweep picks it."""
+    front: list[tuple[float, float]] = []
+    for s, dg in sorted({(float(s), float(dg)) for s, dg in points
+                         if math.isfinite(s) and math.isfinite(dg)}, key=lambda p: (-p[0], p[1])):
+        if not front or dg < front[-1][1]:
+            front.append((s, dg))
+    return front[::-1]
+
+
+def best_s_within(points: list[tuple[float, float]], dg_max: float) -> float | None:
+    """The largest S of any point whose DG is at most `dg_max` (None if none is): how far a method specializes
+    while it forgets no more than dg_max."""
+    ss = [s for s, dg in points if dg <= dg_max and math.isfinite(s)]
+    return max(ss) if ss else None
