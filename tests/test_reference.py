@@ -138,3 +138,56 @@ def test_a_manifest_with_a_bad_trained_from_is_refused(text_cache, tmp_path, bad
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match=f"model.trained_from.*{key}|{key}"):
         open_cache(copy)
+
+
+@pytest.mark.parametrize("keep", ["none", "best", "final"])
+def test_save_weights_writes_only_what_it_names(text_cache, docs_jsonl, tmp_path, keep):
+    from helpers import tiny_flags
+
+    run = tmp_path / "r"
+    assert main(["train", *tiny_flags(text_cache, docs_jsonl, run), "--save-weights", keep]) == 0
+    assert (run / "best").exists() == (keep == "best") and (run / "final").exists() == (keep == "final")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_step"] is not None and summary["S"] is not None  # the numbers are all there
+
+
+def test_push_to_hub_needs_final(text_cache, tmp_path, capsys):
+    assert main(["train", "--cache", str(text_cache), "--out", str(tmp_path / "r"), "--save-weights", "none",
+                 "--push-to-hub", "me/model"]) == 2
+    assert "--save-weights none" in capsys.readouterr().err
+
+
+# -- a data budget: --train-rows -----------------------------------------------------------------------------------
+def test_train_rows_draws_only_the_first_rows_over_several_epochs():
+    from mft_cache.rows import Packed
+    from mft_cache.trainer.data import Rows, step_rows
+    import numpy as np
+
+    packed = Packed(np.arange(40, dtype=np.int64).reshape(10, 4), np.full(10, 4, dtype=np.int32))
+    rows = Rows(packed).first(3, "test")
+    assert len(rows) == 3 and len(Rows(packed).first(0, "test")) == 10
+    drawn = {r for s in range(8) for r in step_rows(s, 2, len(rows), seed=0)}
+    assert drawn == {0, 1, 2}  # 16 draws over 5+ epochs of the 3 rows, never a row past them
+    with pytest.raises(ValueError, match=r"--train-rows 11: test holds only 10 rows"):
+        Rows(packed).first(11, "test")
+
+
+def test_train_rows_beyond_the_cache_is_refused_before_the_run_folder(text_cache, tmp_path, capsys):
+    n = len(open_cache(text_cache))
+    assert main(["train", "--cache", str(text_cache), "--out", str(tmp_path / "r"), "--train-rows", str(n + 1)]) == 2
+    assert f"--train-rows {n + 1}" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("bad", ["-1", str(2**41)])
+def test_train_rows_bounds(text_cache, tmp_path, capsys, bad):
+    assert main(["train", "--cache", str(text_cache), "--out", str(tmp_path / "r"), "--train-rows", bad]) == 2
+    assert "--train-rows" in capsys.readouterr().err
+
+
+def test_train_rows_run_trains_on_its_budget(text_cache, docs_jsonl, tmp_path):
+    from helpers import tiny_flags
+
+    run = tmp_path / "r"
+    assert main(["train", *tiny_flags(text_cache, docs_jsonl, run), "--train-rows", "2", "--save-weights", "none"]) == 0
+    assert json.loads((run / "config.json").read_text())["train_rows"] == 2
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3

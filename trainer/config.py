@@ -23,12 +23,15 @@ MAX_SIZES = {"batch_size": 65_536, "eval_batch_size": 65_536, "grad_accum": 65_5
              "lora_rank": 65_536, "seq_len": 1 << 20}
 MAX_GLOBAL_BATCH = 1 << 20  # sequences per optimiser step of one process: --batch-size x --grad-accum
 MAX_SEED = (1 << 32) - 1  # numpy's seeds end there
+MAX_ROWS = 1 << 40  # --train-rows: more rows than any cache holds
 
 
 # the keys config.json holds besides TrainConfig's own: what the run resolved (written, never read back as options;
 # `--config` of a run's config.json skips them)
 BASE_DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISIONS = ("no", "bf16", "fp16", "auto")
+BEST_BY = ("specialized", "general")  # the validation perplexity that picks best/
+SAVE_WEIGHTS = ("all", "best", "final", "none")  # which of best/ and final/ a run writes
 RESOLVED_KEYS = ("resolved_model", "num_processes", "global_batch", "cache_manifest_sha256", "cache_top_k")
 
 
@@ -58,6 +61,8 @@ class TrainConfig:
                        choices=PACKINGS, group="data")
     seq_len: int = opt(0, "tokens per packed sequence with --teacher online (0: 256); with a cache, 0 or the "
                        "cache's own", group="data")
+    train_rows: int = opt(0, "train on the first N rows only (of the cache, or of --data's rows): a data budget of N "
+                          "x seq-len tokens, repeated over as many epochs as --steps takes (0: every row)", group="data")
     replay: str = opt("", "general-domain replay data mixed into every batch: documents (objective ft), or a cache "
                       "of them made by `mft cache` with the same teacher (any objective)", group="data")
     replay_fraction: float = opt(0.5, "fraction of every batch taken from --replay (the paper uses 0.5)", group="data")
@@ -114,12 +119,18 @@ class TrainConfig:
     eval_every: int = opt(20, "evaluate every N steps (also at the start and the end)", group="evaluation")
     eval_batch_size: int = opt(8, "sequences per evaluation batch", group="evaluation")
     eval_max_sequences: int = opt(0, "evaluate on the first N sequences of each set (0: all)", group="evaluation")
+    best_by: str = opt("specialized", "which validation perplexity picks best/: specialized (the least --eval-specialized "
+                       "perplexity, as the paper reports) or general (the least --eval-general perplexity: a reference "
+                       "checkpoint tuned on general text)", choices=BEST_BY, group="evaluation")
     # -- output: the run folder, checkpoints and logs, trackers, the Hub
     out: str = opt("runs/demo", "run folder: config.json, metrics.jsonl, summary.json, best/, final/, checkpoints/",
                    group="output")
     overwrite: bool = opt(False, "replace an existing run in --out", group="output")
     resume: bool = opt(False, "continue from the last saved state in --out (starts fresh if there is none)",
                        group="output")
+    save_weights: str = opt("all", "which weights the run writes: all (best/ and final/), best, final, or none (the "
+                            "metrics and summary.json only: sweeps and studies that compare numbers, not models)",
+                            choices=SAVE_WEIGHTS, group="output")
     save_every: int = opt(20, "save the training state every N steps (0: never) for --resume", group="output")
     log_every: int = opt(10, "write a step line to the log every N steps (metrics.jsonl gets every step)",
                          group="output")
@@ -167,6 +178,8 @@ class TrainConfig:
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be in [0, {MAX_SEED}]; got {self.seed}")
         self._check_names()
+        if not 0 <= self.train_rows <= MAX_ROWS:
+            raise ValueError(f"--train-rows must be in [0, {MAX_ROWS}] (0: every row); got {self.train_rows}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive; got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -188,6 +201,10 @@ class TrainConfig:
                              "reduced precision (the weights a full finetune trains stay float32)")
         if self.loss_impl == "transformers" and self.objective != "ft":
             raise ValueError("--loss-impl transformers computes plain cross-entropy only: it needs --objective ft")
+        if self.push_to_hub and self.save_weights not in ("all", "final"):
+            raise ValueError(f"--push-to-hub uploads final/, which --save-weights {self.save_weights} does not write")
+        if self.best_by == "general" and not self.eval_general:
+            raise ValueError("--best-by general picks best/ by the --eval-general perplexity: give --eval-general")
         if self.teacher == "online" and (self.top_k or self.tail != "bucket"):
             raise ValueError("--top-k and --tail choose how a cache is read; --teacher online uses the full distribution")
         check_finite(self)  # last: the range checks above say more, where they apply
@@ -237,20 +254,27 @@ def _parse_list(flag: str, text: str, kind) -> list:
     return values
 
 
+# --mft-lrs: MFT at every rate of --lrs (as plain finetuning), or at --lr alone (the grid before the option)
+MFT_LRS = ("all", "lr")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """What `mft sweep` varies; every run takes the other options from TrainConfig. A config file may give each
     list as a YAML/JSON list instead of the comma-separated string."""
 
-    taus: str = opt("0.1,0.25,0.5,1.0", "comma-separated tau values: one MFT run each (at --lr)", group="sweep",
-                    items=float)
+    taus: str = opt("0.1,0.25,0.5,1.0", "comma-separated tau values: one MFT run each, at every rate of --lrs "
+                    "(or at --lr alone: --mft-lrs lr)", group="sweep", items=float)
     no_ft: bool = opt(False, "skip the plain finetuning runs", group="sweep")
     seeds: str = opt("", "comma-separated seeds (they set the data order): every configuration runs once per seed, "
                      "into <run>/seed<k>/ when there are several; empty: --seed alone, into <run>/", group="sweep",
                      items=int)
-    lrs: str = opt("", "comma-separated learning rates of plain finetuning, one FT run each, so that FT's "
-                   "trajectories at several rates can be compared with MFT's; MFT runs at --lr, which is added to "
-                   "them when missing; empty: --lr alone", group="sweep", items=float)
+    lrs: str = opt("", "comma-separated learning rates: FT runs once at each, and so does MFT at each tau "
+                   "(--mft-lrs all), so that each method is compared at its best rate; --lr is added to them when "
+                   "missing; empty: --lr alone", group="sweep", items=float)
+    mft_lrs: str = opt("all", "the learning rates of the MFT runs: all (every rate of --lrs, as FT) or lr (--lr "
+                       "alone, the grid before this option: FT's rate tuned over --lrs, MFT's not)", choices=MFT_LRS,
+                       group="sweep")
 
     def __post_init__(self):
         taus, lrs = self.tau_values(), self.lr_values()
@@ -262,8 +286,11 @@ class SweepConfig:
         for lr in lrs:
             if not lr > 0:
                 raise ValueError(f"--lrs: {lr} is not a positive learning rate")
-        if lrs and self.no_ft:
-            raise ValueError("--lrs sets the learning rates of plain finetuning, which --no-ft skips: drop one of them")
+        if self.mft_lrs not in MFT_LRS:
+            raise ValueError(f"--mft-lrs: {self.mft_lrs!r} is not one of {', '.join(MFT_LRS)}")
+        if lrs and self.no_ft and self.mft_lrs == "lr":
+            raise ValueError("--lrs with --mft-lrs lr sets the learning rates of plain finetuning only, which --no-ft "
+                             "skips: drop one of them, or give --mft-lrs all (MFT at every rate)")
         if any(s < 0 for s in self.seed_values()):
             raise ValueError(f"--seeds must be >= 0; got {self.seeds}")
 

@@ -26,11 +26,18 @@ class Rows:
     targets.from_cache turns into what the loss consumes) or rows packed in memory (mft_cache.rows.Packed: the
     online teacher's, evaluation sets, raw replay documents); with documents packed whole, their segment ids."""
 
-    def __init__(self, source: Cache | Packed):
+    def __init__(self, source: Cache | Packed, limit: int = 0):
         self.source = source
+        self.limit = limit  # --train-rows: only the first `limit` rows are drawn (0: all)
 
     def __len__(self) -> int:
-        return len(self.source)
+        return min(len(self.source), self.limit) if self.limit else len(self.source)
+
+    def first(self, n: int, what: str) -> "Rows":
+        """The first n rows only (n = 0: all of them); `what` names the source for the error when it has fewer."""
+        if n > len(self.source):
+            raise ValueError(f"--train-rows {n}: {what} holds only {len(self.source)} rows")
+        return Rows(self.source, n)
 
     def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
         a = self.source.take(rows)

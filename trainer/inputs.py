@@ -54,7 +54,7 @@ def open_training_rows(cfg: TrainConfig) -> TrainingData:
     spec = cache_row_spec(m, cfg)  # the cache's rows decide; a flag that says otherwise is refused
     if cfg.data:
         check_data(m, cfg.data, cfg.text_field, cfg.cache)
-    return TrainingData(Rows(cache), m, model_id, cache.seq_len, spec)
+    return TrainingData(Rows(cache).first(cfg.train_rows, f"--cache {cfg.cache}"), m, model_id, cache.seq_len, spec)
 
 
 def _rows(cfg: TrainConfig, source: str, tokenizer, seq_len: int, what: str, spec_of=None):
@@ -68,7 +68,8 @@ def _rows(cfg: TrainConfig, source: str, tokenizer, seq_len: int, what: str, spe
 
 def online_rows(cfg: TrainConfig, tokenizer, seq_len: int) -> Rows:
     spec = online_spec(cfg, seq_len)
-    return Rows(_rows(cfg, cfg.data, tokenizer, seq_len, "--data", lambda fmt: spec))
+    return Rows(_rows(cfg, cfg.data, tokenizer, seq_len, "--data", lambda fmt: spec)).first(
+        cfg.train_rows, f"--data {cfg.data} (packed into rows of {seq_len} tokens)")
 
 
 def follow(run: RowSpec | None, cfg: TrainConfig, seq_len: int):

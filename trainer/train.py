@@ -361,8 +361,9 @@ def after_step(run: Run, state: TrainState, metrics: Metrics, bar) -> None:
         key = f"ppl_{cfg.best_by}"  # --best-by: the perplexity that picks best/
         if ev.get(key) is not None and (state.best is None or ev[key] < state.best[key]):
             state.best = ev
-            save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "best", cfg.merge_adapter,
-                            card_writer(run, ev, state))
+            if cfg.save_weights in ("all", "best"):
+                save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "best", cfg.merge_adapter,
+                                card_writer(run, ev, state))
         if main:
             plot_s_dg(state.evals, run.out / "s_dg.png", run_label(cfg))
     if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
@@ -452,8 +453,9 @@ def finish(run: Run, state: TrainState, metrics: Metrics, wall_time: Callable[[]
     """final/, summary.json; the checkpoints are removed."""
     check_finite_weights(run, state)
     last = state.evals[-1] if state.evals and state.evals[-1]["step"] == state.step else {"step": state.step}
-    save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "final", run.cfg.merge_adapter,
-                    card_writer(run, last, state))
+    if run.cfg.save_weights in ("all", "final"):
+        save_pretrained(run.accelerator, run.module, run.tokenizer, run.out / "final", run.cfg.merge_adapter,
+                        card_writer(run, last, state))
     state.wall_time_s = wall_time()
     summary = summarize(run.cfg, state, run.resolved, run.online)
     if run.accelerator.is_main_process:
