@@ -191,3 +191,9 @@ def test_train_rows_run_trains_on_its_budget(text_cache, docs_jsonl, tmp_path):
     assert main(["train", *tiny_flags(text_cache, docs_jsonl, run), "--train-rows", "2", "--save-weights", "none"]) == 0
     assert json.loads((run / "config.json").read_text())["train_rows"] == 2
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+def test_plain_finetuning_on_documents_loads_no_teacher(reference):
+    summary = json.loads((reference["run"] / "summary.json").read_text())
+    assert summary["teacher"] == "none" and summary["teacher_loaded"] is False
+    assert "plain cross-entropy" in (reference["run"] / "final" / "README.md").read_text()

@@ -156,7 +156,8 @@ def card_text(name: str, m: dict, resolved: dict) -> str:
     teacher = (f"targets from a cache of {md_code(m['teacher'])}'s top-{m['cache_top_k']} log-probs "
                f"({md_text(m['cache_logprob_dtype'])}; cache manifest sha256 {md_code(m['cache_manifest_sha256'])})"
                if m["cache_manifest_sha256"] else
-               "targets from the teacher online" if resolved["teacher"] == "online" else "plain cross-entropy")
+               "targets from the teacher online" if resolved["teacher"] == "online" and m["objective"] != "ft" else
+               "plain cross-entropy")
     return "\n".join([
         f"# {md_text(name)}", "",
         f"{what} {md_code(resolved['resolved_model'])}, trained with mft-cache {md_text(m['mft_cache_version'])}: "

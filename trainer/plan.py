@@ -295,7 +295,7 @@ def estimate(shape: ModelShape, acts: ActivationProfile, cfg, seq_len: int, devi
 
     # the online teacher: its weights, its [B, T, V] logits and their log-softmax (the targets, held through the
     # student's forward with every objective but ft)
-    teacher_weights = shape.base_bytes if cfg.teacher == "online" else 0
+    teacher_weights = shape.base_bytes if dense else 0  # plain finetuning on raw documents loads no teacher
     teacher_logits = 4 * tokens * v if cfg.teacher == "online" and cfg.objective != "ft" else 0
     rows_in_flight = 4 * b * cfg.grad_accum  # the Prefetcher: 2 queued steps, one being read, one training
     rows = rows_in_flight * cache_row_bytes(t, top_k, logprob_bytes)

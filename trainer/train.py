@@ -190,7 +190,7 @@ def set_up(cfg: TrainConfig, held: contextlib.ExitStack, tracking: Tracking | No
 
     tokenizer = load_tokenizer(training.model_id, cfg.trust_remote_code)
     model, teacher = load_models(cfg, training, tokenizer, accelerator.device)
-    rows = training.rows if teacher is None else online_rows(cfg, tokenizer, training.seq_len)
+    rows = training.rows if training.rows is not None else online_rows(cfg, tokenizer, training.seq_len)
     rows, rows_of_step = with_replay(cfg, rows, global_batch, training, tokenizer)
     model = prepare_student(cfg, model)
     eval_sets = open_eval_sets(cfg, tokenizer, training.seq_len, training.spec)
@@ -209,6 +209,9 @@ def load_models(cfg: TrainConfig, training, tokenizer, device):
         check_student(training.manifest, tokenizer, model, training.model_id)  # tokenizer and vocabulary first
         check_teacher_revision(training.manifest, training.model_id, cfg.allow_different_student)
         log.info("targets from the cache %s: the teacher is not loaded", cfg.cache)
+        return model, None
+    if cfg.objective == "ft":  # plain cross-entropy on raw documents (a reference checkpoint): no teacher to load
+        log.info("plain finetuning on %s: no teacher is loaded", cfg.data)
         return model, None
     teacher = load_model(cfg.model, dtype, device, cfg.trust_remote_code).eval().requires_grad_(False)
     log.info("online teacher %s: a teacher forward pass every micro-batch (the paper's Algorithm 1)", cfg.model)
@@ -524,7 +527,7 @@ def summarize(cfg: TrainConfig, state: TrainState, resolved: dict, online: bool)
     return {
         "objective": cfg.objective,
         "tau": effective_tau(cfg),
-        "teacher": "online" if online else "cache",
+        "teacher": "online" if online else "none" if cfg.teacher == "online" else "cache",
         "teacher_loaded": online,
         "S": best.get("S"),
         "DG": best.get("DG"),
