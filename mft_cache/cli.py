@@ -52,7 +52,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         pl.add_argument("--json", "--plan-json", dest="plan_json", action="store_true",
                         help="print it as one JSON object (what `mft train --plan-json` prints)")
         add_arguments(pl, TrainConfig)
-        s = sub.add_parser("sweep", help="a run per tau (and ft per learning rate), per seed, from one cache")
+        s = sub.add_parser("sweep", help="a run per tau and ft, per learning rate and seed, from one cache")
         add_arguments(s, TrainConfig, SweepConfig)
         from mft_cache.study import StudyConfig
 
@@ -161,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
 
             sc = from_namespace(SweepConfig, args)
             sweep(from_namespace(TrainConfig, args), sc.tau_values(), with_ft=not sc.no_ft, seeds=sc.seed_values(),
-                  lrs=sc.lr_values())
+                  lrs=sc.lr_values(), mft_lrs=sc.mft_lrs)
         elif args.command == "study":
             from mft_cache.study import StudyConfig, study
             from mft_cache.trainer.config import TrainConfig

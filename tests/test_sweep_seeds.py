@@ -170,7 +170,7 @@ def sweep_out(llama, tmp_path_factory) -> dict:
     argv = ["sweep", "--cache", str(cache), "--out", str(out), "--steps", "3", "--batch-size", "2", "--lr", "3e-3",
             "--warmup-steps", "1", "--eval-every", "1", "--save-every", "0", "--eval-specialized", str(spec),
             "--eval-general", str(gen), "--eval-max-sequences", "3", "--taus", "0.5", "--seeds", "0,1",
-            "--lrs", "1e-2"]
+            "--lrs", "1e-2", "--mft-lrs", "lr"]  # MFT at --lr alone (tests/test_sweep_lrs.py: MFT at every rate)
     assert main(argv) == 0
     return {"out": out, "spec": spec, "json": json.loads((out / "sweep.json").read_text())}
 
@@ -184,7 +184,7 @@ def test_a_sweep_keeps_every_trajectory_point_of_every_run(sweep_out):
     out, record = sweep_out["out"], sweep_out["json"]
     assert record["seeds"] == [0, 1] and record["lrs"] == [1e-2, 3e-3] and record["mft_lr"] == 3e-3
     runs = record["runs"]
-    # --lr 3e-3 joins --lrs: MFT at 3e-3, FT at both; a folder per run and seed
+    # --lr 3e-3 joins --lrs: MFT at 3e-3 (--mft-lrs lr), FT at both; a folder per run and seed
     assert [(r["run"], r["seed"]) for r in runs] == [(n, s) for s in (0, 1) for n in ("mft-tau0.5-lr3e-3",
                                                                                         "ft-lr1e-2", "ft-lr3e-3")]
     for r in runs:
@@ -220,6 +220,9 @@ def test_a_sweep_reports_the_spread_over_seeds_and_dg_at_matched_s(sweep_out):
     assert len(configs["mft-tau0.5-lr3e-3"]["matched"]) == 2
     md = (out / "sweep.md").read_text()
     assert "## Over seeds" in md and "## DG at matched S" in md and "## Runs" in md
+    assert "## Each method at its best" in md and record["mft_lrs"] == "lr" and record["mft_rates"] == [3e-3]
+    methods = {m["method"]: m for m in record["frontier"]["methods"]}
+    assert set(methods) == {"ft", "mft-tau0.5"} and methods["ft"]["checkpoints"] == 2 * 2 * 3  # runs x steps 1-3
     with open(out / "sweep.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 6 and list(table[0])[:len(COLUMNS)] == list(COLUMNS)
@@ -288,7 +291,8 @@ def test_the_base_is_evaluated_once_and_shared_by_every_run(sweep_out, llama):
 @pytest.mark.parametrize("flags, words", [(["--seeds", "0,x"], ["--seeds", "'x'"]),
                                           (["--seeds", "1,1"], ["--seeds", "twice"]),
                                           (["--lrs", "1e-4,-1"], ["--lrs", "positive"]),
-                                          (["--lrs", "1e-4", "--no-ft"], ["--lrs", "--no-ft"]),
+                                          (["--lrs", "1e-4", "--no-ft", "--mft-lrs", "lr"],
+                                           ["--lrs", "--no-ft", "--mft-lrs"]),
                                           (["--taus", "0.5,2"], ["--taus", "outside"])])
 def test_bad_sweep_lists_exit_2_naming_the_flag(flags, words, tmp_path, capsys):
     assert main(["sweep", "--out", str(tmp_path / "s"), *flags]) == 2
