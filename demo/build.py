@@ -106,6 +106,8 @@ def build_assets(
         files.update(model_files)
         files.update(data_files)
         sections = {"params": params, "wheels": wheels, "model": model, "data": data}
+        if "domains" in prev:  # ``python -m demo domains`` keeps its own record and checks it itself
+            sections["domains"] = prev["domains"]
         manifest = write_manifest(out, prev, sections, files)
         log(f"wrote {out / MANIFEST} ({time.time() - t_start:.1f}s)")
         return manifest
