@@ -42,7 +42,7 @@ arg = $(if $(2),$(1) $(2))
 PRESET_CONFIG := $(filter configs/demo.yaml configs/paper.yaml,$(CONFIG))
 assets_for = $(if $(filter assets/%,$(foreach v,$(1),$(or $($(v)),$(if $(PRESET_CONFIG),assets/)))),assets)
 
-.PHONY: setup assets gemma cache train sweep study chat-demo reliability test bench clean
+.PHONY: setup assets gemma cache train sweep study regime chat-demo reliability test bench clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -74,9 +74,10 @@ train: setup $(call assets_for,EVAL_SPECIALIZED EVAL_GENERAL)
 		$(call arg,--mixed-precision,$(MIXED_PRECISION)) $(call arg,--eval-specialized,$(EVAL_SPECIALIZED)) \
 		$(call arg,--eval-general,$(EVAL_GENERAL)) $(call arg,--eval-max-sequences,$(EVAL_MAX)) --resume $(TRAIN_ARGS)
 
-# One run per tau plus plain finetuning, all from the one cache; the teacher is never loaded. The demo's config runs
-# each configuration at seeds 0, 1 and 2 and plain finetuning at 2e-4 and 5e-4 (MFT at 5e-4): 15 runs, about 70 min
-# on 2 CPU cores; SEEDS=0 LRS=5e-4 is one seed at one rate (4 runs: MFT at the three taus, FT at 5e-4).
+# One run per tau plus plain finetuning, each at every learning rate of --lrs, all from the one cache; the teacher is
+# never loaded. The demo's config runs MFT at the three taus and FT, each at 2e-4 and 5e-4, at seeds 0, 1 and 2: 24
+# runs, about 1.6 x the 70 min on 2 CPU cores that the 15 runs with MFT at 5e-4 alone took (an estimate);
+# TRAIN_ARGS="--mft-lrs lr" runs those 15. SEEDS=0 LRS=5e-4 is one seed at one rate (4 runs: MFT at the three taus, FT).
 sweep: setup $(call assets_for,EVAL_SPECIALIZED EVAL_GENERAL)
 	$(BIN)/mft sweep --config $(CONFIG) $(call arg,--out,$(SWEEP)) $(call arg,--taus,$(TAUS)) \
 		$(call arg,--seeds,$(SEEDS)) $(call arg,--lrs,$(LRS)) $(call arg,--cache,$(CACHE)) $(call arg,--steps,$(STEPS)) \
@@ -104,6 +105,17 @@ study: setup $(call assets_for,MODEL DATA)
 		$(call arg,--eval-every,$(STUDY_STEPS)) $(call arg,--batch-size,$(BATCH)) $(call arg,--lr,$(STUDY_LR)) \
 		$(call arg,--tau,$(TAU)) $(call arg,--eval-specialized,$(EVAL_SPECIALIZED)) \
 		$(call arg,--eval-general,$(EVAL_GENERAL)) $(call arg,--parts,$(STUDY_PARTS)) $(TRAIN_ARGS)
+
+# The paper's regime (docs/STUDY.md): a reference checkpoint, many epochs over small budgets of three domains (the demo's
+# licences, Python's own docs and source: `python -m demo domains`), FT and MFT over the same rates, 3 seeds at each
+# method's best; the verdict section of STUDIES.md. About 6 h on 2 CPU cores, in parts of at most REGIME_MINUTES (90):
+# rerun `make regime` to continue where the last part stopped.
+REGIME ?=
+REGIME_MINUTES ?=
+regime: setup $(call assets_for,MODEL)
+	$(if $(PRESET_CONFIG),$(BIN)/python -m demo domains --out assets)
+	$(BIN)/mft regime --config $(CONFIG) $(call arg,--model,$(MODEL)) $(call arg,--out,$(REGIME)) \
+		$(call arg,--max-minutes,$(REGIME_MINUTES)) $(call arg,--eval-general,$(EVAL_GENERAL)) $(TRAIN_ARGS)
 
 # The reliability suite and its table: faults injected, inputs tried, outcomes checked.
 RELIABILITY_TESTS ?= tests/test_faults_cache.py tests/test_faults_train.py tests/test_attack_cache_files.py \
