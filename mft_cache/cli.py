@@ -1,4 +1,4 @@
-"""The `mft` console script: `mft cache`, `mft inspect`, `mft train`, `mft plan`, `mft sweep`, `mft study`."""
+"""The `mft` console script: `mft cache`, `mft inspect`, `mft train`, `mft plan`, `mft sweep`, `mft study`, `mft regime`."""
 from __future__ import annotations
 
 import argparse
@@ -58,7 +58,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
         st = sub.add_parser("study", help="the paper's compositions and ablations on one cache (writes STUDIES.md)")
         add_arguments(st, TrainConfig, StudyConfig)
-        with_config.update(train=t, plan=pl, sweep=s, study=st)
+        from mft_cache.regime import RegimeConfig
+
+        rg = sub.add_parser("regime", help="the paper's regime: a reference checkpoint, many epochs over small data "
+                            "budgets, FT and MFT over the same learning rates, several domains (writes STUDIES.md)")
+        add_arguments(rg, TrainConfig, RegimeConfig)
+        with_config.update(train=t, plan=pl, sweep=s, study=st, regime=rg)
     for command, parser in with_config.items():
         add_config_argument(parser, CONFIG_SECTION.get(command))
     return p, with_config
@@ -167,6 +172,11 @@ def _run(args: argparse.Namespace) -> int:
             from mft_cache.trainer.config import TrainConfig
 
             study(from_namespace(StudyConfig, args), from_namespace(TrainConfig, args))
+        elif args.command == "regime":
+            from mft_cache.regime import RegimeConfig, regime
+            from mft_cache.trainer.config import TrainConfig
+
+            regime(from_namespace(RegimeConfig, args), from_namespace(TrainConfig, args))
     except (CorruptShardError, ManifestError) as e:
         print(f"mft {args.command}: error: {e}", file=sys.stderr)
         return 3

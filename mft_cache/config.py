@@ -31,6 +31,7 @@ def command_line() -> str:
 GROUPS = {
     "sweep": "what `mft sweep` varies: one run per value, per seed",
     "study": "what `mft study` runs and where it reports",
+    "regime": "what `mft regime` runs: domains, data budgets, the shared grid, the reference checkpoint",
     "data": "what is read and how rows are made of it",
     "teacher": "the model whose predictions are cached, and where it runs",
     "cache format": "what the cache keeps of each position, and how it is stored",

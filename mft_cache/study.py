@@ -236,5 +236,8 @@ def write_report(record: dict, path: Path, out: Path) -> None:
         png = plots / f"study_{part}.png"
         if plot_dg_vs_s([{**runs[n], "run": n} for n in names], png):
             doc += [f"![DG vs S, part {part}](docs/{png.name})", ""]
-    write_text_atomic(path, "\n".join(doc) + "\n")
+    from .regime_report import keep_section
+
+    old = path.read_text() if path.is_file() else ""
+    write_text_atomic(path, keep_section(old, "\n".join(doc) + "\n"))  # `mft regime`'s section stays
     log.info("study report written to %s", path)
