@@ -120,7 +120,7 @@ def to_dict(cfg) -> dict:
 
 
 # -- config files: `--config FILE` (YAML or JSON), its keys set as defaults, the flags given win --------------
-COMMANDS = ("cache", "train", "sweep", "study")  # a top-level key naming one of them, holding a mapping, is a section
+COMMANDS = ("cache", "train", "sweep", "study", "regime")  # a top-level key naming one of them, holding a mapping, is a section
 
 
 def add_config_argument(parser: argparse.ArgumentParser, section: str | None = None) -> None:
