@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 
 from .files import read_json_object
@@ -29,6 +30,7 @@ TEXT = ("objective", "checkpoint", "best_by", "base_model", "data_source", "data
 NUMBERS = ("tau", "lr", "ppl_specialized", "ppl_general", "base_ppl_specialized", "base_ppl_general")
 COUNTS = ("step", "steps", "tokens")
 CHECKPOINTS = ("best", "final")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def clean(record) -> dict | None:
@@ -89,4 +91,4 @@ def describe(record: dict | None) -> str | None:
             if record.get(key) is not None and record.get(f"base_{key}") is not None:
                 parts.append(f": {record[f'base_{key}']:.3f} -> {record[key]:.3f}")
             parts.append(")")
-    return "".join(parts)
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], "".join(parts))  # one line, whatever the file held

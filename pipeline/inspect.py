@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from mft_cache.provenance import clean, describe
 from mft_cache.storage import open_cache
 
 
@@ -36,6 +37,7 @@ def cache_stats(folder, verify: bool = False) -> dict:
         "schema_version": m.schema_version,
         "model": m.model.id,
         "teacher_dtype": m.model.dtype,  # the dtype of the teacher's pass (None: not recorded)
+        "teacher_trained_from": clean(m.model.trained_from),  # the teacher folder's mft_checkpoint.json, if any
         "vocab_size": m.vocab_size,
         "top_k": m.top_k,
         "seq_len": m.seq_len,
@@ -84,7 +86,10 @@ def _num(value, spec: str) -> str:
 def format_stats(s: dict) -> str:
     rows = [
         ("cache", s["path"]), ("format", s["format"]), ("model", s["model"]),
-        ("teacher dtype", s.get("teacher_dtype") or "not recorded"), ("vocabulary", f"{s['vocab_size']:,}"),
+        ("teacher dtype", s.get("teacher_dtype") or "not recorded"),
+        *([("teacher trained from", describe(s["teacher_trained_from"]))] if s.get("teacher_trained_from")
+          else []),
+        ("vocabulary", f"{s['vocab_size']:,}"),
         ("top-k", s["top_k"]), ("sequences", f"{s['num_sequences']:,} x {s['seq_len']} tokens"),
         ("tokens (positions)", f"{s['num_tokens']:,}" + ("" if s["train_on"] == "all" else
                                                           f" trained of {s['num_input_tokens']:,} ({s['data_format']}, "

@@ -197,3 +197,22 @@ def test_plain_finetuning_on_documents_loads_no_teacher(reference):
     summary = json.loads((reference["run"] / "summary.json").read_text())
     assert summary["teacher"] == "none" and summary["teacher_loaded"] is False
     assert "plain cross-entropy" in (reference["run"] / "final" / "README.md").read_text()
+
+
+def test_inspect_names_the_teacher_it_was_trained_from(reference, tmp_path, capsys):
+    best = reference["run"] / "best"
+    record = json.loads((best / provenance.FILE).read_text())
+    record["data_source"] = "evil\n\x1b[2Jname.jsonl"  # a hostile file name stays on one line, escaped
+    (best.parent / "evil").mkdir()
+    import shutil
+
+    model = reference["run"] / "evil" / "model"
+    shutil.copytree(best, model)
+    (model / provenance.FILE).write_text(json.dumps(record))
+    cache = tmp_path / "c"
+    assert main(cache_args(model, write_jsonl(tmp_path / "d.jsonl", make_texts(4, seed=65)), cache,
+                           seq_len=32, top_k=8)) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(cache)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("teacher trained from"))
+    assert "least general validation perplexity" in line and "evil\\n\\x1b[2Jname.jsonl" in line
