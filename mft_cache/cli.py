@@ -31,7 +31,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     with_config = {"cache": c}
 
     i = sub.add_parser("inspect", help="summarise a cache (and verify its checksums)")
-    i.add_argument("cache", help="cache folder")
+    i.add_argument("cache", help="cache folder, or hf://OWNER/NAME[@REVISION] (downloaded, every shard verified)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.add_argument("--verify", action="store_true", help="check every shard's checksum; exit non-zero naming a bad shard")
 

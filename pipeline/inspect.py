@@ -1,4 +1,5 @@
-"""`mft inspect CACHE`: what a cache holds and how good its teacher is on the labels."""
+"""`mft inspect CACHE`: what a cache holds and how good its teacher is on the labels (CACHE a folder, or
+hf://OWNER/NAME[@REVISION], downloaded and verified as `mft train --cache` downloads it)."""
 from __future__ import annotations
 
 import json
@@ -8,11 +9,16 @@ import numpy as np
 
 from mft_cache.provenance import clean, describe
 from mft_cache.storage import open_cache
+from mft_cache.storage.hub import download_cache, is_hub_ref
 
 
 def cache_stats(folder, verify: bool = False) -> dict:
-    """Summary of a cache, reading it one shard at a time."""
-    cache = open_cache(folder, verify="full" if verify else "none")
+    """Summary of a cache, reading it one shard at a time. A Hub reference is downloaded first, and its every shard
+    checked against the manifest (download_cache): it counts as verified."""
+    hub = str(folder) if is_hub_ref(str(folder)) else None
+    if hub:
+        folder = download_cache(hub, "CACHE")
+    cache = open_cache(folder, verify="full" if verify and not hub else "none")
     m = cache.manifest
     lp_field = next(f for f in cache.schema if f.name == "topk_logprobs")
     bos = m.tokenizer.bos_token_id
@@ -33,6 +39,7 @@ def cache_stats(folder, verify: bool = False) -> dict:
         tail_sum += float(np.clip(1.0 - mass, 0.0, None)[valid].sum())
     return json_safe({
         "path": str(cache.folder),
+        "hub": hub,  # the hf:// reference it was downloaded from, or None
         "format": m.format,
         "schema_version": m.schema_version,
         "model": m.model.id,
@@ -55,7 +62,7 @@ def cache_stats(folder, verify: bool = False) -> dict:
         "packing": m.rule,
         "bos_row_share": None if bos is None else bos_rows / max(m.num_sequences, 1),
         "num_processes": m.num_processes,
-        "verified": bool(verify),
+        "verified": bool(verify or hub),
     })
 
 
@@ -85,7 +92,7 @@ def _num(value, spec: str) -> str:
 
 def format_stats(s: dict) -> str:
     rows = [
-        ("cache", s["path"]), ("format", s["format"]), ("model", s["model"]),
+        ("cache", f"{s['hub']} ({s['path']})" if s.get("hub") else s["path"]), ("format", s["format"]), ("model", s["model"]),
         ("teacher dtype", s.get("teacher_dtype") or "not recorded"),
         *([("teacher trained from", describe(s["teacher_trained_from"]))] if s.get("teacher_trained_from")
           else []),

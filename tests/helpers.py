@@ -261,6 +261,19 @@ def rewrite_field(folder: Path, field: str, edit) -> str:
     return rewrite_shard(folder, lambda arrays, trained: edit(arrays[field]))
 
 
+# -- the Hub, faked ---------------------------------------------------------------------------------------------
+def fake_download(monkeypatch, folder: Path, calls: list) -> None:
+    """huggingface_hub.snapshot_download stands in for the Hub: every repository is `folder`; each call's (repo id,
+    repo type, revision) is appended to `calls`."""
+    import huggingface_hub
+
+    def snapshot_download(repo_id, repo_type=None, revision=None, **kw):
+        calls.append((repo_id, repo_type, revision))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
 # -- short runs of `mft train` on a small cache (the config-file, tracking, card and Hub tests) ------------------
 def tiny_flags(cache: Path, docs: Path, out: Path) -> list[str]:
     return ["--cache", str(cache), "--out", str(out), "--steps", "3", "--batch-size", "2", "--lr", "3e-3",

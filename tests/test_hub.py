@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import config_json, tiny_flags
+from helpers import config_json, fake_download, tiny_flags
 from mft_cache.cli import main
 
 SEQ = 32
@@ -41,16 +41,6 @@ def test_a_hub_cache_offline_exits_2_naming_the_flag(ref, words, tmp_path, capsy
     assert main(["train", "--cache", ref, "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err
     assert all(w in err for w in words) and "Traceback" not in err, err
-
-
-def fake_download(monkeypatch, folder: Path, calls: list):
-    import huggingface_hub
-
-    def snapshot_download(repo_id, repo_type=None, revision=None, **kw):
-        calls.append((repo_id, repo_type, revision))
-        return str(folder)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
 
 
 def test_a_hub_cache_is_downloaded_and_every_shard_verified(cache, tmp_path, capsys, monkeypatch):
