@@ -218,7 +218,7 @@ def regime(cfg: RegimeConfig, tcfg) -> dict:
 
 def _shared(tcfg, out: Path):
     """The options every specialization run shares (the study's own choices where the user left the default)."""
-    return replace(tcfg, seq_len=tcfg.seq_len or 256, resume=True, save_weights="none", save_every=0,
+    return replace(tcfg, seq_len=tcfg.seq_len or 256, resume=True, save_weights="none", save_every=0, samples=0,
                    best_by="specialized", overwrite=False, report_to="none", data="")
 
 

@@ -31,7 +31,9 @@ MARKER = ".mft-run.json"
 # The small setup of the fault suites: a cache of >= 4 shards, and a 6-step run on it that checkpoints every 2 steps.
 SMALL_CACHE = dict(seq_len=32, top_k=8, shard_mb=0.004, batch_size=2)
 SMALL_RUN = dict(steps=6, batch_size=2, lr=3e-3, warmup_steps=1, save_every=2, log_every=100)  # no evaluation
-EVAL_RUN = dict(steps=6, batch_size=2, lr=3e-3, save_every=2, eval_every=3, log_every=100)  # with evaluation at 3 and 6
+# with evaluation at 3 and 6; no samples (test_samples.py covers them: generating at every evaluation of every test
+# run would cost the suite more than it checks)
+EVAL_RUN = dict(steps=6, batch_size=2, lr=3e-3, save_every=2, eval_every=3, log_every=100, samples=0)
 
 
 # -- folders ----------------------------------------------------------------------------------------------------
@@ -278,7 +280,7 @@ def fake_download(monkeypatch, folder: Path, calls: list) -> None:
 def tiny_flags(cache: Path, docs: Path, out: Path) -> list[str]:
     return ["--cache", str(cache), "--out", str(out), "--steps", "3", "--batch-size", "2", "--lr", "3e-3",
             "--warmup-steps", "1", "--eval-every", "2", "--save-every", "0", "--eval-specialized", str(docs),
-            "--eval-general", str(docs), "--eval-max-sequences", "2", "--tau", "0.5"]
+            "--eval-general", str(docs), "--eval-max-sequences", "2", "--tau", "0.5", "--samples", "0"]
 
 
 def config_json(run: Path) -> dict:

@@ -196,4 +196,7 @@ def write_model_card(folder: Path, resolved: dict, manifest: Manifest | None, re
     data = ModelCardData(base_model=_hub_id(resolved["resolved_model"]), library_name="peft" if adapter else
                          "transformers", tags=["mft-cache", "minifinetuning", resolved["objective"]], mft=m)
     name = f"{Path(resolved['out']).name}/{folder.name.removesuffix('.tmp')}"
-    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_text(name, m, shown)}").save(folder / "README.md")
+    from .samples import card_section  # samples.py renders with this module's helpers
+
+    text = card_text(name, m, shown) + "\n".join(card_section(base, record))
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").save(folder / "README.md")

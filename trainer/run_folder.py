@@ -1,5 +1,5 @@
 """The run folder `--out`: deciding whether to start, resume or refuse, and the files a run writes into it
-(.mft-run.json, config.json, metrics.jsonl, summary.json, s_dg.png, best/, final/, checkpoints/).
+(.mft-run.json, config.json, metrics.jsonl, summary.json, s_dg.png, samples.md, best/, final/, checkpoints/).
 
 A run marks its folder as one when it starts (`.mft-run.json`), and locks it while it runs (`.mft-lock`, see
 mft_cache/folder_lock.py). `--overwrite` removes only the files a run writes, and only from a folder the marker
@@ -30,10 +30,12 @@ FINISHED = "finished"
 MARKER = ".mft-run.json"
 _MARKER_ID = {"tool": "mft-cache", "kind": "train-run"}
 # what `mft train` writes into --out (tensorboard: --report-to's event files; best.tmp / final.tmp: save_pretrained; .NAME.tmp-PID: write_json_atomic)
-_OURS = re.compile(r"^(config\.json|metrics\.jsonl|summary\.json|s_dg\.png|best|final|checkpoints|best\.tmp|final\.tmp|tensorboard"
-                   r"|\.mft-run\.json|\.mft-lock|\.(config\.json|summary\.json|\.mft-run\.json)\.tmp-\d+)$")
+_OURS = re.compile(r"^(config\.json|metrics\.jsonl|summary\.json|s_dg\.png|samples\.md|best|final|checkpoints|best\.tmp"
+                   r"|final\.tmp|tensorboard|\.mft-run\.json|\.mft-lock"
+                   r"|\.(config\.json|summary\.json|samples\.md|\.mft-run\.json)\.tmp-\d+)$")
 _IGNORED_ON_RESUME = ("out", "resume", "overwrite", "log_every", "report_to", "run_name",
-                      "push_to_hub", "cpu_allocator", "allow_changed_cache")  # out: `./x` and `x`, or a moved folder, resume
+                      "push_to_hub", "cpu_allocator", "allow_changed_cache", "samples",
+                      "sample_tokens")  # out: `./x` and `x`, or a moved folder, resume
 # config.json keys besides TrainConfig's own, and their JSON types
 _RESOLVED_TYPES = {"resolved_model": (str,), "num_processes": (int,), "global_batch": (int,),
                    "cache_manifest_sha256": (str, type(None)), "cache_top_k": (int, type(None))}
@@ -194,7 +196,7 @@ def start_run_files(out: Path, resolved: dict, fresh: bool) -> None:
     with open_owned(out, "metrics.jsonl", "w" if fresh else "a"):  # created, and emptied on a fresh start
         pass
     if fresh:
-        _owned(out).remove(["best", "final", "summary.json", "tensorboard"])
+        _owned(out).remove(["best", "final", "summary.json", "samples.md", "tensorboard"])
 
 
 class Metrics:

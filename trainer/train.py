@@ -36,7 +36,7 @@ from mft_cache.faults import fault_active, fault_point
 from mft_cache.masks import real_tokens
 from mft_cache.models import DTYPES, load_model, load_tokenizer
 from mft_cache.storage.hub import check_online, push_folder
-from mft_cache.files import remove_member, write_json_atomic
+from mft_cache.files import remove_member, write_json_atomic, write_text_atomic
 from mft_cache.provenance import FILE as PROVENANCE_FILE
 
 from .adapters import add_adapter
@@ -50,6 +50,7 @@ from .inputs import open_eval_sets, open_replay, open_training_rows, online_rows
 from .loss_module import StudentLoss
 from .optim import build_optimizer, check_optimizer
 from .report import plot_s_dg
+from .samples import generate, prompts, render as render_samples
 from .run_folder import FINISHED, Metrics, lock_run_folder, prepare_run_folder, resolve_out, start_run_files
 from .targets import TeacherTargets, from_cache, from_logits, no_teacher
 from .tracking import Tracking, log_record, log_with, start_trackers, tracking_of
@@ -331,7 +332,25 @@ def evaluate(run: Run, state: TrainState) -> dict:
             log.warning("--eval-%s: no trained position was evaluated at step %d; its perplexity is recorded as "
                         "null", name, state.step)
         record[f"ppl_{name}"], record[f"ppl_{name}_se"] = ppl, se
+    add_samples(run, record)
     return score(record, state)
+
+
+def add_samples(run: Run, record: dict) -> None:
+    """--samples: the evaluation record's greedy continuations (first process; none under FSDP)."""
+    from accelerate.utils import DistributedType
+
+    acc = run.accelerator
+    if not run.cfg.samples or not acc.is_main_process or acc.distributed_type == DistributedType.FSDP:
+        return
+    model = acc.unwrap_model(run.module).model
+    record["samples"] = generate(model, run.tokenizer, acc, prompts(run.eval_sets, run.cfg.samples),
+                                 run.cfg.sample_tokens)
+
+
+def write_samples(run: Run, state: TrainState) -> None:
+    if run.cfg.samples and run.accelerator.is_main_process and any(e.get("samples") for e in state.evals):
+        write_text_atomic(run.out / "samples.md", render_samples(state.evals, run_label(run.cfg)) + "\n")
 
 
 def score(record: dict, state: TrainState) -> dict:
@@ -369,6 +388,7 @@ def after_step(run: Run, state: TrainState, metrics: Metrics, bar) -> None:
                                 card_writer(run, ev, state))
         if main:
             plot_s_dg(state.evals, run.out / "s_dg.png", run_label(cfg))
+        write_samples(run, state)
     if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
         state.metrics_bytes = metrics.tell()
         state.scheduler = run.scheduler.state_dict()  # numbers only (lr_lambdas is [None] for a function)
@@ -383,12 +403,14 @@ def loop(run: Run, state: TrainState, metrics: Metrics, base_eval: dict | None =
     t_run, wall_before = time.perf_counter(), state.wall_time_s
     if not state.evals and run.eval_sets:
         if base_eval is not None and all(f"ppl_{name}" in base_eval for name in run.eval_sets):
-            record = score({"step": 0, "tokens": 0, **{k: v for k, v in base_eval.items() if k.startswith("ppl_")}},
-                           state)
+            record = {"step": 0, "tokens": 0, **{k: v for k, v in base_eval.items() if k.startswith("ppl_")}}
+            add_samples(run, record)
+            record = score(record, state)
             emit(run, metrics, {"type": "eval", **record, "shared": True})
             log.info("step 0: the base evaluation of an earlier run of the sweep (the same model and sets)")
         else:
             emit(run, metrics, {"type": "eval", **evaluate(run, state)})
+        write_samples(run, state)
     prefetch = Prefetcher(run.rows, range(state.step, cfg.steps), lambda s: micro_batches(
         run.rows_of_step(s), cfg.batch_size, cfg.grad_accum, accelerator.process_index, accelerator.num_processes))
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"mft train ({cfg.objective})", unit="step",
