@@ -4,7 +4,9 @@ collator that batches them as `mft train` does, the MFT loss as a callable of (m
 
 The loss is `mft train`'s own: targets from `targets.from_cache`, the student's hidden states through the fused
 output-layer+loss of `StudentLoss` (the full logits never exist), normalised as `mft train` does: the sum of the
-per-token losses of the batch over its number of trained tokens.
+per-token losses over the number of trained tokens. MFTLoss divides by the batch's own; MFTTrainer by those of the
+whole optimiser step (every micro-batch of gradient accumulation, every process), through transformers'
+`num_items_in_batch`, so that accumulation and data parallelism give the gradient of one big batch.
 
     from mft_cache.hf import CacheDataset, MFTLoss, MFTTrainer, collate
     trainer = MFTTrainer(model=model, args=TrainingArguments(...), train_dataset=CacheDataset("caches/demo"),
@@ -13,6 +15,8 @@ per-token losses of the batch over its number of trained tokens.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 from pathlib import Path
 
 import torch
@@ -104,16 +108,54 @@ class MFTLoss:
         self.vocab_size = vocab_size
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.vocab_size is not None and vocab_size_of(model) != self.vocab_size:
-            raise ValueError(f"model: predicts a vocabulary of {vocab_size_of(model)} tokens, but MFTLoss's cache "
+        loss_sum, tokens = self.summed(model, batch)
+        return loss_sum / tokens.clamp(min=1)
+
+    def summed(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss summed over the batch's trained tokens (), their number ()): what a caller that normalises over
+        more than one batch (MFTTrainer: a whole optimiser step) divides itself.
+
+        model: the student, or the student inside torch's DistributedDataParallel; the forward then runs through
+        the wrapper, so that it synchronises the gradients (and skips that under its no_sync)."""
+        student = _student_of(model)
+        if self.vocab_size is not None and vocab_size_of(student) != self.vocab_size:
+            raise ValueError(f"model: predicts a vocabulary of {vocab_size_of(student)} tokens, but MFTLoss's cache "
                              f"(vocab_size) holds targets over {self.vocab_size}; use a student with the teacher's "
                              "vocabulary")
         if self.top_k and self.top_k > batch["topk_ids"].shape[-1]:
             raise ValueError(f"MFTLoss: top_k {self.top_k} exceeds the top-k of {batch['topk_ids'].shape[-1]} that "
                              "the batch holds")
         targets = from_cache(batch, objective=self.objective, tau=self.tau, top_k=self.top_k, tail=self.tail)
-        loss_sum, tokens = student_forward(StudentLoss(model, self.chunk_size, self.impl), batch, targets)
-        return loss_sum / tokens.clamp(min=1)
+        loss = StudentLoss(student, self.chunk_size, self.impl)
+        if student is model:
+            return student_forward(loss, batch, targets)
+        with _forward_replaced(student, loss):  # DDP's hooks are armed by its own forward, which calls the student's
+            return student_forward(model, batch, targets)
+
+
+def _student_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself when unwrapped)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    if isinstance(model, torch.nn.DataParallel):
+        raise ValueError("MFTLoss: model is wrapped in torch.nn.DataParallel (Trainer does that on several GPUs of "
+                         "one process); run one process per GPU instead (torchrun or accelerate launch)")
+    return model
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: torch.nn.Module, by: torch.nn.Module):
+    """module(...) calls by(...) inside the block; an instance-level forward (Accelerate's autocast wrapper) is put
+    back after it."""
+    own = module.__dict__.get("forward")
+    module.forward = by.__call__  # a method, not the module: nn.Module would register a module as a child
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 class CacheOrderSampler(torch.utils.data.Sampler):
@@ -131,18 +173,26 @@ class CacheOrderSampler(torch.utils.data.Sampler):
 
 
 class MFTTrainer(Trainer):
-    """transformers.Trainer with compute_loss = MFTLoss (not compute_loss_func, which receives full logits).
+    """transformers.Trainer with compute_loss = MFTLoss (not compute_loss_func, which receives full logits),
+    normalised as `mft train` normalises: each micro-batch's summed loss over the trained tokens of the whole
+    optimiser step (all gradient-accumulation micro-batches; all processes with args.average_tokens_across_devices,
+    the default), transformers' `num_items_in_batch`.
 
     mft_loss: the MFTLoss to train with (default MFTLoss()). same_order_as_mft_train: read the rows in `mft train`'s
-    order for args.seed and args.max_steps (one process) instead of Trainer's random sampler. The batch keys are
-    kept (the model's forward does not name them, so Trainer would otherwise drop them); data_collator defaults to
-    `collate`."""
+    order for args.seed and args.max_steps instead of Trainer's random sampler (on several processes too: each
+    step's rows are then those of `mft train` with the same global batch). The batch keys are kept (the model's
+    forward does not name them, so Trainer would otherwise drop them); data_collator defaults to `collate`."""
+
+    loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's trained tokens: no further / grad-accum
 
     def __init__(self, *args, mft_loss: MFTLoss | None = None, same_order_as_mft_train: bool = False, **kwargs):
         if mft_loss is not None and not isinstance(mft_loss, MFTLoss):
             raise ValueError(f"mft_loss must be an MFTLoss; got {type(mft_loss).__name__}")
         kwargs.setdefault("data_collator", collate)
         super().__init__(*args, **kwargs)
+        # what transformers releases without loss_is_scaled_for_ga read to leave a num_items_in_batch-normalised
+        # loss undivided by gradient_accumulation_steps; compute_loss does take num_items_in_batch
+        self.model_accepts_loss_kwargs = True
         self.mft_loss = mft_loss or MFTLoss()
         self.same_order_as_mft_train = same_order_as_mft_train
         self._check_caches()
@@ -163,8 +213,31 @@ class MFTTrainer(Trainer):
         if caches and self.mft_loss.vocab_size is None:
             self.mft_loss.vocab_size = caches[0].manifest.vocab_size
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device=None):
+        """The micro-batches of the next optimiser step and its number of trained tokens (label_mask; Trainer's
+        own count looks for `labels`): this process's, summed over the processes with
+        args.average_tokens_across_devices."""
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        if not batches:
+            return batches, None
+        tokens = torch.stack([b["label_mask"].sum() for b in batches]).sum()
+        tokens = tokens.to(device=device if device is not None else self.args.device, dtype=torch.int64)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            tokens = self.accelerator.reduce(tokens, "sum")
+        return batches, tokens
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = self.mft_loss(model, inputs)
+        """The summed loss of `inputs` over num_items_in_batch (get_batch_samples: the step's trained tokens), times
+        the number of processes when that count is over all of them (DDP averages the gradients over processes):
+        the step's micro-batch gradients then add up to that of its summed loss over its trained tokens. Without
+        num_items_in_batch, the batch's own mean."""
+        loss_sum, tokens = self.mft_loss.summed(model, inputs)
+        if num_items_in_batch is None:
+            loss = loss_sum / tokens.clamp(min=1)
+        else:
+            loss = loss_sum / torch.as_tensor(num_items_in_batch, device=loss_sum.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -179,8 +252,10 @@ class MFTTrainer(Trainer):
         if not self.same_order_as_mft_train:
             return super()._get_train_sampler(train_dataset)
         a = self.args
-        if a.max_steps <= 0 or a.world_size != 1:
-            raise ValueError("same_order_as_mft_train needs args.max_steps and one process")
+        if a.max_steps <= 0:
+            raise ValueError("same_order_as_mft_train needs args.max_steps")
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        g = a.per_device_train_batch_size * a.gradient_accumulation_steps
+        # Accelerate deals the batches out in turn (process p: batches p, p + W, ...): `mft train`'s micro-batches,
+        # laid out [accum][process][batch] (data.micro_batches)
+        g = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
         return CacheOrderSampler(len(dataset), g, a.max_steps, a.seed)
