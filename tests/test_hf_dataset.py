@@ -236,8 +236,9 @@ def test_inspect_a_hub_cache(caches, tmp_path, monkeypatch, capsys):
 
 
 def test_mft_trainer_trains_on_it_as_on_cache_dataset(caches, llama, tmp_path):
-    """MFTTrainer on the datasets.Dataset (remove_unused_columns=False: Trainer would drop the columns the model's
-    forward does not name) gives the losses it gives on CacheDataset, step by step, in the same row order."""
+    """MFTTrainer on the datasets.Dataset gives the losses it gives on CacheDataset, step by step, in the same row
+    order, with TrainingArguments' default remove_unused_columns=True (MFTTrainer keeps every column: the model's
+    forward names none of them, and plain Trainer would drop them all)."""
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from mft_cache.hf import MFTTrainer
@@ -256,8 +257,7 @@ def test_mft_trainer_trains_on_it_as_on_cache_dataset(caches, llama, tmp_path):
 
         args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=2, max_steps=3,
                                  learning_rate=1e-3, seed=0, report_to="none", save_strategy="no",
-                                 logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-                                 remove_unused_columns=False)
+                                 logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
         model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
         Recording(model=model, args=args, train_dataset=rows, mft_loss=MFTLoss(tau=0.25),
                   same_order_as_mft_train=True).train()

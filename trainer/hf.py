@@ -197,6 +197,11 @@ class MFTTrainer(Trainer):
         self.same_order_as_mft_train = same_order_as_mft_train
         self._check_caches()
 
+    def _remove_unused_columns(self, dataset, description=None):
+        """Every column of a cache's rows is the loss's (the model's forward names none of them): a
+        datasets.Dataset keeps them all, whatever args.remove_unused_columns says."""
+        return dataset
+
     def _check_caches(self) -> None:
         """The student, its tokenizer and mft_loss against every CacheDataset given, as `mft train` checks them
         against its cache: the same vocabulary and tokenizer, a top_k the caches hold; mft_loss then refuses a
