@@ -77,7 +77,7 @@ def _base_type(tp):
 
 
 def _help(help_: str, default) -> str:
-    """The help with its default; a help that states its default in words keeps that one alone."""
+    """The help with its default, said once: a help that states its default in words keeps that one alone."""
     return help_ if "(default" in help_ else f"{help_} (default: {default})"
 
 
@@ -103,6 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser, *classes) -> dict[str, argpar
         elif tp is bool:
             action = group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default,
                                         help=help_)
+            action.help = _help(help_, default)  # argparse 3.10 appends its own "(default: ...)" to a help it is given
         else:
             action = group.add_argument(flag(f.name), type=tp, default=default, choices=choices,
                                         help=_help(help_, default), metavar=f.name.upper() if not choices else None)

@@ -3,6 +3,7 @@ said once, help that describes (no measured figures, no history); comma-separate
 `mft train --plan` print the same."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import make_texts, write_jsonl
 from mft_cache.cli import main, parse
-from mft_cache.config import GROUPS, MAX_LIST_ITEMS, opt, to_dict
+from mft_cache.config import GROUPS, MAX_LIST_ITEMS, add_arguments, opt, to_dict
 from mft_cache.pipeline.cache import CacheConfig, build_cache
 from mft_cache.study import StudyConfig
 from mft_cache.trainer.config import SweepConfig, TrainConfig
@@ -92,12 +93,47 @@ def test_the_config_keys_and_the_keyword_api_are_the_field_names():
 
 
 # -- what --help says -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", ["cache", "train", "plan", "sweep", "study"])
+@pytest.mark.parametrize("command", ["cache", "train", "plan", "sweep", "study", "regime"])
 def test_every_default_is_said_once(command, capsys, monkeypatch):
     text = help_text(capsys, monkeypatch, command)
     doubled = [line for line in text.splitlines() if line.count("(default") > 1]
     assert not doubled, doubled
     assert "--help" in text
+
+
+@pytest.mark.parametrize("command", ["cache", "train", "plan", "sweep", "study", "regime"])
+def test_no_option_says_its_default_twice(command):
+    """Each option's help as argparse prints it (whatever the width it is wrapped to, and whatever the Python version
+    adds to a boolean's): at most one "(default"; every option made from a config field says its default (but a
+    --no-x switch, which is off unless given)."""
+    from mft_cache.cli import _parser
+    from mft_cache.regime import RegimeConfig
+
+    classes = {"cache": [CacheConfig], "train": [TrainConfig], "plan": [TrainConfig],
+               "sweep": [TrainConfig, SweepConfig], "study": [TrainConfig, StudyConfig],
+               "regime": [TrainConfig, RegimeConfig]}[command]
+    fields = {f.name for cls in classes for f in dataclasses.fields(cls) if not f.name.startswith("no_")}
+    parser = _parser()[1][command]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        text = formatter._expand_help(action)
+        assert text.count("(default") <= 1, (action.option_strings, text)
+        assert action.dest not in fields or "(default" in text, (action.option_strings, text)
+
+
+def test_a_help_that_states_its_default_keeps_it_alone():
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        size: int = opt(256, "tokens per row (default: 256, or the cache's)")
+        rows: int = opt(0, "rows to read")
+        strict: bool = opt(True, "refuse a bad row (default: refuse)")
+        lenient: bool = opt(False, "go on past a bad row")
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Options)
+    helps = {a.dest: parser._get_formatter()._expand_help(a) for a in parser._actions if a.dest != "help"}
+    assert helps == {"size": "tokens per row (default: 256, or the cache's)", "rows": "rows to read (default: 0)",
+                     "strict": "refuse a bad row (default: refuse)", "lenient": "go on past a bad row (default: False)"}
 
 
 def test_seq_len_says_its_default_once(capsys, monkeypatch):
