@@ -35,7 +35,8 @@ from mft_cache.models import (backbone_and_head, check_head, check_seq_len, desc
                               load_tokenizer, resolve_device, resolve_dtype, tokenizer_fingerprint, vocab_size_of,
                               weights_fingerprint)
 from mft_cache.masks import BOS_PER_ROW, CONCAT
-from mft_cache.rows import DATA_FORMATS, PACKINGS, DocumentStream, RowSpec, bos_rule, data_fingerprint, spec_for
+from mft_cache.rows import (DATA_FORMATS, DEFAULT_LONG_ROWS, LONG_ROWS, PACKINGS, DocumentStream, RowSpec, bos_rule,
+                            data_fingerprint, spec_for)
 from mft_cache.rows.chat import TRAIN_ON, template_fingerprint
 from mft_cache.rows.ingest import FILES as INGEST_FILES
 from mft_cache.rows.ingest import IngestedRows, ingest
@@ -71,6 +72,11 @@ class CacheConfig:
     packing: str = opt("auto", "document: whole documents per row, each attending only to itself (the default for "
                        "chat and prompt-completion); concat: documents concatenated and cut into rows (the default "
                        "for text)", choices=PACKINGS, group="data")
+    long_rows: str = opt(DEFAULT_LONG_ROWS, "a document longer than --seq-len where documents are packed whole: "
+                         "drop (leave it out; the count and the first ones are logged and kept in the manifest), "
+                         "truncate (keep a conversation's longest prefix of whole turns that fits and ends after an "
+                         "answer; a prompt-completion row is dropped, a text document keeps its first --seq-len "
+                         "tokens) or refuse (stop, naming the row); docs/CHAT.md", choices=LONG_ROWS, group="data")
     split: str = opt("train", "split to read from a hub dataset or a DatasetDict", group="data")
     seq_len: int = opt(256, "tokens per packed sequence", group="data")
     max_sequences: int = opt(0, "cache only the first N packed sequences (0: all)", group="data")
@@ -108,6 +114,8 @@ class CacheConfig:
             raise ValueError(f"--shard-mb must be positive, got {self.shard_mb}")
         if self.chunk_tokens < 0 or self.max_sequences < 0:
             raise ValueError("--chunk-tokens and --max-sequences must be >= 0")
+        if self.long_rows not in LONG_ROWS:
+            raise ValueError(f"--long-rows must be one of {', '.join(LONG_ROWS)}; got {self.long_rows!r}")
         check_finite(self)  # last: the range checks above say more, where they apply
 
 
@@ -220,7 +228,8 @@ def open_job(cfg: CacheConfig) -> CacheJob:
     spec = row_spec(cfg)
     schema = cache_schema(vocab_size=vocab, top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype,
                           segments=spec.packing == "document")
-    rows_options = ("data_format", "prompt_field", "completion_field", "train_on", "packing")  # recorded as resolved
+    # recorded as resolved
+    rows_options = ("data_format", "prompt_field", "completion_field", "train_on", "packing", "long_rows")
     identity = {k: v for k, v in to_dict(cfg).items()
                 if k not in ("out", "overwrite", "device", "dtype", "push_to_hub", *rows_options)}
     identity.update(resolved_device=device.type, resolved_dtype=str(dtype).removeprefix("torch."),
@@ -242,15 +251,17 @@ def row_spec(cfg: CacheConfig) -> RowSpec:
     """How --data becomes rows: its format (forced, or read from its first row), what is trained, the packing."""
     return spec_for(cfg.data, cfg.seq_len, data_format=cfg.data_format, train_on=cfg.train_on, packing=cfg.packing,
                     text_field=cfg.text_field, split=cfg.split, prompt_field=cfg.prompt_field,
-                    completion_field=cfg.completion_field)
+                    completion_field=cfg.completion_field, long_rows=cfg.long_rows)
 
 
 def rows_identity(cfg: CacheConfig, spec: RowSpec, tokenizer) -> dict:
-    """The identity's keys for rows other than plain text concatenated: how they are made, and the chat template that
-    rendered them."""
+    """The identity's keys for rows other than plain text concatenated: how they are made (with documents packed
+    whole, what becomes of one longer than a row), and the chat template that rendered them."""
     if spec.streamed_text:
         return {}
     out = {"packing": spec.packing, "data_format": spec.format, "train_on": spec.train_on}
+    if spec.packing == "document":
+        out["long_rows"] = spec.long_rows
     if spec.format != "text":
         out["chat_template_fingerprint"] = template_fingerprint(tokenizer)
     if spec.format == "prompt-completion":
@@ -363,6 +374,8 @@ def metadata(job: CacheJob) -> CacheMetadata:
             "fingerprint": rows.info["fingerprint"], "num_documents": rows.info["num_documents"],
             "num_empty_skipped": rows.info["num_empty"], "documents_note": documents_note(spec)}
     data.update(format=spec.format, train_on=spec.train_on)
+    if "long_rows" in rows.info:  # documents packed whole: what became of those longer than a row
+        data["long_rows"] = rows.info["long_rows"]
     data.update({k: v for k, v in job.identity.items()
                  if k in ("chat_template_fingerprint", "prompt_field", "completion_field")})
     return CacheMetadata(

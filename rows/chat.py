@@ -6,7 +6,8 @@ and `trained[t]` (whether token t is a trained label; `trained[0]` is always Fal
 the assistant turns (found by `{% generation %}` markers, else by rendering the conversation prefix by prefix) or
 the completion and its EOS; with "all", every label. docs/CHAT.md states every rule, and what is refused.
 Prefix renders cost time quadratic in a conversation's length: a conversation holds at most MAX_MESSAGES messages,
-and with `max_tokens` (a row's length) one is refused as soon as a prefix outgrows it.
+and with `max_tokens` (a row's length) one is refused (RowTooLong) as soon as a prefix outgrows it. `fit_conversation`
+cuts a conversation that is too long at a turn boundary (--long-rows truncate, rows/long_rows.py).
 """
 from __future__ import annotations
 
@@ -173,13 +174,25 @@ def _not_extending(where: str, i: int, detail: str) -> DocumentError:
         "this; use a template with {% generation %} markers, or train on every token (--train-on all)")
 
 
-def _too_long(where: str, what: str, n: int, max_tokens: int, prefix: int | None = None) -> DocumentError:
+class RowTooLong(DocumentError):
+    """A row that renders to more tokens than a row holds (`max_tokens`); `.length` is its length, or the length of
+    the first prefix found too long."""
+
+    def __init__(self, message: str, length: int):
+        super().__init__(message)
+        self.length = length
+
+
+def too_long(where: str, what: str, n: int, max_tokens: int, prefix: int | None = None) -> RowTooLong:
+    """The refusal of a `what` ("conversation", "row", "document") of `n` tokens (or, with `prefix`, whose first
+    `prefix` messages alone render to `n`) where a row holds `max_tokens`."""
     length = f"{n:,} tokens"
     if prefix is not None:
         first = "message" if prefix == 1 else f"{prefix:,} messages"
         length = f"more than {max_tokens:,} tokens (its first {first} alone to {n:,})"
-    return DocumentError(f"{where}: the {what} renders to {length}, more than a row holds (--seq-len {max_tokens}); "
-                         "it is refused, not cut: shorten or drop it, or raise --seq-len")
+    return RowTooLong(f"{where}: the {what} renders to {length}, more than a row holds (--seq-len {max_tokens}); "
+                      "it is refused (--long-rows refuse): --long-rows drop leaves it out, --long-rows truncate keeps "
+                      "a conversation's first whole turns that fit; or shorten it, or raise --seq-len", n)
 
 
 def _turn_mask(tokenizer, messages, first: int, where: str,
@@ -193,7 +206,7 @@ def _turn_mask(tokenizer, messages, first: int, where: str,
     for i, message in enumerate(messages):
         cur = _chat_ids(tokenizer, messages[: i + 1], where)
         if max_tokens is not None and len(cur) > max_tokens and i + 1 < len(messages):
-            raise _too_long(where, "conversation", len(cur), max_tokens, prefix=i + 1)
+            raise too_long(where, "conversation", len(cur), max_tokens, prefix=i + 1)
         if cur[: len(prev)] != prev:
             raise _not_extending(where, i, f"{len(prev)} tokens before it, of which the first "
                                  f"{_common(prev, cur)} are kept")
@@ -281,8 +294,8 @@ def render(row: dict, tokenizer, fmt: str, train_on: str = "completion", *, wher
         one label is trained.
     Raises:
         DocumentError naming `where`: a bad row (validate_row), a template that refuses the conversation or
-        whose prefix renders do not extend each other, a row of more than `max_tokens` tokens, a row with no trained
-        label.
+        whose prefix renders do not extend each other, a row with no trained label; RowTooLong (a DocumentError), a
+        row of more than `max_tokens` tokens.
     """
     if method not in METHODS:
         raise DocumentError(f"method must be one of {METHODS}; got {method!r}")
@@ -304,10 +317,30 @@ def render(row: dict, tokenizer, fmt: str, train_on: str = "completion", *, wher
         ids, trained = _render_chat(tokenizer, messages, len(row["prompt"]), train_on, where, method, max_tokens)
     if max_tokens is not None and len(ids) > max_tokens:
         what = "conversation" if fmt == "chat" else "row" if fmt != "text" else "document"
-        raise _too_long(where, what, len(ids), max_tokens)
+        raise too_long(where, what, len(ids), max_tokens)
     if trained:
         trained[0] = False  # nothing predicts the first token
     if train_on == "completion" and not any(trained):
         raise DocumentError(f"{where}: no token of the completion or the assistant turns is left to train on "
                             "(the chat template marked none, or the completion renders to no token)")
     return ids, trained
+
+
+def fit_conversation(row: dict, tokenizer, train_on: str = "completion", *, where: str = "row",
+                     method: str = "auto", max_tokens: int) -> tuple[list[int], list[bool]] | None:
+    """A chat row cut at a turn boundary to fit `max_tokens` tokens: render's answer for its longest prefix of whole
+    messages that ends with an assistant turn and renders to at most `max_tokens` tokens, so that every answer kept is
+    whole, its end token included; None where not even the messages up to the first assistant turn fit. The
+    prefixes are rendered in order until one is too long (the renders of a conversation's prefixes grow with it)."""
+    messages = row["messages"]
+    keep = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if len(_chat_ids(tokenizer, messages[: i + 1], where)) > max_tokens:
+            break
+        keep = i + 1
+    if not keep:
+        return None
+    return render({"messages": messages[:keep]}, tokenizer, "chat", train_on, where=where, method=method,
+                  max_tokens=max_tokens)

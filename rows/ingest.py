@@ -9,7 +9,8 @@ the teacher's pass (on one process or many) reads the rows it needs from disk an
     .ingest-label_mask.bin  (R, seq_len - 1) uint8, the trained positions
     .ingest-segment_ids.bin (R, seq_len) int32, documents packed whole only (rows/spec.py)
     .ingest.json            what was ingested, and from what: written with "complete": false before the first row
-                            and rewritten, complete, after the last
+                            and rewritten, complete, after the last; with documents packed whole, "long_rows" (what
+                            became of the documents longer than a row, rows/long_rows.py)
 
 The rows, the offsets and the data fingerprint are exactly those `pack` and Documents.fingerprint give for the same
 documents (the cache's bytes do not depend on the path that made them). The files are the build's own: they are
@@ -40,6 +41,7 @@ from .documents import DocumentStream
 from mft_cache.files import open_owned, remove_member, write_json_atomic
 from mft_cache.masks import BOS_PER_ROW, CONCAT
 
+from .long_rows import LongRows
 from .packing import bos_rule
 from .spec import RowSpec, stream_batches
 
@@ -163,6 +165,9 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
     full_key = {"signature": signature, "seq_len": seq_len, "id_dtype": id_dtype, "rows_per_shard": rows_per_shard,
                 "max_sequences": max_sequences, **(key or {})}
     full_key["rows"] = {"format": spec.format, "train_on": spec.train_on, "packing": spec.packing}
+    segmented = spec.packing == "document"
+    if segmented:
+        full_key["rows"]["long_rows"] = spec.long_rows
     old = read_info(folder)
     if signature is not None and old.get("complete") and old.get("key") == full_key:
         for _ in stream:  # the content, read again (not tokenized): a signature is only sizes and times
@@ -177,14 +182,14 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
     dtype = np.dtype(id_dtype)
     num_rows = predictions = input_tokens = max_id = 0
     shard_tokens: list[int] = []
-    segmented = spec.packing == "document"
+    long_rows = LongRows(spec.long_rows)
     bos_id = bos_rule(tokenizer) if spec.streamed_text else None
     remove_member(folder / SEGMENTS)
     with open_owned(folder, INPUT_IDS, "wb") as f_ids, open_owned(folder, LENGTHS, "wb") as f_len, \
             open_owned(folder, OFFSETS, "wb") as f_off, open_owned(folder, MASKS, "wb") as f_mask, \
             contextlib.ExitStack() as more:
         f_seg = more.enter_context(open_owned(folder, SEGMENTS, "wb")) if segmented else None
-        for batch in stream_batches(stream, tokenizer, spec):
+        for batch in stream_batches(stream, tokenizer, spec, long_rows):
             rows, lengths, offsets = batch.input_ids, batch.lengths, batch.doc_offsets
             _append(f_off, offsets.astype("<i8"))
             if progress is not None and len(offsets):
@@ -218,7 +223,10 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
     info = {"complete": True, "key": full_key, "seq_len": seq_len, "id_dtype": id_dtype,
             "bos_token_id": bos_id, "num_sequences": num_rows, "num_predictions": predictions,
             "num_input_tokens": input_tokens, "max_token_id": max_id, "shard_tokens": shard_tokens,
-            "fingerprint": stream.fingerprint, "num_documents": stream.num_documents, "num_empty": stream.num_empty,
-            "num_files": stream.num_files, "format": spec.format, "train_on": spec.train_on, "packing": spec.packing}
+            "fingerprint": stream.fingerprint, "num_documents": stream.num_documents - long_rows.dropped,
+            "num_empty": stream.num_empty, "num_files": stream.num_files, "format": spec.format,
+            "train_on": spec.train_on, "packing": spec.packing}
+    if segmented:  # the documents in the rows are counted above; the source's others were dropped
+        info["long_rows"] = long_rows.record()
     write_json_atomic(folder / INGEST, info)
     return IngestedRows(folder, info)

@@ -7,8 +7,8 @@ concatenation or as whole documents.
   from the rows' BOS rule (mft_cache.masks.label_mask).
 - "document" (any format): every document rendered (chat.render; text with the tokenizer's special tokens and a
   final EOS, every label trained) and packed whole by doc_packing.iter_rows: it attends only to itself, its
-  positions restart at 0, only its own trained labels are trained. A document longer than a row is refused,
-  naming its row of the source.
+  positions restart at 0, only its own trained labels are trained. A document longer than a row is dropped, cut or
+  refused as `long_rows` says (rows/long_rows.py); what was done is logged, and counted in a LongRows.
 - "concat" of chat or prompt-completion rows: the rendered documents concatenated and cut into rows (no BOS is
   inserted), each label trained as its document says; every token of a row attends to those before it.
 Rows come with their label mask; documents packed whole also with their segment ids (1, 2, ... per document, 0 for
@@ -22,9 +22,10 @@ import numpy as np
 
 from mft_cache.masks import label_mask, real_tokens
 
-from .chat import TRAIN_ON, render
-from .doc_packing import DocumentTooLong, iter_rows
+from .chat import TRAIN_ON, RowTooLong, fit_conversation, render, too_long
+from .doc_packing import iter_rows
 from .documents import ChatRow, DocumentError, DocumentStream, first_row_format
+from .long_rows import DEFAULT_LONG_ROWS, LONG_ROWS, LongRows
 from .packing import (ENCODE_BATCH, Packed, StreamPacker, bos_rule, encode_documents, packing_description,
                       pad_id_of, stream_rows)
 
@@ -35,12 +36,14 @@ ROW_BATCH = 64  # rows of whole documents gathered before they are handed on
 @dataclass(frozen=True)
 class RowSpec:
     """How rows are made: format ("text", "chat", "prompt-completion"), train_on ("completion" or "all"; text:
-    "all"), packing ("document" or "concat") and seq_len."""
+    "all"), packing ("document" or "concat"), seq_len, and what becomes of a document longer than a row (long_rows,
+    one of long_rows.LONG_ROWS; documents packed whole only)."""
 
     format: str
     train_on: str
     packing: str
     seq_len: int
+    long_rows: str = DEFAULT_LONG_ROWS
 
     @property
     def streamed_text(self) -> bool:
@@ -48,10 +51,13 @@ class RowSpec:
         return self.format == "text" and self.packing == "concat"
 
 
-def resolve_spec(fmt: str, train_on: str, packing: str, seq_len: int) -> RowSpec:
+def resolve_spec(fmt: str, train_on: str, packing: str, seq_len: int,
+                 long_rows: str = DEFAULT_LONG_ROWS) -> RowSpec:
     """The spec for rows of format `fmt`: train_on "auto" is "completion" for chat and prompt-completion and "all"
     for text (where it can be nothing else); packing "auto" is "document" for chat and prompt-completion and
     "concat" for text."""
+    if long_rows not in LONG_ROWS:
+        raise ValueError(f"--long-rows must be one of {LONG_ROWS}; got {long_rows!r}")
     if packing not in PACKINGS:
         raise ValueError(f"--packing must be one of {PACKINGS}; got {packing!r}")
     if train_on not in ("auto", *TRAIN_ON):
@@ -62,7 +68,7 @@ def resolve_spec(fmt: str, train_on: str, packing: str, seq_len: int) -> RowSpec
         train_on = "completion"
     if packing == "auto":
         packing = "concat" if fmt == "text" else "document"
-    return RowSpec(fmt, train_on, packing, seq_len)
+    return RowSpec(fmt, train_on, packing, seq_len, long_rows)
 
 
 def format_of(source, data_format: str = "auto", *, text_field: str = "text", split: str = "train",
@@ -76,11 +82,12 @@ def format_of(source, data_format: str = "auto", *, text_field: str = "text", sp
 
 def spec_for(source, seq_len: int, *, data_format: str = "auto", train_on: str = "auto", packing: str = "auto",
              text_field: str = "text", split: str = "train", what: str = "--data", prompt_field: str = "prompt",
-             completion_field: str = "completion") -> RowSpec:
-    """How `source` becomes rows: its format (format_of), what is trained and the packing (resolve_spec)."""
+             completion_field: str = "completion", long_rows: str = DEFAULT_LONG_ROWS) -> RowSpec:
+    """How `source` becomes rows: its format (format_of), what is trained, the packing and what becomes of a
+    document longer than a row (resolve_spec)."""
     fmt = format_of(source, data_format, text_field=text_field, split=split, what=what, prompt_field=prompt_field,
                     completion_field=completion_field)
-    return resolve_spec(fmt, train_on, packing, seq_len)
+    return resolve_spec(fmt, train_on, packing, seq_len, long_rows)
 
 
 def packing_record(spec: RowSpec, bos_id: int | None) -> dict:
@@ -109,48 +116,82 @@ def documents_note(spec: RowSpec) -> str:
             "how rows are cut from it), then the total")
 
 
-def stream_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
+def stream_batches(stream: DocumentStream, tokenizer, spec: RowSpec, long_rows: LongRows | None = None):
     """Rows of a stream as they complete, a Packed batch at a time, each with its label mask (`trained`) and under
     "document" its segment ids; `doc_offsets` holds where each document of the batch starts (in the token stream
     under "concat", row * T + position under "document"), and those of the last batch end with the total (the
-    stream's tokens, or rows * T)."""
+    stream's tokens, or rows * T). Under "document", `long_rows` (a LongRows of spec.long_rows, or None) counts the
+    documents longer than a row that were dropped or cut; they are named in a warning once the stream ends."""
     if spec.streamed_text:
         bos_id = bos_rule(tokenizer)
         for rows, lengths, offsets in stream_rows(stream, tokenizer, spec.seq_len):
             yield Packed(rows, lengths, offsets, trained=label_mask(rows, lengths, bos_id))
     elif spec.packing == "document":
-        yield from _document_batches(stream, tokenizer, spec)
+        yield from _document_batches(stream, tokenizer, spec, long_rows or LongRows(spec.long_rows))
     else:
         yield from _concat_batches(stream, tokenizer, spec)
 
 
-def _documents(stream: DocumentStream, tokenizer, spec: RowSpec, where: list):
-    """(ids, trained) of each document; `where[0]` names the last one given."""
+def _documents(stream: DocumentStream, tokenizer, spec: RowSpec, long_rows: LongRows | None = None):
+    """(ids, trained) of each document; with `long_rows` (documents packed whole), a document longer than a row is
+    refused, left out or cut as spec.long_rows says, and counted there."""
     batch: list[str] = []
+    given = 0  # text documents given so far
+    limit = spec.seq_len if long_rows is not None else None
 
     def texts():
+        nonlocal given
         for ids in encode_documents(batch, tokenizer, ENCODE_BATCH):
+            index, given = given, given + 1
+            if limit is not None and len(ids) > limit:
+                place = f"{stream.where}: document {index + 1}"
+                if spec.long_rows == "refuse":
+                    raise too_long(place, "document", len(ids), limit)
+                if spec.long_rows == "drop":
+                    long_rows.drop(index, place)
+                    continue
+                long_rows.cut(index, place)  # a text has no answer to cut: its first seq_len tokens, as concat cuts
+                ids = ids[:limit]
             yield ids, [True] * len(ids)
 
     for item in stream:
         if isinstance(item, ChatRow):
-            where[0] = item.where
-            yield render(item.fields, tokenizer, stream.format, spec.train_on, where=item.where,
-                         max_tokens=spec.seq_len if spec.packing == "document" else None)
+            kept = _chat_document(item, stream, tokenizer, spec, limit, long_rows)
+            if kept is not None:
+                yield kept
             continue
         batch.append(item)
         if len(batch) == ENCODE_BATCH:
-            where[0] = f"{stream.where}: document {stream.num_documents}"
             yield from texts()
             batch = []
     if batch:
-        where[0] = f"{stream.where}: document {stream.num_documents}"
         yield from texts()
 
 
-def _document_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
+def _chat_document(item: ChatRow, stream: DocumentStream, tokenizer, spec: RowSpec, limit: int | None,
+                   long_rows: LongRows | None):
+    """(ids, trained) of a chat or prompt-completion row, or None where it is longer than a row and left out."""
+    try:
+        return render(item.fields, tokenizer, stream.format, spec.train_on, where=item.where, max_tokens=limit)
+    except RowTooLong:
+        if long_rows is None or spec.long_rows == "refuse":
+            raise
+    index = stream.num_documents - 1  # the stream counts a row before it gives it
+    kept = None
+    if spec.long_rows == "truncate" and stream.format == "chat":  # a completion cut would train half an answer
+        try:
+            kept = fit_conversation(item.fields, tokenizer, spec.train_on, where=item.where, max_tokens=limit)
+        except RowTooLong:  # a template whose shorter conversation renders longer: nothing fits
+            kept = None
+    if kept is None:
+        long_rows.drop(index, item.where)
+    else:
+        long_rows.cut(index, item.where)
+    return kept
+
+
+def _document_batches(stream: DocumentStream, tokenizer, spec: RowSpec, long_rows: LongRows):
     t = spec.seq_len
-    where = [stream.where]
     rows: list = []
     num_rows = 0
 
@@ -160,18 +201,17 @@ def _document_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
                       offsets, trained=np.stack([r.label_mask for r in rows]),
                       segment_ids=np.stack([r.segment_ids for r in rows]).astype(np.int64))
 
-    try:
-        for row in iter_rows(_documents(stream, tokenizer, spec, where), t, pad_id_of(tokenizer)):
-            rows.append(row)
-            if len(rows) == ROW_BATCH:
-                yield gather(rows, num_rows)
-                num_rows += len(rows)
-                rows = []
-    except DocumentTooLong as e:
-        what = "conversation" if stream.format == "chat" else "row" if stream.format != "text" else "document"
-        place = where[0] if stream.format != "text" else f"{stream.where}: document {e.index + 1}"
-        raise DocumentError(f"{place}: the {what} renders to {e.length:,} tokens, more than a row holds (--seq-len "
-                            f"{t}); it is refused, not cut: shorten or drop it, or raise --seq-len") from None
+    for row in iter_rows(_documents(stream, tokenizer, spec, long_rows), t, pad_id_of(tokenizer)):
+        rows.append(row)
+        if len(rows) == ROW_BATCH:
+            yield gather(rows, num_rows)
+            num_rows += len(rows)
+            rows = []
+    long_rows.warn(stream.where, t)
+    if not (num_rows or rows) and long_rows.dropped:
+        raise DocumentError(f"{stream.where}: every row ({long_rows.dropped:,}) is longer than a row holds (--seq-len "
+                            f"{t}) and was dropped (--long-rows {long_rows.policy}), so nothing is left; raise "
+                            "--seq-len")
     last = gather(rows, num_rows) if rows else Packed(np.empty((0, t), np.int64), np.empty(0, np.int32),
                                                     np.empty(0, np.int64), trained=np.empty((0, t - 1), bool),
                                                     segment_ids=np.empty((0, t), np.int64))
@@ -195,7 +235,7 @@ def _concat_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
         flags, _, _ = flags_packer.add([[int(x) for x in m] for _, m in docs])
         return batch(ids, lengths, flags, offsets)
 
-    for doc in _documents(stream, tokenizer, spec, [stream.where]):
+    for doc in _documents(stream, tokenizer, spec):
         docs.append(doc)
         if len(docs) == ENCODE_BATCH:
             yield flush()
@@ -210,14 +250,14 @@ def _concat_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
 def build_rows(source, tokenizer, seq_len: int, *, text_field: str = "text", split: str = "train",
                what: str = "--data", data_format: str = "auto", prompt_field: str = "prompt",
                completion_field: str = "completion", train_on: str = "auto", packing: str = "auto",
-               spec_of=None) -> tuple[Packed, DocumentStream]:
+               long_rows: str = DEFAULT_LONG_ROWS, spec_of=None) -> tuple[Packed, DocumentStream]:
     """Read, render and pack a source into memory, its format detected from its first row unless forced: text
     packed by concatenation gives exactly packing.build_sequences' rows; anything else carries its label mask, and
     documents packed whole their segment ids. `spec_of` (format -> RowSpec) overrides resolve_spec(format,
-    train_on, packing, seq_len), e.g. to follow a cache."""
+    train_on, packing, seq_len, long_rows), e.g. to follow a cache."""
     fmt = format_of(source, data_format, text_field=text_field, split=split, what=what, prompt_field=prompt_field,
                     completion_field=completion_field)
-    spec = spec_of(fmt) if spec_of is not None else resolve_spec(fmt, train_on, packing, seq_len)
+    spec = spec_of(fmt) if spec_of is not None else resolve_spec(fmt, train_on, packing, seq_len, long_rows)
     stream = DocumentStream(source, text_field, split, what=what, data_format=spec.format, prompt_field=prompt_field,
                             completion_field=completion_field)
     parts = list(stream_batches(stream, tokenizer, spec))

@@ -69,7 +69,7 @@ class TokenizerInfo:
 @dataclass(frozen=True)
 class DataInfo:
     """The documents the rows were made from, and how: source, split, field names, fingerprint, row format, what is
-    trained, counts, and documents.npy (each document's offset)."""
+    trained, counts, documents.npy (each document's offset) and what became of documents longer than a row."""
 
     source: str | None = None
     split: str | None = None
@@ -84,6 +84,7 @@ class DataInfo:
     num_documents: int | None = None
     num_empty_skipped: int | None = None
     documents_file: FileRecord | None = None
+    long_rows: dict | None = None  # documents packed whole: what became of those longer than a row (policy, counts)
 
 
 @dataclass(frozen=True)

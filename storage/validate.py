@@ -40,6 +40,8 @@ MAX_SEQ_LEN = 2**24  # 16M tokens a row: far beyond any context length, small en
 MAX_Q8_GAP = 64.0  # nats: e^-64 is 1.6e-28, below float32's resolution next to any probability that matters
 DOCUMENTS = "documents.npy"  # the one auxiliary file; data.documents_file.name may hold nothing else
 NPY_HEADER_MAX = 4096  # np.save writes a 128-byte header for a 1-D array; 4 KiB is generous
+LONG_ROWS = ("drop", "truncate", "refuse")  # data.long_rows.policy: rows/long_rows.py (storage imports no rows)
+MAX_LONG_ROWS_FIRST = 100  # indices in data.long_rows.first_*: this version keeps 5, a later one may keep more
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ABSENT = object()
 
@@ -315,10 +317,35 @@ def check_trained_from(record: _Object | None) -> None:
         record.int(k, 0, 2**53, required=False, nullable=True)
 
 
+def check_long_rows(record: _Object | None) -> None:
+    """data.long_rows (rows/long_rows.py): the policy, the counts of documents dropped and cut, and the indices of the
+    first of each: at most MAX_LONG_ROWS_FIRST of them, no more than their count, increasing; a policy never drops
+    or cuts what it does not (refuse: nothing; drop: nothing is cut)."""
+    if record is None:
+        return
+    policy = record.str("policy", choices=LONG_ROWS)
+    for count, first in (("dropped", "first_dropped"), ("truncated", "first_truncated")):
+        n = record.int(count, 0, 2**40)
+        if n and policy == "refuse":
+            record.fail(count, f"is {n}, but --long-rows refuse leaves no document out and cuts none")
+        if n and policy == "drop" and count == "truncated":
+            record.fail(count, f"is {n}, but --long-rows drop cuts no document")
+        items = record.list(first)
+        if len(items) > min(n, MAX_LONG_ROWS_FIRST):
+            record.fail(first, f"holds {len(items)} indices; at most {min(n, MAX_LONG_ROWS_FIRST)} (its count "
+                        f"{count} is {n}, and at most {MAX_LONG_ROWS_FIRST} are kept)")
+        previous = -1
+        for i, index in enumerate(items):
+            if type(index) is not int or not previous < index <= 2**40:
+                record.fail(f"{first}[{i}]", f"must be a document index in [{previous + 1}, {2**40}] (increasing), got "
+                            f"{_what(index)}")
+            previous = index
+
+
 def check_documents(data: _Object) -> None:
     """`data`: what the trainer reads (source, split, fingerprint) as strings where present (a storage-only writer
-    may leave `data` empty), the counts as counts, and documents.npy named exactly so, of at most the size np.save
-    gives for num_documents + 1 int64 offsets."""
+    may leave `data` empty), the counts as counts, long_rows (check_long_rows) where present, and documents.npy named
+    exactly so, of at most the size np.save gives for num_documents + 1 int64 offsets."""
     for k in ("source", "split", "text_field", "fingerprint", "documents_note", "prompt_field", "completion_field",
               "chat_template_fingerprint"):
         data.str(k, required=False)
@@ -326,6 +353,7 @@ def check_documents(data: _Object) -> None:
     data.str("train_on", required=False, choices=("completion", "all"))
     num_documents = data.int("num_documents", 0, 2**40, required=False)
     data.int("num_empty_skipped", 0, 2**40, required=False)
+    check_long_rows(data.obj("long_rows", required=False))
     docs = data.obj("documents_file", required=False)
     if docs is None:
         return

@@ -59,10 +59,19 @@ def is_ours(name: str, scratch: tuple[str, ...] = ()) -> bool:
 
 # identity keys added since caches were first written, with the value an identity without them meant
 _IDENTITY_DEFAULTS = {"packing": "concat", "data_format": "text", "train_on": "all"}
+# identity keys added since, that an identity without them matches whatever their value: a cache of documents packed
+# whole built before --long-rows holds every document whole (a longer one was refused), as every policy gives it
+_IDENTITY_ANY = ("long_rows",)
 
 
-def _identity(recorded: dict) -> dict:
-    return {**_IDENTITY_DEFAULTS, **recorded}
+def _identity(recorded: dict, current: dict | None = None) -> dict:
+    """A recorded identity with the keys added since filled in; those of _IDENTITY_ANY from `current`, the identity
+    it is compared with."""
+    out = {**_IDENTITY_DEFAULTS, **recorded}
+    for key in _IDENTITY_ANY:
+        if key not in recorded and current is not None and key in current:
+            out[key] = current[key]
+    return out
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -148,6 +157,7 @@ class CacheWriter:
         names = self.check_folder()
         old = None if overwrite else self.finished_identity()
         if old is not None:
+            old = _identity(old, self.identity)
             if old == _identity(self.identity):
                 # leftovers of a run stopped inside finish(), after the manifest was written: progress file, shard
                 # records, *.tmp-PID, ingested rows (all ours)
@@ -162,7 +172,7 @@ class CacheWriter:
         if progress.exists() and not overwrite and MANIFEST not in names:
             recorded = _read_json(progress)
             shard_fields = recorded.pop(SHARD_SCHEMA, None)
-            old = _identity(recorded)
+            old = _identity(recorded, self.identity)
             if old != _identity(self.identity):
                 raise ValueError(
                     f"--out {self.folder} holds an unfinished cache built with another configuration "

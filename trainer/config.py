@@ -9,6 +9,7 @@ from mft_cache.config import MAX_LIST_ITEMS, check_finite, opt
 from mft_cache.names import check_repo_id, check_run_name
 from mft_cache.rows.chat import TRAIN_ON
 from mft_cache.rows.documents import DATA_FORMATS
+from mft_cache.rows.long_rows import DEFAULT_LONG_ROWS, LONG_ROWS
 from mft_cache.rows.spec import PACKINGS
 
 from .adapters import PEFT_METHODS
@@ -60,6 +61,11 @@ class TrainConfig:
     packing: str = opt("auto", "rows made from raw data: document (whole documents, each attending only to itself) "
                        "or concat; auto: the cache's, else document for chat and prompt-completion rows",
                        choices=PACKINGS, group="data")
+    long_rows: str = opt(DEFAULT_LONG_ROWS, "rows made from raw data (--teacher online's --data, --replay documents, "
+                         "the --eval-* sets), documents packed whole: one longer than a row is dropped (counted and "
+                         "named in a warning), truncated (a conversation to its longest prefix of whole turns that "
+                         "fits and ends after an answer; other rows are dropped) or refused (mft cache takes the same "
+                         "flag); docs/CHAT.md", choices=LONG_ROWS, group="data")
     seq_len: int = opt(0, "tokens per packed sequence with --teacher online (0: 256); with a cache, 0 or the "
                        "cache's own", group="data")
     train_rows: int = opt(0, "train on the first N rows only (of the cache, or of --data's rows): a data budget of N "
@@ -179,6 +185,8 @@ class TrainConfig:
         if self.batch_size * self.grad_accum > MAX_GLOBAL_BATCH:
             raise ValueError(f"--batch-size {self.batch_size:,} x --grad-accum {self.grad_accum:,} is "
                              f"{self.batch_size * self.grad_accum:,} sequences per step; at most {MAX_GLOBAL_BATCH:,}")
+        if self.long_rows not in LONG_ROWS:
+            raise ValueError(f"--long-rows must be one of {', '.join(LONG_ROWS)}; got {self.long_rows!r}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be in [0, {MAX_SEED}]; got {self.seed}")
         self._check_names()

@@ -31,10 +31,11 @@ class TrainingData:
 
 
 def online_spec(cfg: TrainConfig, seq_len: int) -> RowSpec:
-    """How the online teacher's --data becomes rows: its format (forced, or from its first row), --train-on, --packing."""
+    """How the online teacher's --data becomes rows: its format (forced, or from its first row), --train-on, --packing,
+    --long-rows."""
     return spec_for(cfg.data, seq_len, data_format=cfg.data_format, train_on=cfg.train_on, packing=cfg.packing,
                     text_field=cfg.text_field, what="--data", prompt_field=cfg.prompt_field,
-                    completion_field=cfg.completion_field)
+                    completion_field=cfg.completion_field, long_rows=cfg.long_rows)
 
 
 def open_training_rows(cfg: TrainConfig) -> TrainingData:
@@ -63,7 +64,7 @@ def _rows(cfg: TrainConfig, source: str, tokenizer, seq_len: int, what: str, spe
     return build_rows(source, tokenizer, seq_len, text_field=cfg.text_field, what=what,
                       data_format=cfg.data_format if what == "--data" else "auto", prompt_field=cfg.prompt_field,
                       completion_field=cfg.completion_field, train_on=cfg.train_on, packing=cfg.packing,
-                      spec_of=spec_of)[0]
+                      long_rows=cfg.long_rows, spec_of=spec_of)[0]
 
 
 def online_rows(cfg: TrainConfig, tokenizer, seq_len: int) -> Rows:
@@ -75,7 +76,8 @@ def online_rows(cfg: TrainConfig, tokenizer, seq_len: int) -> Rows:
 def follow(run: RowSpec | None, cfg: TrainConfig, seq_len: int):
     """format -> RowSpec for another source of the run (evaluation sets, raw replay documents): chat and
     prompt-completion rows are trained (and evaluated) on what the run trains on (--train-on, else the run's rows'
-    choice where they are not text), packed as the run's rows where the formats agree, else as resolve_spec says."""
+    choice where they are not text), packed as the run's rows where the formats agree, else as resolve_spec says; a
+    document longer than a row as --long-rows says."""
     def spec_of(fmt: str) -> RowSpec:
         train_on = cfg.train_on
         if train_on == "auto" and run is not None and run.format != "text":
@@ -83,7 +85,7 @@ def follow(run: RowSpec | None, cfg: TrainConfig, seq_len: int):
         packing = cfg.packing
         if packing == "auto" and run is not None and run.format == fmt:
             packing = run.packing
-        return resolve_spec(fmt, train_on, packing, seq_len)
+        return resolve_spec(fmt, train_on, packing, seq_len, cfg.long_rows)
 
     return spec_of
 
