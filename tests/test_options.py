@@ -88,7 +88,7 @@ def test_the_config_keys_and_the_keyword_api_are_the_field_names():
     """Grouping orders the fields, nothing else: config.json's keys are still the flat option names."""
     cfg = TrainConfig(tau=0.5, steps=3, peft="lora", cpu_allocator="lean")
     d = to_dict(cfg)
-    assert set(d) == {f.name for f in dataclasses.fields(TrainConfig)} and len(d) == 59
+    assert set(d) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert TrainConfig(**d) == cfg and all(not isinstance(v, dict) for v in d.values())
 
 

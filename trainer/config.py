@@ -25,8 +25,8 @@ MAX_SIZES = {"batch_size": 65_536, "eval_batch_size": 65_536, "grad_accum": 65_5
 MAX_GLOBAL_BATCH = 1 << 20  # sequences per optimiser step of one process: --batch-size x --grad-accum
 MAX_SEED = (1 << 32) - 1  # numpy's seeds end there
 MAX_ROWS = 1 << 40  # --train-rows: more rows than any cache holds
-
 MAX_SAMPLES, MAX_SAMPLE_TOKENS = 8, 512  # --samples per evaluation set, --sample-tokens each
+
 
 # the keys config.json holds besides TrainConfig's own: what the run resolved (written, never read back as options;
 # `--config` of a run's config.json skips them)
@@ -126,15 +126,15 @@ class TrainConfig:
     eval_every: int = opt(20, "evaluate every N steps (also at the start and the end)", group="evaluation")
     eval_batch_size: int = opt(8, "sequences per evaluation batch", group="evaluation")
     eval_max_sequences: int = opt(0, "evaluate on the first N sequences of each set (0: all)", group="evaluation")
+    samples: int = opt(2, "greedy continuations of prompts from each evaluation set at every evaluation, the base "
+                       "model's beside each checkpoint's, in samples.md and the model card (0: none)", group="evaluation")
+    sample_tokens: int = opt(32, "new tokens of each sample", group="evaluation")
     best_by: str = opt("specialized", "which validation perplexity picks best/: specialized (the least --eval-specialized "
                        "perplexity, as the paper reports) or general (the least --eval-general perplexity: a reference "
                        "checkpoint tuned on general text)", choices=BEST_BY, group="evaluation")
     # -- output: the run folder, checkpoints and logs, trackers, the Hub
     out: str = opt("runs/demo", "run folder: config.json, metrics.jsonl, summary.json, best/, final/, checkpoints/",
                    group="output")
-    samples: int = opt(2, "greedy continuations of prompts from each evaluation set at every evaluation, the base "
-                       "model's beside each checkpoint's, in samples.md and the model card (0: none)", group="evaluation")
-    sample_tokens: int = opt(32, "new tokens of each sample", group="evaluation")
     overwrite: bool = opt(False, "replace an existing run in --out", group="output")
     resume: bool = opt(False, "continue from the last saved state in --out (starts fresh if there is none)",
                        group="output")
@@ -190,6 +190,9 @@ class TrainConfig:
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be in [0, {MAX_SEED}]; got {self.seed}")
         self._check_names()
+        if not 0 <= self.samples <= MAX_SAMPLES or not 1 <= self.sample_tokens <= MAX_SAMPLE_TOKENS:
+            raise ValueError(f"--samples must be in [0, {MAX_SAMPLES}] and --sample-tokens in [1, {MAX_SAMPLE_TOKENS}]; "
+                             f"got {self.samples} and {self.sample_tokens}")
         if not 0 <= self.train_rows <= MAX_ROWS:
             raise ValueError(f"--train-rows must be in [0, {MAX_ROWS}] (0: every row); got {self.train_rows}")
         if not self.lr > 0:
@@ -198,9 +201,6 @@ class TrainConfig:
             raise ValueError(f"--min-lr-ratio must be in [0, 1]; got {self.min_lr_ratio}")
         if self.weight_decay < 0:
             raise ValueError(f"--weight-decay must be >= 0; got {self.weight_decay}")
-        if not 0 <= self.samples <= MAX_SAMPLES or not 1 <= self.sample_tokens <= MAX_SAMPLE_TOKENS:
-            raise ValueError(f"--samples must be in [0, {MAX_SAMPLES}] and --sample-tokens in [1, {MAX_SAMPLE_TOKENS}]; "
-                             f"got {self.samples} and {self.sample_tokens}")
         if self.max_grad_norm < 0:  # a negative bound flips every gradient: gradient ascent
             raise ValueError(f"--max-grad-norm must be >= 0 (0: no clipping); got {self.max_grad_norm}")
         if self.teacher == "online" and not (self.data and self.model):
