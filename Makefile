@@ -108,7 +108,7 @@ study: setup $(call assets_for,MODEL DATA)
 
 # The paper's regime (docs/STUDY.md): a reference checkpoint, many epochs over small budgets of three domains (the demo's
 # licences, Python's own docs and source: `python -m demo domains`), FT and MFT over the same rates, 3 seeds at each
-# method's best; the verdict section of STUDIES.md. About 6 h on 2 CPU cores, in parts of at most REGIME_MINUTES (90):
+# method's best; the verdict section of STUDIES.md. About 9 h on 2 CPU cores, in parts of at most REGIME_MINUTES (90):
 # rerun `make regime` to continue where the last part stopped.
 REGIME ?=
 REGIME_MINUTES ?=

@@ -243,6 +243,7 @@ def _run(cfg: RegimeConfig, tcfg, out: Path) -> dict:
             log.info("regime: the reference checkpoint (%d steps on %s)", cfg.reference_steps, general)
             train(replace(base, teacher="online", objective="ft", model=model, data=str(general), cache="",
                           steps=cfg.reference_steps, lr=cfg.reference_lr, best_by="general", save_weights="best",
+                          eval_every=max(1, cfg.reference_steps // 5),
                           eval_specialized="", out=str(ref_dir), train_rows=0))
         if (ref_dir / "summary.json").exists():
             with open_owned(ref_dir, "summary.json") as f:
