@@ -53,6 +53,7 @@ def cache_stats(folder, verify: bool = False) -> dict:
         "num_input_tokens": m.num_input_tokens,
         "data_format": m.data.format,
         "train_on": m.data.train_on,
+        "long_rows": m.data.long_rows,  # documents packed whole: policy, dropped and cut counts (None: not recorded)
         "num_shards": len(m.shards),
         "bytes_per_token": m.bytes_per_token,
         "logprob_storage": lp_field.encoding["name"] if lp_field.encoding else lp_field.dtype,
@@ -90,6 +91,16 @@ def _num(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _long_rows(record: dict) -> str:
+    """data.long_rows for people: the policy, and how many documents it dropped and cut (the first few, 0-based)."""
+    parts = [f"--long-rows {record['policy']}"]
+    for what in ("dropped", "truncated"):
+        if record.get(what):
+            first = ", ".join(map(str, record.get(f"first_{what}", [])))
+            parts.append(f"{record[what]:,} {what} (first: {first})")
+    return "; ".join(parts) if len(parts) > 1 else parts[0] + ": none"
+
+
 def format_stats(s: dict) -> str:
     rows = [
         ("cache", f"{s['hub']} ({s['path']})" if s.get("hub") else s["path"]), ("format", s["format"]), ("model", s["model"]),
@@ -101,6 +112,7 @@ def format_stats(s: dict) -> str:
         ("tokens (positions)", f"{s['num_tokens']:,}" + ("" if s["train_on"] == "all" else
                                                           f" trained of {s['num_input_tokens']:,} ({s['data_format']}, "
                                                           f"train on {s['train_on']})")),
+        *([("documents longer than a row", _long_rows(s["long_rows"]))] if s.get("long_rows") else []),
         ("shards", s["num_shards"]),
         ("bytes per token", _num(s["bytes_per_token"], ".1f")), ("top-k log-probs stored as", s["logprob_storage"]),
         ("rows starting with BOS", "n/a (no BOS token)" if s["bos_row_share"] is None

@@ -202,22 +202,16 @@ def test_a_prompt_completion_row_too_long_is_dropped_or_refused_never_cut(tmp_pa
 
 
 @pytest.mark.parametrize("policy", ["drop", "truncate", "refuse"])
-def test_a_text_document_too_long_under_document_packing(tmp_path, policy):
+def test_a_text_document_too_long_under_document_packing_is_cut_into_windows(tmp_path, policy):
+    """Whatever the policy: a text document is never dropped, cut short or refused (tests/test_text_documents.py)."""
     tokenizer = make_tokenizer(None, bos=False)
     data = write_rows(tmp_path / "t.jsonl", [{"text": "short one"}, {"text": "word " * 80}, {"text": "short two"}])
-    if policy == "refuse":
-        with pytest.raises(ValueError, match=r"document 2: the document renders to [\d,]+ tokens, more than a row "
-                                             r"holds \(--seq-len 64\); it is refused \(--long-rows refuse\)"):
-            batches(data, tokenizer, "text", policy)
-        return
     parts, report, _ = batches(data, tokenizer, "text", policy)
-    lengths = np.concatenate([p.lengths for p in parts])
-    if policy == "drop":
-        assert report.record()["first_dropped"] == [1] and report.truncated == 0
-        assert lengths.sum() < 64
-    else:  # a text has no answer to cut: its first seq_len tokens
-        assert report.record()["first_truncated"] == [1] and report.dropped == 0
-        assert 64 in lengths.tolist()
+    assert report.dropped == report.truncated == 0
+    trained = sum(int(p.trained.sum()) for p in parts)
+    docs = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in ("short one", "word " * 80, "short two")]
+    assert trained == sum(len(d) - 1 for d in docs) and len(docs[1]) > 64
+    assert len(np.concatenate([p.doc_offsets for p in parts])) == 3 + 1
 
 
 def test_concat_packing_has_no_long_rows(tmp_path):
@@ -385,3 +379,13 @@ def test_a_bad_value_in_the_keyword_api_is_refused_naming_the_flag():
     for cls in (CacheConfig, TrainConfig):
         with pytest.raises(ValueError, match=r"--long-rows must be one of drop, truncate, refuse; got 'cut'"):
             cls(long_rows="cut")
+
+
+def test_inspect_says_what_became_of_long_rows(dropped, capsys):
+    from mft_cache.cli import main
+
+    assert main(["inspect", str(dropped)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("documents longer than a row"))
+    assert line.endswith("--long-rows drop; 2 dropped (first: 2, 4)")
+    assert main(["inspect", "--json", str(dropped)]) == 0
+    assert json.loads(capsys.readouterr().out)["long_rows"]["dropped"] == 2
