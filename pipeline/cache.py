@@ -70,13 +70,15 @@ class CacheConfig:
     train_on: str = opt("completion", "chat and prompt-completion rows: train on the completions (every assistant "
                         "turn) only, or on every token (text rows: every token)", choices=TRAIN_ON, group="data")
     packing: str = opt("auto", "document: whole documents per row, each attending only to itself (the default for "
-                       "chat and prompt-completion); concat: documents concatenated and cut into rows (the default "
-                       "for text)", choices=PACKINGS, group="data")
-    long_rows: str = opt(DEFAULT_LONG_ROWS, "a document longer than --seq-len where documents are packed whole: "
-                         "drop (leave it out; the count and the first ones are logged and kept in the manifest), "
-                         "truncate (keep a conversation's longest prefix of whole turns that fits and ends after an "
-                         "answer; a prompt-completion row is dropped, a text document keeps its first --seq-len "
-                         "tokens) or refuse (stop, naming the row); docs/CHAT.md", choices=LONG_ROWS, group="data")
+                       "chat and prompt-completion; a text document longer than a row is cut into row-sized windows, "
+                       "each starting with BOS where the tokenizer adds one); concat: documents concatenated and cut "
+                       "into rows (the default for text)", choices=PACKINGS, group="data")
+    long_rows: str = opt(DEFAULT_LONG_ROWS, "a conversation or prompt-completion row longer than --seq-len where "
+                         "documents are packed whole: drop (leave it out; the count and the first ones are logged and "
+                         "kept in the manifest), truncate (keep a conversation's longest prefix of whole turns that "
+                         "fits and ends after an answer; a prompt-completion row is dropped) or refuse (stop, naming "
+                         "the row); text documents are cut into windows instead; docs/CHAT.md", choices=LONG_ROWS,
+                         group="data")
     split: str = opt("train", "split to read from a hub dataset or a DatasetDict", group="data")
     seq_len: int = opt(256, "tokens per packed sequence", group="data")
     max_sequences: int = opt(0, "cache only the first N packed sequences (0: all)", group="data")
@@ -261,7 +263,7 @@ def rows_identity(cfg: CacheConfig, spec: RowSpec, tokenizer) -> dict:
         return {}
     out = {"packing": spec.packing, "data_format": spec.format, "train_on": spec.train_on}
     if spec.packing == "document":
-        out["long_rows"] = spec.long_rows
+        out["long_rows"] = spec.long_rows_rule  # "split" for text: cut into windows, whatever --long-rows says
     if spec.format != "text":
         out["chat_template_fingerprint"] = template_fingerprint(tokenizer)
     if spec.format == "prompt-completion":
@@ -384,7 +386,7 @@ def metadata(job: CacheJob) -> CacheMetadata:
         tokenizer={"fingerprint": job.identity["tokenizer_fingerprint"], "class": type(tokenizer).__name__,
                    "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
         vocab_size=vocab_size_of(job.model), top_k=cfg.top_k, seq_len=cfg.seq_len, logprob_dtype=cfg.logprob_dtype,
-        data=data, packing=packing_record(spec, rows.bos_id),
+        data=data, packing=packing_record(spec, bos_rule(tokenizer) if spec.windowed_text else rows.bos_id),
         num_sequences=rows.num_sequences, num_tokens=rows.num_predictions,
         num_input_tokens=rows.info["num_input_tokens"], rows_per_shard=job.rows_per_shard,
         num_processes=job.dist.num_processes,

@@ -9,8 +9,8 @@ the teacher's pass (on one process or many) reads the rows it needs from disk an
     .ingest-label_mask.bin  (R, seq_len - 1) uint8, the trained positions
     .ingest-segment_ids.bin (R, seq_len) int32, documents packed whole only (rows/spec.py)
     .ingest.json            what was ingested, and from what: written with "complete": false before the first row
-                            and rewritten, complete, after the last; with documents packed whole, "long_rows" (what
-                            became of the documents longer than a row, rows/long_rows.py)
+                            and rewritten, complete, after the last; with conversations or prompt-completion rows
+                            packed whole, "long_rows" (what became of those longer than a row, rows/long_rows.py)
 
 The rows, the offsets and the data fingerprint are exactly those `pack` and Documents.fingerprint give for the same
 documents (the cache's bytes do not depend on the path that made them). The files are the build's own: they are
@@ -167,7 +167,7 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
     full_key["rows"] = {"format": spec.format, "train_on": spec.train_on, "packing": spec.packing}
     segmented = spec.packing == "document"
     if segmented:
-        full_key["rows"]["long_rows"] = spec.long_rows
+        full_key["rows"]["long_rows"] = spec.long_rows_rule
     old = read_info(folder)
     if signature is not None and old.get("complete") and old.get("key") == full_key:
         for _ in stream:  # the content, read again (not tokenized): a signature is only sizes and times
@@ -226,7 +226,7 @@ def ingest(folder: Path, stream: DocumentStream, tokenizer, *, seq_len: int, id_
             "fingerprint": stream.fingerprint, "num_documents": stream.num_documents - long_rows.dropped,
             "num_empty": stream.num_empty, "num_files": stream.num_files, "format": spec.format,
             "train_on": spec.train_on, "packing": spec.packing}
-    if segmented:  # the documents in the rows are counted above; the source's others were dropped
+    if segmented and not spec.windowed_text:  # the documents in the rows are counted above; the others were dropped
         info["long_rows"] = long_rows.record()
     write_json_atomic(folder / INGEST, info)
     return IngestedRows(folder, info)

@@ -1,16 +1,17 @@
 """What happens to a document longer than a row where documents are packed whole (--long-rows).
 
-A conversation, a prompt-completion row or (under --packing document) a text document that renders to more tokens
-than --seq-len cannot be packed whole. The policy decides:
+A conversation or a prompt-completion row that renders to more tokens than --seq-len cannot be packed whole. The
+policy decides:
 
 - "drop": it is left out and counted; the rest goes on (axolotl's behaviour).
 - "truncate": a conversation keeps its longest prefix of whole turns that fits and ends after a complete assistant
   turn (chat.fit_conversation), so no answer is trained without its end; one whose first exchange does not fit is
-  dropped. A prompt-completion row is dropped (cutting it would cut its completion). A text document keeps its
-  first --seq-len tokens.
+  dropped. A prompt-completion row is dropped (cutting it would cut its completion).
 - "refuse": the whole source is refused, naming the row.
 
-Under --packing concat nothing is too long (a document continues in the next row), and the policy does not apply.
+Under --packing concat nothing is too long (a document continues in the next row), and the policy does not apply;
+nor does it to plain text under --packing document, whose long documents are cut into row-sized windows, every
+token kept (SPLIT, rows/windows.py).
 `LongRows` counts what a policy did to one source; `record()` is what a cache's manifest keeps of it
 (data.long_rows, docs/FORMAT.md).
 """
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 LONG_ROWS = ("drop", "truncate", "refuse")
 DEFAULT_LONG_ROWS = "drop"
+SPLIT = "split"  # what becomes of a text document longer than a row under --packing document: windows (rows/windows.py)
 FIRST = 5  # the rows dropped (or cut) whose indices are kept and named: the first FIRST of each
 
 

@@ -7,8 +7,10 @@ concatenation or as whole documents.
   from the rows' BOS rule (mft_cache.masks.label_mask).
 - "document" (any format): every document rendered (chat.render; text with the tokenizer's special tokens and a
   final EOS, every label trained) and packed whole by doc_packing.iter_rows: it attends only to itself, its
-  positions restart at 0, only its own trained labels are trained. A document longer than a row is dropped, cut or
-  refused as `long_rows` says (rows/long_rows.py); what was done is logged, and counted in a LongRows.
+  positions restart at 0, only its own trained labels are trained. A conversation or prompt-completion row longer
+  than a row is dropped, cut or refused as `long_rows` says (rows/long_rows.py); what was done is logged, and
+  counted in a LongRows. A text document longer than a row is cut into row-sized windows (rows/windows.py), each
+  packed as a document of its own: every token is trained once, and nothing is dropped.
 - "concat" of chat or prompt-completion rows: the rendered documents concatenated and cut into rows (no BOS is
   inserted), each label trained as its document says; every token of a row attends to those before it.
 Rows come with their label mask; documents packed whole also with their segment ids (1, 2, ... per document, 0 for
@@ -16,18 +18,23 @@ the padding).
 """
 from __future__ import annotations
 
+import logging
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from mft_cache.masks import label_mask, real_tokens
 
-from .chat import TRAIN_ON, RowTooLong, fit_conversation, render, too_long
+from .chat import TRAIN_ON, RowTooLong, fit_conversation, render
 from .doc_packing import iter_rows
 from .documents import ChatRow, DocumentError, DocumentStream, first_row_format
-from .long_rows import DEFAULT_LONG_ROWS, LONG_ROWS, LongRows
+from .long_rows import DEFAULT_LONG_ROWS, LONG_ROWS, SPLIT, LongRows
 from .packing import (ENCODE_BATCH, Packed, StreamPacker, bos_rule, encode_documents, packing_description,
                       pad_id_of, stream_rows)
+from .windows import text_windows
+
+log = logging.getLogger(__name__)
 
 PACKINGS = ("auto", "document", "concat")
 ROW_BATCH = 64  # rows of whole documents gathered before they are handed on
@@ -36,8 +43,8 @@ ROW_BATCH = 64  # rows of whole documents gathered before they are handed on
 @dataclass(frozen=True)
 class RowSpec:
     """How rows are made: format ("text", "chat", "prompt-completion"), train_on ("completion" or "all"; text:
-    "all"), packing ("document" or "concat"), seq_len, and what becomes of a document longer than a row (long_rows,
-    one of long_rows.LONG_ROWS; documents packed whole only)."""
+    "all"), packing ("document" or "concat"), seq_len, and what becomes of a conversation or prompt-completion row
+    longer than a row (long_rows, one of long_rows.LONG_ROWS; documents packed whole only)."""
 
     format: str
     train_on: str
@@ -49,6 +56,19 @@ class RowSpec:
     def streamed_text(self) -> bool:
         """Plain text concatenated and cut into rows: its trained positions follow from the BOS rule."""
         return self.format == "text" and self.packing == "concat"
+
+    @property
+    def windowed_text(self) -> bool:
+        """Plain text packed as documents: one longer than a row is cut into windows (rows/windows.py)."""
+        return self.format == "text" and self.packing == "document"
+
+    @property
+    def long_rows_rule(self) -> str | None:
+        """What becomes of a document longer than a row: None where rows are cut from a stream (concat), SPLIT for
+        plain text packed as documents, else the --long-rows policy."""
+        if self.packing != "document":
+            return None
+        return SPLIT if self.windowed_text else self.long_rows
 
 
 def resolve_spec(fmt: str, train_on: str, packing: str, seq_len: int,
@@ -91,10 +111,19 @@ def spec_for(source, seq_len: int, *, data_format: str = "auto", train_on: str =
 
 
 def packing_record(spec: RowSpec, bos_id: int | None) -> dict:
-    """The manifest's "packing": the rule that formed rows made as `spec` says, so a reader never has to guess (text
-    concatenated: its BOS rule, `bos_id` from packing.bos_rule)."""
+    """The manifest's "packing": the rule that formed rows made as `spec` says, so a reader never has to guess; `bos_id`
+    is packing.bos_rule of the tokenizer (text concatenated: the BOS every row starts with; text packed as
+    documents: the BOS every continuation window starts with)."""
     if spec.streamed_text:
         return packing_description(bos_id)
+    if spec.windowed_text:
+        start = f"BOS (id {bos_id})" if bos_id is not None else "the token before it"
+        how = ("text documents (with the tokenizer's special tokens and a final EOS) packed whole, greedily, in order, "
+               "into rows of seq_len tokens, the rest of a row padding; a document longer than a row is cut into "
+               f"windows: its first seq_len tokens, then each next window is {start} + the next seq_len - 1 tokens; "
+               "each document or window attends only to itself (segment_ids) and its position ids restart at 0; "
+               "label_mask trains every label but a window's first token, so each token of a document is trained once")
+        return {"rule": "document", "bos_token_id": bos_id, "description": how}
     if spec.packing == "document":
         how = ("documents rendered whole (chat template; prompt + completion; text with the tokenizer's special "
                "tokens and a final EOS) and packed greedily, in order, into rows of seq_len tokens, the rest of a row "
@@ -109,6 +138,9 @@ def packing_record(spec: RowSpec, bos_id: int | None) -> dict:
 
 def documents_note(spec: RowSpec) -> str:
     """What the offsets of each document (documents.npy in a cache) count, for rows made as `spec` says."""
+    if spec.windowed_text:
+        return ("documents.npy: int64 position of each document's first token (its first window's) in the rows (row * "
+                "seq_len + position in the row), then num_sequences * seq_len")
     if spec.packing == "document":
         return ("documents.npy: int64 position of each document's first token in the rows (row * seq_len + "
                 "position in the row), then num_sequences * seq_len")
@@ -120,8 +152,10 @@ def stream_batches(stream: DocumentStream, tokenizer, spec: RowSpec, long_rows: 
     """Rows of a stream as they complete, a Packed batch at a time, each with its label mask (`trained`) and under
     "document" its segment ids; `doc_offsets` holds where each document of the batch starts (in the token stream
     under "concat", row * T + position under "document"), and those of the last batch end with the total (the
-    stream's tokens, or rows * T). Under "document", `long_rows` (a LongRows of spec.long_rows, or None) counts the
-    documents longer than a row that were dropped or cut; they are named in a warning once the stream ends."""
+    stream's tokens, or rows * T; under "document", a text document cut into windows starts where its first window
+    does). Under "document", `long_rows` (a LongRows of spec.long_rows, or None) counts the conversations and
+    prompt-completion rows longer than a row that were dropped or cut; they are named in a warning once the stream
+    ends."""
     if spec.streamed_text:
         bos_id = bos_rule(tokenizer)
         for rows, lengths, offsets in stream_rows(stream, tokenizer, spec.seq_len):
@@ -132,33 +166,29 @@ def stream_batches(stream: DocumentStream, tokenizer, spec: RowSpec, long_rows: 
         yield from _concat_batches(stream, tokenizer, spec)
 
 
-def _documents(stream: DocumentStream, tokenizer, spec: RowSpec, long_rows: LongRows | None = None):
-    """(ids, trained) of each document; with `long_rows` (documents packed whole), a document longer than a row is
-    refused, left out or cut as spec.long_rows says, and counted there."""
+def _documents(stream: DocumentStream, tokenizer, spec: RowSpec, long_rows: LongRows | None = None,
+               split: list[int] | None = None):
+    """(ids, trained, opens) of each document, `opens` False for the windows after a text document's first; with
+    `long_rows` (documents packed whole), a conversation or prompt-completion row longer than a row is refused, left
+    out or cut as spec.long_rows says, and counted there. Text (packed as documents: spec.windowed_text) is cut into
+    row-sized windows (rows/windows.py); `split`, where given, counts [documents cut, windows they gave]."""
     batch: list[str] = []
-    given = 0  # text documents given so far
     limit = spec.seq_len if long_rows is not None else None
+    bos_id = bos_rule(tokenizer) if spec.format == "text" else None
 
     def texts():
-        nonlocal given
         for ids in encode_documents(batch, tokenizer, ENCODE_BATCH):
-            index, given = given, given + 1
-            if limit is not None and len(ids) > limit:
-                place = f"{stream.where}: document {index + 1}"
-                if spec.long_rows == "refuse":
-                    raise too_long(place, "document", len(ids), limit)
-                if spec.long_rows == "drop":
-                    long_rows.drop(index, place)
-                    continue
-                long_rows.cut(index, place)  # a text has no answer to cut: its first seq_len tokens, as concat cuts
-                ids = ids[:limit]
-            yield ids, [True] * len(ids)
+            windows = text_windows(ids, spec.seq_len, bos_id)
+            if split is not None and len(windows) > 1:
+                split[0], split[1] = split[0] + 1, split[1] + len(windows)
+            for i, window in enumerate(windows):
+                yield window, [True] * len(window), i == 0
 
     for item in stream:
         if isinstance(item, ChatRow):
             kept = _chat_document(item, stream, tokenizer, spec, limit, long_rows)
             if kept is not None:
-                yield kept
+                yield (*kept, True)
             continue
         batch.append(item)
         if len(batch) == ENCODE_BATCH:
@@ -194,20 +224,32 @@ def _document_batches(stream: DocumentStream, tokenizer, spec: RowSpec, long_row
     t = spec.seq_len
     rows: list = []
     num_rows = 0
+    opens: deque[bool] = deque()  # of each document (or window) given to iter_rows and not yet in a gathered row
+    split = [0, 0]  # text documents cut into windows, and the windows they gave
+
+    def documents():
+        for ids, trained, first in _documents(stream, tokenizer, spec, long_rows, split):
+            opens.append(first)
+            yield ids, trained
 
     def gather(rows: list, first: int) -> Packed:
-        offsets = np.array([(first + r) * t + s for r, row in enumerate(rows) for s in row.starts], dtype=np.int64)
+        flags = [[opens.popleft() for _ in row.starts] for row in rows]  # iter_rows keeps the documents' order
+        offsets = np.array([(first + r) * t + s for r, row in enumerate(rows) for s, o in zip(row.starts, flags[r])
+                            if o], dtype=np.int64)
         return Packed(np.stack([r.input_ids for r in rows]), np.array([r.length for r in rows], dtype=np.int32),
                       offsets, trained=np.stack([r.label_mask for r in rows]),
                       segment_ids=np.stack([r.segment_ids for r in rows]).astype(np.int64))
 
-    for row in iter_rows(_documents(stream, tokenizer, spec, long_rows), t, pad_id_of(tokenizer)):
+    for row in iter_rows(documents(), t, pad_id_of(tokenizer)):
         rows.append(row)
         if len(rows) == ROW_BATCH:
             yield gather(rows, num_rows)
             num_rows += len(rows)
             rows = []
     long_rows.warn(stream.where, t)
+    if split[0]:
+        log.info("%s: %s documents longer than a row (--seq-len %d) cut into %s windows, each packed as a document",
+                 stream.where, f"{split[0]:,}", t, f"{split[1]:,}")
     if not (num_rows or rows) and long_rows.dropped:
         raise DocumentError(f"{stream.where}: every row ({long_rows.dropped:,}) is longer than a row holds (--seq-len "
                             f"{t}) and was dropped (--long-rows {long_rows.policy}), so nothing is left; raise "
@@ -235,8 +277,8 @@ def _concat_batches(stream: DocumentStream, tokenizer, spec: RowSpec):
         flags, _, _ = flags_packer.add([[int(x) for x in m] for _, m in docs])
         return batch(ids, lengths, flags, offsets)
 
-    for doc in _documents(stream, tokenizer, spec):
-        docs.append(doc)
+    for ids, trained, _ in _documents(stream, tokenizer, spec):
+        docs.append((ids, trained))
         if len(docs) == ENCODE_BATCH:
             yield flush()
             docs = []

@@ -1,10 +1,10 @@
 """Documents longer than a row where documents are packed whole (--long-rows drop|truncate|refuse), on tiny models:
 refuse exits 2 naming the row and the flag with no cache; drop builds the cache without them and records their count
 and indices in the manifest; truncate keeps whole turns (no answer without its end) and drops what cannot be cut;
-prompt-completion rows and text documents; the online teacher's --data, --replay documents and the evaluation sets
-follow the flag; data.long_rows of a hostile manifest is refused naming the key; the policy is part of the cache's
-identity, and a cache built before the flag is still complete for the same command; bad values are refused naming
-the flag."""
+prompt-completion rows, and text documents (cut into windows whatever the policy); the online teacher's --data,
+--replay documents and the evaluation sets follow the flag; data.long_rows of a hostile manifest is refused naming
+the key; the policy is part of the cache's identity, and a cache built before the flag is still complete for the
+same command; bad values are refused naming the flag."""
 from __future__ import annotations
 
 import json

@@ -58,14 +58,16 @@ class TrainConfig:
     train_on: str = opt("auto", "chat and prompt-completion rows: train and evaluate on the completions only, or on "
                         "every token; auto: the cache's choice (another is refused), else completion",
                         choices=("auto", *TRAIN_ON), group="data")
-    packing: str = opt("auto", "rows made from raw data: document (whole documents, each attending only to itself) "
+    packing: str = opt("auto", "rows made from raw data: document (whole documents, each attending only to itself; a "
+                       "text document longer than a row in row-sized windows) "
                        "or concat; auto: the cache's, else document for chat and prompt-completion rows",
                        choices=PACKINGS, group="data")
     long_rows: str = opt(DEFAULT_LONG_ROWS, "rows made from raw data (--teacher online's --data, --replay documents, "
                          "the --eval-* sets), documents packed whole: one longer than a row is dropped (counted and "
                          "named in a warning), truncated (a conversation to its longest prefix of whole turns that "
                          "fits and ends after an answer; other rows are dropped) or refused (mft cache takes the same "
-                         "flag); docs/CHAT.md", choices=LONG_ROWS, group="data")
+                         "flag); text documents are cut into windows instead; docs/CHAT.md", choices=LONG_ROWS,
+                         group="data")
     seq_len: int = opt(0, "tokens per packed sequence with --teacher online (0: 256); with a cache, 0 or the "
                        "cache's own", group="data")
     train_rows: int = opt(0, "train on the first N rows only (of the cache, or of --data's rows): a data budget of N "
