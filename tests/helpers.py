@@ -287,6 +287,38 @@ def config_json(run: Path) -> dict:
     return json.loads((run / "config.json").read_text())
 
 
+# -- what a run sent its trackers (test_tracking.py, test_trackers_offline.py) -----------------------------------
+def expected_scalars(run: Path) -> dict[str, dict[int, float]]:
+    """What metrics.jsonl says the trackers were sent: {tag: {step: value}}."""
+    want: dict[str, dict[int, float]] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        prefix, keys = ("train", ("loss", "lr", "tokens_per_s")) if r["type"] == "train" else (
+            "eval", ("ppl_specialized", "ppl_general", "S", "DG", "ratio"))
+        for k in keys:
+            if r.get(k) is not None:
+                want.setdefault(f"{prefix}/{k}", {})[r["step"]] = r[k]
+    return want
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the TensorBoard event files in `folder`, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def assert_same_scalars(got: dict, want: dict, rel: float = 1e-6) -> None:
+    """The same tags, steps and values; `rel`: TensorBoard stores float32 (rel=0: the same float64)."""
+    assert set(got) == set(want), (sorted(got), sorted(want))
+    for tag in want:
+        assert set(got[tag]) == set(want[tag]), tag
+        for step, value in want[tag].items():
+            assert got[tag][step] == pytest.approx(value, rel=rel, abs=1e-12 if rel else 0), (tag, step)
+
+
 # -- documents packed whole, all at once ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class DocRows:
