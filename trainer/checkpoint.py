@@ -180,11 +180,36 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, keep: int = 2) ->
     accelerator.wait_for_everyone()
 
 
+def create_optimizer_state(optimizer) -> None:
+    """Give a fresh optimiser its state (moments at zero), the weights untouched: one step at a rate of 0 over zero
+    gradients. Accelerate loads an FSDP1 sharded optimiser checkpoint into the state the optimiser already has, so
+    into nothing at all before the first step."""
+    import torch
+
+    if optimizer.state:
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    rates = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, rates):
+        g["lr"] = lr
+    for p in params:
+        p.grad = None
+
+
 def load_checkpoint(accelerator, out: Path, ckpt: Path) -> TrainState:
     import pickle
 
+    from accelerate.utils import DistributedType
     from safetensors import SafetensorError
 
+    if accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
+        for optimizer in accelerator._optimizers:  # else the resumed run's AdamW moments would start again at zero
+            create_optimizer_state(optimizer.optimizer)
     try:  # accelerate loads every file with torch.load(weights_only=True): a pickle that runs code is refused
         accelerator.load_state(str(ckpt))
     except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, SafetensorError) as e:

@@ -139,12 +139,20 @@ def with_resolved_precision(cfg: TrainConfig) -> TrainConfig:
 
 def make_accelerator(cfg: TrainConfig, tracking: Tracking):
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType, parse_flag_from_env
 
     gpu = torch.accelerator.current_accelerator()  # None without one
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_launch(gpu.type if gpu else None),
                               log_with=log_with(cfg.report_to, tracking), project_dir=str(tracking.logging_dir))
     if accelerator.num_processes > 1:
         leave_process_group_at_exit()
+    fsdp_ignored = parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP
+    if fsdp_ignored and accelerator.is_main_process:
+        # Accelerate shards only on GPUs (and devices like them) started by a launcher; elsewhere it ignores the
+        # request and runs plain data parallelism (or one process), which trains the same but shards nothing
+        log.warning("FSDP is asked for (ACCELERATE_USE_FSDP) but Accelerate runs these %d process(es) on %s as %s: "
+                    "each holds the whole model and optimiser state", accelerator.num_processes,
+                    accelerator.device.type, accelerator.distributed_type.value)
     return accelerator
 
 
@@ -256,13 +264,24 @@ def with_replay(cfg: TrainConfig, rows, global_batch: int, training, tokenizer):
 
 
 def make_optimizer(cfg: TrainConfig, model, accelerator):
+    from accelerate.utils import DistributedType
+
     module = StudentLoss(model, cfg.chunk_size, cfg.loss_impl)
     # FSDP's auto-wrap reads the decoder-layer classes from the prepared module: the model's own list
     module._no_split_modules = getattr(model, "_no_split_modules", None)
+    # FSDP1 replaces the parameters by flat ones (unless fsdp_use_orig_params) and Accelerate does not point an
+    # optimiser built before at them: it would step parameters the model no longer has. So FSDP1 wraps the model
+    # first; FSDP2 (and DDP) take both at once, as Accelerate requires for FSDP2.
+    fsdp1 = accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False)
+    if fsdp1:
+        module = accelerator.prepare(module)
     optimizer = build_optimizer(cfg.optimizer, [p for p in module.parameters() if p.requires_grad], cfg.lr,
                                 cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))  # stepped once per step, any P
-    module, optimizer = accelerator.prepare(module, optimizer)
+    if fsdp1:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        module, optimizer = accelerator.prepare(module, optimizer)
     # The scheduler is not registered with Accelerate: it would be pickled and restored by an
     # unrestricted torch.load. Its state is a few numbers, saved in trainer_state.json.
     return module, optimizer, scheduler
