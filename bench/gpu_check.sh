@@ -9,8 +9,18 @@
 #
 # Steps: the suite's CUDA tests (pytest -m cuda), `mft cache` with a bf16 teacher, `mft train --plan` and a short
 # bf16 `mft train`, a LoRA run over a bf16 base with checkpointing and adafactor (and adamw8bit where bitsandbytes
-# is installed), the train and memory sections of the benchmarks on CUDA, and a 2-process torchrun when more than
-# one GPU is present.
+# is installed), FSDP (below), the train and memory sections of the benchmarks on CUDA, and a 2-process torchrun when
+# more than one GPU is present.
+#
+# FSDP: `accelerate launch --config_file` with docs/SCALE.md's configuration, fsdp_version 2 and 1, float32, on 2
+# processes when 2 GPUs are visible and on 1 otherwise (one rank holding every shard: still FSDP's wrapping, sharded
+# checkpoints, gathering of best/ and final/), each against one plain process with the same global batch; FSDP2 also
+# killed after step 5 and resumed from its step-3 checkpoint, against its uninterrupted run; then FSDP2 in bf16.
+# bench/compare_runs.py compares them (OUT/fsdp.json). The CPU suite runs the same on 2 CPU processes
+# (tests/test_fsdp.py), where Accelerate needs tests/fsdp_cpu_worker.py to run FSDP at all.
+#
+# GPU_CHECK_ONLY=REGEX runs only the steps whose name matches it, and those that make its inputs (make-model,
+# mft-cache-bf16): GPU_CHECK_ONLY=fsdp is the FSDP check alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check}
@@ -30,6 +40,10 @@ step() {  # step NAME LIMIT_S command...: run it with its log, record its status
     local name=$1 limit=$2
     shift 2
     N=$((N + 1))
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && ! [[ "$name" =~ $GPU_CHECK_ONLY|^make-model$|^mft-cache-bf16$ ]]; then
+        printf "%-34s %-10s (GPU_CHECK_ONLY=%s)\n" "$name" "skipped" "$GPU_CHECK_ONLY" | tee -a "$SUMMARY"
+        return
+    fi
     local left=$((DEADLINE - $(date +%s)))
     if [ "$left" -lt 15 ]; then
         printf "%-34s %-10s (out of time)\n" "$name" "skipped" | tee -a "$SUMMARY"
@@ -113,6 +127,49 @@ if $PY -c "import bitsandbytes" 2>/dev/null; then
 else
     echo "mft-train-adamw8bit                skipped    (bitsandbytes not installed: pip install -e '.[8bit]')" | tee -a "$SUMMARY"
 fi
+# FSDP (see the top): P processes x batch 2 against 1 x batch 2P, the same 6 steps, evaluation and checkpoints every 3
+FSDP_P=1
+[ "$GPUS" -gt 1 ] && FSDP_P=2
+for v in 1 2; do
+    cat > "$W/fsdp$v.yaml" <<EOF
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: $FSDP_P
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: $v
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_reshard_after_forward: true
+  fsdp_cpu_ram_efficient_loading: false
+EOF
+done
+FSDP_RUN=(--cache "$W/cache" --steps 6 --lr 1e-3 --warmup-steps 1 --save-every 3 --eval-every 3
+          --eval-specialized "$DATA" --eval-max-sequences 8 --eval-batch-size 2 --samples 0 --log-every 1)
+fsdp_killed() {  # fsdp_killed command...: the fault kills it after step 5, its step-3 checkpoint complete
+    MFT_FAULT=train:step-5 "$@"
+    local rc=$?
+    [ "$rc" -ne 0 ] && [ -f "$W/run-fsdp2-resumed/checkpoints/step-000003/trainer_state.json" ]
+}
+export -f fsdp_killed
+export W
+step fsdp-plain-fp32 90 $PY -m mft_cache.cli train "${FSDP_RUN[@]}" --out "$W/run-fsdp-plain" \
+    --batch-size $((2 * FSDP_P)) --mixed-precision no --overwrite
+for v in 2 1; do
+    step fsdp$v-fp32-${FSDP_P}p 90 $PY -m accelerate.commands.launch --config_file "$W/fsdp$v.yaml" -m mft_cache.cli \
+        train "${FSDP_RUN[@]}" --out "$W/run-fsdp$v" --batch-size 2 --mixed-precision no --overwrite
+done
+step fsdp2-killed-at-step-5 90 bash -c 'fsdp_killed "$@"' _ $PY -m accelerate.commands.launch \
+    --config_file "$W/fsdp2.yaml" -m mft_cache.cli train "${FSDP_RUN[@]}" --out "$W/run-fsdp2-resumed" --batch-size 2 \
+    --mixed-precision no --overwrite
+step fsdp2-resumed 90 $PY -m accelerate.commands.launch --config_file "$W/fsdp2.yaml" -m mft_cache.cli train \
+    "${FSDP_RUN[@]}" --out "$W/run-fsdp2-resumed" --batch-size 2 --mixed-precision no --resume
+step fsdp-compare 60 $PY bench/compare_runs.py "$MODEL" "$OUT/fsdp.json" "$W/run-fsdp-plain:$W/run-fsdp2" \
+    "$W/run-fsdp-plain:$W/run-fsdp1" "$W/run-fsdp2:$W/run-fsdp2-resumed"
+step fsdp-not-ignored 10 bash -c '! grep -l "FSDP is asked for" "$@"' _ "$OUT"/*-fsdp*.log
+step fsdp2-bf16 90 $PY -m accelerate.commands.launch --config_file "$W/fsdp2.yaml" -m mft_cache.cli train \
+    "${FSDP_RUN[@]}" --out "$W/run-fsdp2-bf16" --batch-size 2 --mixed-precision bf16 --overwrite
 step bench-train 240 $PY bench/run.py --device cuda --sections train --model "$MODEL" --data "$DATA" --allow-dirty \
     --no-profile --work "$W/bench-train" --results "$OUT/bench-train.json" --markdown "$OUT/BENCHMARKS-train.md"
 step bench-memory 300 $PY bench/run.py --device cuda --sections memory --memory-models "$MEMORY_MODELS" --data "$DATA" \
