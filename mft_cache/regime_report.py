@@ -14,7 +14,7 @@ import math
 import statistics
 from pathlib import Path
 
-from mft_cache.files import write_text_atomic
+from mft_cache.files import write_bytes_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,18 @@ def render(cfg, record: dict, out: Path, report: Path) -> None:
 
 
 
+def _save(fig, png: Path) -> None:
+    """The figure as a PNG, written atomically through mft_cache.files (never through a link)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(png, buf.getvalue())
+
+
 def plot_trajectories(cfg, record, domain, budgets, summaries, png: Path) -> bool:
     """The paper's Figure 3: S and DG against steps, per budget, each method at its best rate (every seed)."""
     import matplotlib
@@ -213,8 +225,7 @@ def plot_trajectories(cfg, record, domain, budgets, summaries, png: Path) -> boo
         axes[1][j].axhline(0, color="grey", lw=0.6)
         axes[0][j].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    _save(fig, png)
     return True
 
 
@@ -244,6 +255,5 @@ def plot_frontiers(cfg, record, domain, budgets, summaries, png: Path) -> bool:
         ax.set_ylabel("DG")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    _save(fig, png)
     return True
