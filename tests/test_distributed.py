@@ -74,6 +74,7 @@ def test_two_process_cache_equals_the_one_process_cache(llama, data, one_process
     assert len(open_cache(out, verify="full").shards) == len(m1["shards"]) >= 10
 
 
+@pytest.mark.slow  # about 20 s: 2 processes killed, then resumed (the 2-process cache itself is checked by default)
 def test_two_process_cache_killed_then_resumed_equals_the_one_process_cache(llama, data, one_process_cache, tmp_path):
     out = tmp_path / "cache"
     rc, err = torchrun(cache_args(llama, data["train"], out, **CACHE_ARGS), tmp_path / "killed", MFT_FAULT="cache:shard-5")
@@ -121,6 +122,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(one_process_cac
     assert not (two_process_run / "checkpoints").exists()
 
 
+@pytest.mark.slow  # about 20 s: 2 processes killed, then resumed (the 2-process run itself is checked by default)
 def test_two_process_run_killed_then_resumed_equals_the_uninterrupted_one(one_process_cache, data, two_process_run, tmp_path):
     out = tmp_path / "run"
     args = ["train", *as_flags(train_config(one_process_cache, out, data, 2))]

@@ -213,7 +213,7 @@ def _start_and_interrupt(cmd: list[str], out: Path, sig: int, logs: Path, num_sh
 # Each case costs two CLI start-ups (~4 s each on CPU, mostly imports and model loading), so the
 # format is varied on Ctrl-C only; the writer's code path is the same for both formats.
 @pytest.mark.parametrize("sig, fmt", [
-    pytest.param(signal.SIGKILL, "zarr", id="sigkill-zarr"),
+    pytest.param(signal.SIGKILL, "zarr", id="sigkill-zarr", marks=pytest.mark.slow),  # ~20 s; killed anywhere covers SIGKILL
     pytest.param(signal.SIGINT, "zarr", id="sigint-zarr"),
     pytest.param(signal.SIGINT, "arrow", id="sigint-arrow"),
 ])

@@ -136,6 +136,7 @@ def killed_then_resumed(version: int, cache: Path, data: dict, out: Path) -> Non
     assert err.count("run written to") == 1 and not (out / "checkpoints").exists() and not leftovers(out)
 
 
+@pytest.mark.slow  # about 20 s: 2 processes killed, then resumed
 def test_fsdp2_run_killed_then_resumed_equals_the_uninterrupted_one(cache, data, fsdp2_run, tmp_path):
     out = tmp_path / "run"
     killed_then_resumed(2, cache, data, out)
@@ -146,6 +147,7 @@ def test_fsdp2_run_killed_then_resumed_equals_the_uninterrupted_one(cache, data,
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # about 20 s: 2 processes killed, then resumed
 def test_fsdp1_run_killed_then_resumed_trains_like_one_process(cache, data, one_process_run, tmp_path):
     """FSDP1 flattens the parameters: an optimiser built before wrapping would train nothing, and Accelerate's
     sharded load fills only optimiser state that already exists (the resumed AdamW would start from zero moments).

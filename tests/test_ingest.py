@@ -193,6 +193,7 @@ def _synthetic_cache(folder: Path, num_shards: int) -> Path:
     return folder
 
 
+@pytest.mark.slow  # about 20 s: caches of three sizes
 def test_reading_a_cache_in_stage_two_holds_the_same_whatever_its_size(tmp_path):
     """Batches read through the trainer's rows from a cache of 6x more shards peak at the same Python allocations:
     at most MAX_OPEN_SHARDS shard readers stay open, and what a closed one held is freed at once."""

@@ -1,12 +1,15 @@
 """`mft study` end to end on a tiny model: every part's runs happen and the report holds every table."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from conftest import make_texts, write_jsonl
 from mft_cache.cli import main
 
 
+@pytest.mark.slow  # about a minute: every part of mft study end to end (mft regime's tiny study runs in the default suite)
 def test_study_runs_every_part_and_writes_the_report(llama, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", make_texts(8, seed=31))
     spec = write_jsonl(tmp_path / "spec.jsonl", make_texts(3, seed=32))

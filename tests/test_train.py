@@ -125,7 +125,7 @@ def test_bf16_mixed_precision_trains(full_cache, tmp_path):
 EIGHT_STEPS = dict(steps=8, batch_size=2, lr=3e-3, save_every=2, eval_every=4, log_every=100)
 
 
-@pytest.mark.parametrize("fault", ["train:step-5", "train:checkpoint-4"])
+@pytest.mark.parametrize("fault", ["train:step-5", pytest.param("train:checkpoint-4", marks=pytest.mark.slow)])  # slow: ~20 s
 def test_resume_after_sigkill_matches_an_uninterrupted_run(fault, full_cache, data, tmp_path):
     evals = ["--eval-specialized", str(data["spec"]), "--eval-general", str(data["gen"])]
     env = subprocess_env(MFT_FAULT=fault)
