@@ -128,7 +128,7 @@ class TrainConfig:
     eval_every: int = opt(20, "evaluate every N steps (also at the start and the end)", group="evaluation")
     eval_batch_size: int = opt(8, "sequences per evaluation batch", group="evaluation")
     eval_max_sequences: int = opt(0, "evaluate on the first N sequences of each set (0: all)", group="evaluation")
-    samples: int = opt(2, "greedy continuations of prompts from each evaluation set at every evaluation, the base "
+    samples: int = opt(1, "greedy continuations of prompts from each evaluation set at every evaluation, the base "
                        "model's beside each checkpoint's, in samples.md and the model card (0: none)", group="evaluation")
     sample_tokens: int = opt(32, "new tokens of each sample", group="evaluation")
     best_by: str = opt("specialized", "which validation perplexity picks best/: specialized (the least --eval-specialized "
