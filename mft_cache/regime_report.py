@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 
 from mft_cache.files import write_bytes_atomic, write_text_atomic
+from mft_cache.regime import lr_tag
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,17 @@ def cell_summary(cfg, runs: list[dict]) -> dict:
             s_budget = best_s_within(pts, cfg.dg_budget)
             row = {"seed": r["seed"], "S0": best_s_within(pts, 0.0), "Sb": s_budget,
                    "best_S": r["summary"]["S"], "best_DG": r["summary"]["DG"]}
+            if s_budget is not None:
+                row["dg"] = min(dg for s, dg in pts if s == s_budget and dg <= cfg.dg_budget)
             if method == "mft" and s_budget is not None:
-                dg = min(dg for s, dg in pts if s == s_budget and dg <= cfg.dg_budget)
+                dg = row["dg"]
                 ft_pts = [p for f in runs if f["method"] == "ft" and f["seed"] == r["seed"] for p in _points(f)]
                 ft_dg = lowest_dg_at_or_above(ft_pts, s_budget)
                 row.update(dg=dg, ft_dg=ft_dg, diff=None if ft_dg is None else ft_dg - dg)
             rows.append(row)
-        out["methods"][name] = {"rate": rate, "seeds": rows, "n": len(rows),
+        planned = len(cfg.lr_values())
+        ran = len({r["lr"] for r in grid if r["method"] == method and (method == "ft" or r["tau"] == tau0)})
+        out["methods"][name] = {"rate": rate, "seeds": rows, "n": len(rows), "grid": (ran, planned),
                                 "front": pareto_front([p for r in runs if r["method"] == method
                                                        and (method == "ft" or r["tau"] == tau) for p in _points(r)])}
     for r in grid:  # each rate, each method (seed of the grid): the reported (best specialized) checkpoint
@@ -130,7 +135,8 @@ def render(cfg, record: dict, out: Path, report: Path) -> None:
             f"{t['warmup_steps']} warm-up steps); MFT at tau {cfg.tau_values()[0]:g} on the grid, tau "
             f"{', '.join(f'{x:g}' for x in cfg.tau_values()[1:]) or '-'} at its best rate; seeds {cfg.seeds} at each "
             f"method's best rate; evaluated every {t['eval_every']} steps on {t['eval_max_sequences'] or 'all'} "
-            f"sequences of each validation set; mixed precision {t['mixed_precision']}; teacher top-{cfg.cache_top_k}.",
+            f"sequences of each validation set; mixed precision {t['mixed_precision']} (bf16 where the CPU computes it "
+            f"natively, as the teachers' dtype auto); teacher top-{cfg.cache_top_k}.",
             f"- **Best rate** of a method: the rate whose checkpoints reach the most S with DG <= {cfg.dg_budget:g} "
             "(the grid's seed), the same rule for both methods.",
             "- **S** = relative drop of specialized validation perplexity, **DG** = relative rise of general "
@@ -153,6 +159,7 @@ def render(cfg, record: dict, out: Path, report: Path) -> None:
                 "| budget | method | best lr | seeds | S at DG <= 0 | S at DG <= " + f"{cfg.dg_budget:g}"
                 + " | DG there | DG FT - DG MFT at matched S |", "|---|---|---|---|---|---|---|---|"]
         summaries = {}
+        first_mft = f"MFT tau {cfg.tau_values()[0]:g}"
         for b in cells:
             summary = cell_summary(cfg, _cell_runs(record, domain, b))
             summaries[b] = summary
@@ -160,7 +167,10 @@ def render(cfg, record: dict, out: Path, report: Path) -> None:
                 if m["rate"] is None:
                     continue
                 rows = m["seeds"]
-                doc.append(f"| {b:,} | {name} | {m['rate']:g} | {m['n']} | {_ms([r['S0'] for r in rows])} | "
+                ran, planned = m["grid"]
+                rate = lr_tag(m["rate"]) + ("" if ran == planned or name.startswith("MFT tau") and name != first_mft
+                                            else f" (so far: {ran} of {planned} rates run)")
+                doc.append(f"| {b:,} | {name} | {rate} | {m['n']} | {_ms([r['S0'] for r in rows])} | "
                            f"{_ms([r['Sb'] for r in rows])} | {_ms([r.get('dg') for r in rows])} | "
                            f"{_ms([r.get('diff') for r in rows]) if name != 'FT' else ''} |")
         doc += ["", "Each rate (seed of the grid; S, DG at the checkpoint of least specialized perplexity, then the "
@@ -169,7 +179,7 @@ def render(cfg, record: dict, out: Path, report: Path) -> None:
         for b in cells:
             for lr, both in sorted(summaries[b]["rates"].items()):
                 ft, mft = both.get("FT", {}), both.get("MFT", {})
-                doc.append(f"| {b:,} | {lr:g} | {_fmt(ft.get('S'))}, {_fmt(ft.get('DG'))} | "
+                doc.append(f"| {b:,} | {lr_tag(lr)} | {_fmt(ft.get('S'))}, {_fmt(ft.get('DG'))} | "
                            f"{_fmt(mft.get('S'))}, {_fmt(mft.get('DG'))} | {_fmt(ft.get('Sb'))} | {_fmt(mft.get('Sb'))} |")
         doc.append("")
         for kind, fn in (("trajectory", plot_trajectories), ("frontier", plot_frontiers)):
