@@ -90,3 +90,9 @@ def safe_run_name(text: str, default: str = "run") -> str:
     name = re.sub(r"\.{2,}", ".", name)
     name = re.sub(r"^[^A-Za-z0-9_]+|[^A-Za-z0-9_]+$", "", name)[:MAX_RUN_NAME]
     return name or default
+
+
+def lr_tag(lr: float) -> str:
+    """1e-4 -> "1e-4", 2.5e-4 -> "2.5e-4": short and exact enough for a folder name."""
+    mantissa, exponent = f"{lr:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mft_cache.config import check_finite, opt
+from mft_cache.names import lr_tag
 from mft_cache.files import (claim_folder, is_temporary, open_owned, read_json_object, write_json_atomic,
                              write_text_atomic)
 from mft_cache.rows import read_documents
@@ -119,11 +120,6 @@ class RegimeConfig:
 
 
 # -- the plan ------------------------------------------------------------------------------------------------------
-def lr_tag(lr: float) -> str:
-    mantissa, exponent = f"{lr:.6e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
 def run_path(domain: str, budget: int, method: str, tau: float, lr: float, seed: int) -> str:
     """runs/<domain>/b<budget>/<ft|mft-tauT>-lr<LR>/seed<S>"""
     name = "ft" if method == "ft" else f"mft-tau{tau:g}"

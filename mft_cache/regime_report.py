@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from mft_cache.files import write_bytes_atomic, write_text_atomic
-from mft_cache.regime import lr_tag
+from mft_cache.names import lr_tag
 
 log = logging.getLogger(__name__)
 

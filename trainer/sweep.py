@@ -23,7 +23,7 @@ from pathlib import Path
 from mft_cache.files import (claim_folder, is_temporary, open_owned, read_json_object, write_bytes_atomic,
                              write_json_atomic, write_text_atomic)
 from mft_cache.folder_lock import LOCK_FILE
-from mft_cache.names import safe_run_name
+from mft_cache.names import lr_tag, safe_run_name
 
 from .config import MFT_LRS, TrainConfig
 from .matched import best_s_within, lowest_dg_at_or_above, match, pareto_front, spread
@@ -70,12 +70,6 @@ def written_by_a_sweep(out: Path) -> bool:
         return isinstance(data.get("runs"), list) and isinstance(data.get("configs"), list)
     names = [n for n in os.listdir(out) if n != LOCK_FILE]
     return all(_RUN_FOLDER.match(n) and (out / n).is_dir() and not (out / n).is_symlink() for n in names)
-
-
-def lr_tag(lr: float) -> str:
-    """1e-4 -> "1e-4", 2.5e-4 -> "2.5e-4": short and exact enough for a folder name."""
-    mantissa, exponent = f"{lr:.6e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def run_name(objective: str, tau: float, lr: float | None = None) -> str:
